@@ -1,0 +1,204 @@
+"""The lmms-eval model class: a narrow adapter from lmms-eval requests to CompressedLlava.
+
+Subclasses only preset the method. Statistics are gathered across ranks in clean(), where the
+evaluator has finished all requests, and logged into the results JSON (`throughput.avg_*`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from accelerate import Accelerator
+from loguru import logger
+from tqdm import tqdm
+
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+
+from ..llava.engine import CompressedLlava, MethodConfig, Sample
+from ..llava.loading import load_llava
+from ..methods.registry import check_budget
+from .args import MODEL_IDS, ModelArgs, parse_model_args
+from .counts import SampleRecord, TokPruneTokenCounts, run_means
+
+
+def image_key(task: str, split: str, doc_id: Any, index: int) -> int:
+    """A stable per-image integer (seeds the random baseline identically on any batch or rank)."""
+    return zlib.crc32(f"{task}/{split}/{doc_id}/{index}".encode())
+
+
+def visuals_of(visuals: Any) -> List[Any]:
+    """lmms-eval doc_to_visual output -> list of images; videos/audio are a clear error."""
+    if visuals is None:
+        return []
+    items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    out = []
+    for item in items:
+        if item is None:
+            continue
+        if isinstance(item, (str, dict)):
+            raise ValueError("lmms_tokprune wrappers take images only; this task gives video/audio/path inputs")
+        out.append(item)
+    return out
+
+
+def cut_at_stop(text: str, until: List[str]) -> str:
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+class LlavaTokPrune(lmms):
+    """LLaVA-1.5 (transformers) with a visual-token compression method; `method=` picks it."""
+
+    MODEL_ID = "llava_tokprune"
+
+    def __init__(self, **model_args: Any) -> None:
+        super().__init__()
+        args: ModelArgs = parse_model_args(self.MODEL_ID, model_args)
+        self.args = args
+        accelerator = Accelerator()
+        self.accelerator = accelerator
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+        if args.device is not None:
+            device = torch.device(args.device)
+        elif torch.cuda.is_available():
+            device = torch.device(f"cuda:{accelerator.local_process_index}")
+        else:
+            device = torch.device("cpu")
+        self._device = device
+        model, processor = load_llava(args.pretrained, device, args.dtype, args.attn_implementation, args.image_backend)
+        vc = model.config.vision_config
+        check_budget(args.method, args.method_params.get("budget"), (vc.image_size // vc.patch_size) ** 2)
+        text_guide = None
+        from ..methods import get_method
+
+        if "text" in get_method(args.method).needs:
+            from ..llava.text_guide import load_text_guide  # only the recover method needs CLIP text
+
+            text_guide = load_text_guide(args.text_encoder, model, device, args.text_source)
+        self.engine = CompressedLlava(
+            model,
+            processor,
+            MethodConfig(args.method, args.variant, dict(args.method_params)),
+            prompt_style=args.prompt_style,
+            pad_to_square=args.pad_to_square,
+            text_guide=text_guide,
+        )
+        self._model = model
+        self.batch_size_per_gpu = args.batch_size
+        self._records: List[SampleRecord] = []
+        if self._rank == 0:
+            logger.info(f"{self.MODEL_ID}: method={args.method} variant={args.variant} params={args.method_params} on {device} x{self._world_size}")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # -- requests ------------------------------------------------------------------------
+    def _sample_of(self, req: Instance) -> Tuple[Sample, Dict[str, Any], str]:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        images = visuals_of(doc_to_visual(doc))
+        keys = [image_key(task, split, doc_id, i) for i in range(len(images))]
+        return Sample(context=context, images=images, image_keys=keys), dict(gen_kwargs or {}), task
+
+    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
+        results: List[Optional[GenerationResult]] = [None] * len(requests)
+        # Batch requests that share generation settings; longest prompts first (less padding).
+        groups: Dict[str, List[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        bar = tqdm(total=len(requests), disable=self._rank != 0, desc=f"{self.MODEL_ID}:{self.args.method}")
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
+            for start in range(0, len(indices), self.batch_size_per_gpu):
+                chunk = indices[start:start + self.batch_size_per_gpu]
+                self._run_chunk([requests[i] for i in chunk], chunk, results)
+                bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _run_chunk(self, reqs: List[Instance], slots: List[int], results: List[Optional[GenerationResult]]) -> None:
+        prepared = [self._sample_of(r) for r in reqs]
+        samples = [p[0] for p in prepared]
+        gen_kwargs = dict(prepared[0][1])
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        if self.args.max_new_tokens is not None:
+            gen_kwargs["max_new_tokens"] = self.args.max_new_tokens
+        started = time.perf_counter()
+        token_ids, stats = self.engine.generate(samples, gen_kwargs)
+        seconds = (time.perf_counter() - started) / len(reqs)
+        tokenizer = self.engine.tokenizer
+        for req, slot, ids, st, (_, _, task) in zip(reqs, slots, token_ids, stats, prepared):
+            text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), until).strip()
+            counts = TokPruneTokenCounts(
+                input_tokens=int(st.llm_prefill_tokens),
+                output_tokens=st.output_tokens,
+                visual_tokens_in=st.visual_tokens_in,
+                visual_tokens_kept=st.visual_tokens_kept,
+                llm_prefill_tokens=st.llm_prefill_tokens,
+            )
+            results[slot] = GenerationResult(text=text, token_counts=counts)
+            if not (req.metadata or {}).get("__padding_only__"):
+                self._records.append(
+                    SampleRecord(task, req.args[3], st.visual_tokens_in, st.visual_tokens_kept, st.llm_prefill_tokens, st.output_tokens, seconds=seconds)
+                )
+
+    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+        raise NotImplementedError(f"{self.MODEL_ID} supports generate_until tasks only (no loglikelihood / multiple-choice-by-likelihood tasks)")
+
+    def generate_until_multi_round(self, requests: List[Instance]) -> List[str]:
+        raise NotImplementedError(f"{self.MODEL_ID} supports single-round generate_until tasks only")
+
+    # -- statistics ----------------------------------------------------------------------
+    def gathered_records(self) -> List[SampleRecord]:
+        """All ranks' records (padding copies were never recorded)."""
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: List[Any] = [None] * self._world_size
+            torch.distributed.all_gather_object(parts, self._records)
+            return [r for part in parts for r in part]
+        return list(self._records)
+
+    def clean(self) -> None:
+        records = self.gathered_records()
+        if self._rank == 0 and records:
+            from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+            means = run_means(records)
+            total_time = sum(r.seconds for r in records)
+            total_out = sum(r.output_tokens for r in records)
+            log_metrics(
+                total_elapsed_time=total_time,
+                total_gen_tokens=total_out,
+                avg_speed=total_out / total_time if total_time > 0 else 0.0,
+                additional_metrics={**means, "total_requests": float(len(records))},
+            )
+        self._records = []
+        super().clean()
+
+
+def _preset(model_id: str) -> type:
+    name = "".join(part.capitalize() for part in model_id.split("_"))
+    return type(name, (LlavaTokPrune,), {"MODEL_ID": model_id, "__module__": __name__, "__doc__": f"{model_id}: LLaVA-1.5 with method {MODEL_IDS[model_id]!r}."})
+
+
+LlavaRecover = _preset("llava_recover")
+LlavaPrumerge = _preset("llava_prumerge")
+LlavaPrumergePlus = _preset("llava_prumerge_plus")
+LlavaLongtail = _preset("llava_longtail")

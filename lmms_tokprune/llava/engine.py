@@ -1,0 +1,217 @@
+"""CompressedLlava: LLaVA-1.5 generation with a compression method between CLIP and the LLM.
+
+Flow per batch: images -> pinned preprocessing -> CLIP (captures what the method needs) ->
+`methods.compress` (pure tensors) -> projector -> variable-length visual tokens per sample ->
+left-padded LLM prefill + generate. Nothing here is specific to lmms-eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..methods import CompressedImage, VisionInputs, compress, get_method
+from ..methods.registry import STAGE_PRE_PROJECTOR
+from .assemble import LLMInputs, build_llm_inputs
+from .images import ImagePreparer
+from .prompts import IMAGE_PLACEHOLDER, build_prompt
+from .vision import run_clip
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "do_sample", "num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty")
+
+
+@dataclass
+class Sample:
+    """One request: the lmms-eval context (question), its images, and stable per-image keys."""
+
+    context: str
+    images: List[Any]
+    image_keys: List[int] = field(default_factory=list)
+
+
+@dataclass
+class SampleStats:
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    llm_prefill_tokens: float
+    output_tokens: int = 0
+
+
+@dataclass
+class PreparedBatch:
+    llm: LLMInputs
+    stats: List[SampleStats]
+    compressed: List[List[CompressedImage]]  # per sample, per image
+
+
+@dataclass
+class MethodConfig:
+    method: str = "none"
+    variant: str = "fixed"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+def clean_generation_kwargs(gen_kwargs: Dict[str, Any], default_max_new_tokens: int = 1024) -> Dict[str, Any]:
+    """Keep the generation options transformers understands; lmms-eval extras (until, image_aspect_ratio...) go."""
+    out = {k: gen_kwargs[k] for k in GENERATION_KEYS if k in gen_kwargs and gen_kwargs[k] is not None}
+    out.setdefault("max_new_tokens", default_max_new_tokens)
+    out["max_new_tokens"] = int(out["max_new_tokens"])
+    temperature = float(out.pop("temperature", 0.0) or 0.0)
+    do_sample = bool(out.get("do_sample", False)) and temperature > 0
+    out["do_sample"] = do_sample
+    if do_sample:
+        out["temperature"] = temperature
+    else:
+        out.pop("top_p", None)
+        out.pop("top_k", None)
+    if "num_beams" in out:
+        out["num_beams"] = int(out["num_beams"])
+    return out
+
+
+class CompressedLlava:
+    """A loaded LLaVA-1.5 model + processor with one compression configuration."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        method: MethodConfig,
+        prompt_style: str = "llava_v1",
+        pad_to_square: bool = True,
+        text_guide: Optional[Any] = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.method = method
+        self.spec = get_method(method.method)
+        if self.spec.stage != STAGE_PRE_PROJECTOR:
+            raise ValueError(f"method {method.method!r} acts inside the LLM; use its dedicated engine")
+        self.prompt_style = prompt_style
+        self.images = ImagePreparer(processor.image_processor, pad_to_square)
+        self.text_guide = text_guide
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index)
+        self.feature_layer = cfg.vision_feature_layer
+        if not isinstance(self.feature_layer, int) or cfg.vision_feature_select_strategy != "default":
+            raise ValueError("only LLaVA-1.5-style checkpoints (one vision_feature_layer, strategy 'default') are supported")
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else (getattr(cfg, "pad_token_id", None) or 0))
+
+    # -- parts of the HF model -------------------------------------------------------------
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # -- stages ----------------------------------------------------------------------------
+    def prompt_text(self, sample: Sample) -> str:
+        return build_prompt(self.prompt_style, self.processor, sample.context, len(sample.images))
+
+    def prompt_ids(self, sample: Sample, prompt: str) -> List[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        found = sum(1 for t in ids if t == self.image_token_id)
+        if found != len(sample.images):
+            raise ValueError(f"tokenized prompt holds {found} image tokens for {len(sample.images)} images ({IMAGE_PLACEHOLDER!r} must be one token)")
+        return ids
+
+    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> List[CompressedImage]:
+        """CLIP forward with capture, then the method on the captured states (float32)."""
+        needs = self.spec.needs
+        states = run_clip(
+            self.vision_tower,
+            pixel_values.to(self.device),
+            feature_layer=self.feature_layer,
+            need_last_block="last_hidden" in needs or "text" in needs,
+            need_qk="qk" in needs,
+        )
+        as32 = lambda t: None if t is None else t.float()  # noqa: E731
+        text_embeds = vis_proj = None
+        if "text" in needs:
+            if self.text_guide is None:
+                raise ValueError(f"method {self.method.method!r} needs a CLIP text encoder (model_args text_encoder=...)")
+            text_embeds, vis_proj = self.text_guide.embed(texts)
+        inputs = VisionInputs(
+            hidden=as32(states.hidden),
+            q=as32(states.q),
+            k=as32(states.k),
+            last_hidden=as32(states.last_hidden),
+            text_embeds=as32(text_embeds),
+            visual_projection=as32(vis_proj),
+            image_keys=list(keys),
+        )
+        return compress(self.method.method, inputs, variant=self.method.variant, **self.method.params)
+
+    def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
+        """Everything up to the LLM: prompts, images, compression, projection, padded embeddings."""
+        prompts = [self.prompt_text(s) for s in samples]
+        ids = [self.prompt_ids(s, p) for s, p in zip(samples, prompts)]
+        all_images = [im for s in samples for im in s.images]
+        keys = [k for s in samples for k in (s.image_keys or [0] * len(s.images))]
+        texts: List[str] = []
+        if self.text_guide is not None:
+            texts = self.text_guide.texts_for([s.context for s in samples for _ in s.images], [p for s, p in zip(samples, prompts) for _ in s.images])
+        compressed: List[CompressedImage] = []
+        if all_images:
+            pixel_values = self.images.prepare(all_images)
+            compressed = self.compress_images(pixel_values, keys, texts)
+        dtype = self.embed_tokens.weight.dtype
+        projected: List[torch.Tensor] = []
+        if compressed:
+            flat = torch.cat([c.features for c in compressed], dim=0).to(self.device, dtype)
+            projected = list(torch.split(self.projector(flat), [c.num_tokens for c in compressed]))
+        per_sample_feats: List[List[torch.Tensor]] = []
+        per_sample_comp: List[List[CompressedImage]] = []
+        start = 0
+        num_patches = self.num_patches
+        stats = []
+        for s in samples:
+            n = len(s.images)
+            per_sample_feats.append(projected[start:start + n])
+            per_sample_comp.append(compressed[start:start + n])
+            stats.append(SampleStats(visual_tokens_in=num_patches * n, visual_tokens_kept=sum(c.num_tokens for c in compressed[start:start + n]), llm_prefill_tokens=0.0))
+            start += n
+        llm = build_llm_inputs(self.embed_tokens, ids, self.image_token_id, self.pad_token_id, per_sample_feats)
+        for st, length in zip(stats, llm.lengths):
+            st.llm_prefill_tokens = float(length)
+        return PreparedBatch(llm=llm, stats=stats, compressed=per_sample_comp)
+
+    @property
+    def num_patches(self) -> int:
+        vc = self.model.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    @torch.inference_mode()
+    def generate(self, samples: Sequence[Sample], gen_kwargs: Dict[str, Any]) -> tuple[List[List[int]], List[SampleStats]]:
+        """Greedy/sampled generation; returns the new token ids per sample (EOS and padding cut)."""
+        batch = self.prepare(samples)
+        kwargs = clean_generation_kwargs(gen_kwargs)
+        eos = self.tokenizer.eos_token_id
+        out = self.model.generate(
+            inputs_embeds=batch.llm.inputs_embeds,
+            attention_mask=batch.llm.attention_mask,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=eos,
+            **kwargs,
+        )
+        results: List[List[int]] = []
+        for b, row in enumerate(out.tolist()):
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            results.append(row)
+            batch.stats[b].output_tokens = len(row)
+        return results, batch.stats

@@ -1,0 +1,73 @@
+"""Load a LLaVA-1.5 checkpoint (hub id or local folder) the way a user's transformers would."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Tuple
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+IMAGE_BACKENDS = ("pil", "torchvision")
+
+
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """'auto' = float16 on a GPU (LLaVA's own eval), float32 on a CPU (fp16 matmuls are slow or missing there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
+
+
+def check_checkpoint(pretrained: str) -> Any:
+    """Load and check the config first, so a wrong path or a non-LLaVA model is one clear error."""
+    from transformers import AutoConfig
+
+    path = os.path.expanduser(pretrained)
+    if looks_like_path(pretrained) and not os.path.isdir(path):
+        raise ValueError(f"pretrained folder {pretrained!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError / ValueError / HF errors here
+        raise ValueError(f"cannot load a model config from pretrained={pretrained!r}: {str(err).splitlines()[0]}") from None
+    if getattr(config, "model_type", None) != "llava":
+        raise ValueError(
+            f"pretrained={pretrained!r} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; "
+            "lmms_tokprune needs a LLaVA-1.5 checkpoint (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
+        )
+    vision_type = getattr(config.vision_config, "model_type", None)
+    if vision_type not in ("clip_vision_model", "clip"):
+        raise ValueError(f"pretrained={pretrained!r} has a {vision_type!r} vision tower; LLaVA-1.5 uses CLIP")
+    return config
+
+
+def load_llava(
+    pretrained: str,
+    device: torch.device,
+    dtype: Any = "auto",
+    attn_implementation: Optional[str] = "sdpa",
+    image_backend: str = "pil",
+) -> Tuple[torch.nn.Module, Any]:
+    """Model (eval mode, on `device`) and processor with the pinned image backend."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if image_backend not in IMAGE_BACKENDS:
+        raise ValueError(f"unknown image_backend {image_backend!r}; valid: {', '.join(IMAGE_BACKENDS)}")
+    check_checkpoint(pretrained)
+    path = os.path.expanduser(pretrained)
+    torch_dtype = resolve_dtype(dtype, device)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, backend=image_backend)
+    processor.tokenizer.padding_side = "left"
+    return model, processor

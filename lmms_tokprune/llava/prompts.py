@@ -1,0 +1,67 @@
+"""Prompts: LLaVA-1.5's own evaluation format (vicuna_v1) or the checkpoint's chat template."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, List
+
+IMAGE_PLACEHOLDER = "<image>"
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+PROMPT_STYLES = ("llava_v1", "chat_template")
+
+# Answer-format instructions that lmms-eval tasks append to a question (LLaVA-1.5 eval prompts).
+ANSWER_FORMAT_PATTERNS = [
+    r"Answer the question using a single word or phrase\.?",
+    r"Answer with the option'?s letter from the given choices directly\.?",
+    r"Answer the question with Yes or No\.?",
+    r"Please answer yes or no\.?",
+    r"Reference OCR token:.*$",
+]
+
+
+def with_image_placeholders(context: str, num_images: int) -> str:
+    """Put one `<image>` per image in front of the question, as LLaVA's eval does ("<image>\\n{q}").
+
+    A context that already holds placeholders must hold exactly one per image.
+    """
+    found = context.count(IMAGE_PLACEHOLDER)
+    if found:
+        if found != num_images:
+            raise ValueError(f"prompt holds {found} '<image>' placeholders for {num_images} images")
+        return context
+    if num_images == 0:
+        return context
+    return " ".join([IMAGE_PLACEHOLDER] * num_images) + "\n" + context
+
+
+def llava_v1_prompt(context: str, num_images: int) -> str:
+    """The vicuna_v1 conversation LLaVA-1.5 evaluates with, ending in 'ASSISTANT:'."""
+    return f"{VICUNA_SYSTEM} USER: {with_image_placeholders(context, num_images)} ASSISTANT:"
+
+
+def chat_template_prompt(processor: Any, context: str, num_images: int) -> str:
+    """The checkpoint's own chat template: images first, then the lmms-eval context."""
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("prompt_style=chat_template, but the checkpoint's processor has no chat_template")
+    text = context.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in context else context
+    content: List[dict] = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def build_prompt(style: str, processor: Any, context: str, num_images: int) -> str:
+    if style == "llava_v1":
+        return llava_v1_prompt(context, num_images)
+    if style == "chat_template":
+        return chat_template_prompt(processor, context, num_images)
+    raise ValueError(f"unknown prompt_style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
+
+
+def question_text(context: str) -> str:
+    """The bare question for CLIP text guidance: no image placeholder, no answer-format instruction."""
+    text = context.replace(IMAGE_PLACEHOLDER, " ")
+    for pattern in ANSWER_FORMAT_PATTERNS:
+        text = re.sub(pattern, " ", text, flags=re.IGNORECASE | re.MULTILINE)
+    return re.sub(r"\s+", " ", text).strip()

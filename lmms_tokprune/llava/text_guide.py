@@ -1,0 +1,114 @@
+"""CLIP text guidance for Recoverable Compression: text tower + projections, no second vision tower.
+
+The visual side reuses LLaVA's own CLIP forward (the last block output); only the text tower,
+`text_projection` and the `visual_projection` weight are loaded from `text_encoder`.
+
+text_source=question (default): the question of each sample (placeholder and answer-format
+instructions removed), standard CLIP pooling at EOS with an attention mask, max_length 77 —
+longer questions are truncated to 77 CLIP tokens (CLIP's context size) with a warning.
+text_source=reference: the released code's behaviour — the first line of the prompt (under
+vicuna_v1 the system prompt), max_length 20, padded, no attention mask, pooled at the last
+position, and sample 0's text for the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from loguru import logger
+
+from .prompts import question_text
+
+REFERENCE_MAX_LENGTH = 20
+CLIP_MAX_LENGTH = 77
+
+
+def _load_visual_projection(path: str) -> torch.Tensor:
+    """Read only `visual_projection.weight` from a CLIPModel checkpoint (local folder or hub id)."""
+    from transformers.utils import cached_file
+
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        except Exception:
+            file = None
+        if not file:
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as fh:
+                if "visual_projection.weight" in fh.keys():
+                    return fh.get_tensor("visual_projection.weight")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            if "visual_projection.weight" in state:
+                return state["visual_projection.weight"]
+    raise ValueError(f"text_encoder={path!r} has no visual_projection weight (a full CLIPModel checkpoint is needed)")
+
+
+class TextGuide:
+    """Embeds question texts with CLIP's text tower; hands out the visual projection weight."""
+
+    def __init__(self, text_model: torch.nn.Module, tokenizer: Any, visual_projection: torch.Tensor, source: str) -> None:
+        self.text_model = text_model
+        self.tokenizer = tokenizer
+        self.visual_projection = visual_projection
+        self.source = source
+        self._warned = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_projection.device
+
+    def texts_for(self, contexts: Sequence[str], prompts: Sequence[str]) -> List[str]:
+        """One text per image: its question, or (reference) the first prompt line of sample 0."""
+        if self.source == "reference":
+            return [prompts[0].split("\n")[0]] * len(prompts)
+        return [question_text(c) for c in contexts]
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[B, Dt] text embeddings after text_projection, and the [Dt, D] visual projection."""
+        if self.source == "reference":
+            enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=REFERENCE_MAX_LENGTH, return_tensors="pt")
+            out = self.text_model(input_ids=enc["input_ids"].to(self.device))
+            pooled = out.last_hidden_state[:, -1]  # after final_layer_norm; last position, pads included
+            embeds = self.text_model.text_projection(pooled)
+        else:
+            enc = self.tokenizer(list(texts), padding=True, truncation=False, return_tensors="pt")
+            if enc["input_ids"].shape[1] > CLIP_MAX_LENGTH:
+                if not self._warned:
+                    logger.warning(f"question text longer than {CLIP_MAX_LENGTH} CLIP tokens: truncated for text guidance")
+                    self._warned = True
+                enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=CLIP_MAX_LENGTH, return_tensors="pt")
+            out = self.text_model(input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device))
+            embeds = out.text_embeds
+        return embeds, self.visual_projection
+
+
+def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: torch.device, source: str = "question") -> TextGuide:
+    """Load the CLIP text tower at model-load time, so a missing encoder fails before any request."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    path = os.path.expanduser(text_encoder)
+    if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+        raise ValueError(f"text_encoder folder {text_encoder!r} does not exist")
+    try:
+        text_model = CLIPTextModelWithProjection.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        visual_projection = _load_visual_projection(path)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"cannot load the CLIP text encoder text_encoder={text_encoder!r} needed by recover: {str(err).splitlines()[0]}"
+        ) from None
+    width = llava_model.config.vision_config.hidden_size
+    if visual_projection.shape[1] != width:
+        raise ValueError(f"text_encoder {text_encoder!r} projects {visual_projection.shape[1]}-d vision states; LLaVA's CLIP is {width}-d")
+    dtype = next(llava_model.parameters()).dtype
+    text_model.to(device=device, dtype=dtype).eval()
+    return TextGuide(text_model, tokenizer, visual_projection.to(device=device, dtype=dtype), source)

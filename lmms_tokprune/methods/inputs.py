@@ -1,0 +1,79 @@
+"""What a compression method receives and returns: plain tensors, no model objects.
+
+Keeping the method interface tensor-only lets the same code run on captured CLIP states, on
+hand-built test cases and on the authors' golden inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+# Roles of output tokens, for token maps and statistics (not used by the LLM).
+ROLE_KEPT = 0  # a patch kept as it is (or a cluster centre that absorbed neighbours)
+ROLE_RECOVERED = 1  # a patch brought back by text guidance (recover)
+ROLE_MERGED = 2  # a secondary cluster centre (recover) or spatial sample (prumerge_plus)
+ROLE_EXTRA = 3  # a token that is not one patch (the merged remainder)
+ROLE_NAMES = {ROLE_KEPT: "kept", ROLE_RECOVERED: "recovered", ROLE_MERGED: "merged", ROLE_EXTRA: "extra"}
+
+
+@dataclass
+class VisionInputs:
+    """CLIP states of a batch of images, as captured during LLaVA's own vision forward.
+
+    hidden: [B, 1+N, D] penultimate CLIP hidden states incl. CLS (what LLaVA projects).
+    q, k: [B, 1+N, D] raw q_proj / k_proj outputs of the LAST CLIP block (None if unused).
+    last_hidden: [B, 1+N, D] last CLIP block output without post-layernorm (recover).
+    text_embeds: [B, Dt] CLIP text embedding after text_projection (recover).
+    visual_projection: [Dt, D] CLIP visual_projection weight (recover).
+    image_keys: optional stable integer per image; the `random` baseline seeds from it so a
+        sample draws the same tokens whatever batch or rank it lands in.
+    """
+
+    hidden: torch.Tensor
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    last_hidden: Optional[torch.Tensor] = None
+    text_embeds: Optional[torch.Tensor] = None
+    visual_projection: Optional[torch.Tensor] = None
+    image_keys: Optional[Sequence[int]] = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.hidden.shape[1]) - 1
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """[B, N, D] patch features without CLS: what LLaVA feeds its projector."""
+        return self.hidden[:, 1:]
+
+    def key_of(self, b: int) -> int:
+        return int(self.image_keys[b]) if self.image_keys is not None else 0
+
+
+@dataclass
+class CompressedImage:
+    """One image's compressed visual tokens, in the order the LLM will see them.
+
+    features: [M, D] pre-projector features.
+    index: [M] long, source patch index 0..N-1, or -1 for a token that is not one patch.
+    role: [M] long, ROLE_* codes (kept / recovered / merged / extra) for maps and counts.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+    role: Optional[torch.Tensor] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.role is None:
+            self.role = torch.where(self.index >= 0, ROLE_KEPT, ROLE_EXTRA).to(self.index.device)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.index.shape[0])

@@ -1,0 +1,226 @@
+"""The method registry: names, stages, validated hyper-parameters and the `compress` entry point.
+
+Each method module declares one `MethodSpec`. The stage says *where* a method acts (before the
+projector, or also inside CLIP / the LLM); the function says *what* it computes. Hyper-parameter
+names map one-to-one to the papers' and every value is validated here, so a typo or an impossible
+budget is a `ValueError` naming the problem instead of a crash deep inside torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .inputs import CompressedImage, VisionInputs
+
+VARIANTS = ("fixed", "reference")
+STAGE_PRE_PROJECTOR = "pre_projector"  # acts on captured CLIP states, before the projector
+STAGE_IN_CLIP_AND_LLM = "in_clip_and_llm"  # also prunes inside CLIP and inside the LLM
+
+# All methods we know about, in the order users see them; module that implements each.
+METHOD_MODULES: Dict[str, str] = {
+    "none": "baselines",
+    "random": "baselines",
+    "topk_cls": "baselines",
+    "spatial": "baselines",
+    "prumerge": "prumerge",
+    "prumerge_plus": "prumerge",
+    "recover": "recover",
+    "longtail": "longtail",
+}
+
+
+def _no_check(value: Any) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter: default, type used to coerce strings, a range check and a doc line."""
+
+    default: Any
+    kind: type
+    doc: str
+    check: Callable[[Any], Optional[str]] = _no_check  # returns an error text or None
+    choices: Optional[Tuple[Any, ...]] = None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: what it computes (`fn`) and where it acts (`stage`)."""
+
+    name: str
+    fn: Callable[..., List[CompressedImage]]  # fn(inp, variant=..., **params) -> list per image
+    doc: str
+    params: Mapping[str, Param] = field(default_factory=dict)
+    needs: frozenset = frozenset()  # subset of {"qk", "last_hidden", "text"}
+    stage: str = STAGE_PRE_PROJECTOR
+    variants: Tuple[str, ...] = VARIANTS
+
+
+def positive_int(value: Any) -> Optional[str]:
+    return None if value is None or (isinstance(value, int) and value >= 1) else "must be an integer >= 1"
+
+
+def unit_interval(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or math.isnan(float(value)) or not 0.0 < float(value) <= 1.0:
+        return "must be in (0, 1]"
+    return None
+
+
+# Matched-budget and ratio parameters every method accepts (meaning per method, see METHODS.md).
+BUDGET = Param(None, int, "exact number of visual tokens per image (merged/extra tokens count)", positive_int)
+RATIO = Param(None, float, "fraction of the N patches to keep (per-method meaning)", unit_interval)
+
+_SPECS: Dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name not in METHOD_MODULES:
+        raise ValueError(f"method {spec.name!r} is not listed in METHOD_MODULES")
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def method_names() -> List[str]:
+    return list(METHOD_MODULES)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name; unknown or unimplemented names are a ValueError."""
+    if not isinstance(name, str) or name not in METHOD_MODULES:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHOD_MODULES)}")
+    if name not in _SPECS:
+        try:
+            importlib.import_module(f"{__package__}.{METHOD_MODULES[name]}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__package__}.{METHOD_MODULES[name]}":
+                raise
+    if name not in _SPECS:
+        raise ValueError(f"method {name!r} is not implemented yet in this version of lmms_tokprune")
+    return _SPECS[name]
+
+
+def coerce_param(method: str, key: str, param: Param, value: Any) -> Any:
+    """Turn a string/number from model_args or YAML into the parameter's type, strictly."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+        return None
+    kind = param.kind
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                out = value.lower() in ("true", "1", "yes")
+            elif isinstance(value, (int, float)) and value in (0, 1):
+                out = bool(value)
+            else:
+                raise ValueError
+        elif kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            out = int(as_float)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            out = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{method}: parameter {key!r} must be of type {kind.__name__}, got {value!r}") from None
+    return out
+
+
+def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[str, Any]:
+    """Validate `params` against the method's schema and fill defaults.
+
+    Raises ValueError naming the bad key or value and listing the valid choices.
+    """
+    spec = get_method(method)
+    if variant not in spec.variants:
+        raise ValueError(f"{method}: unknown variant {variant!r}; valid variants: {', '.join(spec.variants)}")
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        valid = ", ".join(spec.params) or "(none)"
+        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid}")
+    resolved: Dict[str, Any] = {}
+    for key, param in spec.params.items():
+        value = coerce_param(method, key, param, params[key]) if key in params else param.default
+        if param.choices is not None and value not in param.choices:
+            raise ValueError(f"{method}: parameter {key!r}={value!r} is not one of {', '.join(map(str, param.choices))}")
+        problem = param.check(value)
+        if problem:
+            raise ValueError(f"{method}: parameter {key!r}={value!r} {problem}")
+        resolved[key] = value
+    if resolved.get("budget") is not None and resolved.get("ratio") is not None:
+        raise ValueError(f"{method}: give either budget or ratio, not both")
+    return resolved
+
+
+def _check_tensor(name: str, t: Optional[torch.Tensor], batch: int, rank: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"VisionInputs.{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank or (rank > 1 and t.shape[0] != batch):
+        raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}; expected {rank} dims with batch {batch}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"VisionInputs.{name} contains NaN or inf")
+
+
+def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
+    """Shapes, presence of what the method needs, and finiteness (NaN/inf is an error, not noise)."""
+    if not isinstance(inp, VisionInputs):
+        raise ValueError(f"compress expects VisionInputs, got {type(inp).__name__}")
+    h = inp.hidden
+    if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[1] < 2:
+        raise ValueError("VisionInputs.hidden must be [B, 1+N, D] with N >= 1 (CLS first)")
+    batch = h.shape[0]
+    _check_tensor("hidden", h, batch, 3)
+    for name in ("q", "k", "last_hidden"):
+        t = getattr(inp, name)
+        _check_tensor(name, t, batch, 3)
+        if t is not None and tuple(t.shape[:2]) != tuple(h.shape[:2]):
+            raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}, hidden has {tuple(h.shape)}")
+    _check_tensor("text_embeds", inp.text_embeds, batch, 2)
+    _check_tensor("visual_projection", inp.visual_projection, batch, 2)
+    if "qk" in spec.needs and (inp.q is None or inp.k is None):
+        raise ValueError(f"method {spec.name!r} needs the last CLIP block's q and k (VisionInputs.q / .k)")
+    if "last_hidden" in spec.needs and inp.last_hidden is None:
+        raise ValueError(f"method {spec.name!r} needs VisionInputs.last_hidden (last CLIP block output)")
+    if "text" in spec.needs and (inp.text_embeds is None or inp.visual_projection is None):
+        raise ValueError(
+            f"method {spec.name!r} needs CLIP text guidance: VisionInputs.text_embeds and .visual_projection "
+            "(load a text encoder with text_encoder=...)"
+        )
+    if inp.image_keys is not None and len(inp.image_keys) != batch:
+        raise ValueError(f"VisionInputs.image_keys has {len(inp.image_keys)} entries for a batch of {batch}")
+
+
+def check_budget(method: str, budget: Optional[int], n: int) -> None:
+    if budget is not None and not 1 <= budget <= n:
+        raise ValueError(f"{method}: budget={budget} is outside [1, {n}] (N = {n} patches)")
+
+
+def compress(method: str, inp: VisionInputs, variant: str = "fixed", **params: Any) -> List[CompressedImage]:
+    """Compress each image of `inp` with `method`; returns one CompressedImage per image."""
+    spec = get_method(method)
+    resolved = resolve_params(method, variant, **params)
+    validate_inputs(spec, inp)
+    check_budget(method, resolved.get("budget"), inp.num_patches)
+    with torch.no_grad():
+        outs = spec.fn(inp, variant=variant, **resolved)
+    if resolved.get("budget") is not None:
+        for out in outs:
+            if out.num_tokens != resolved["budget"]:  # a method bug, never user input
+                raise RuntimeError(f"{method} returned {out.num_tokens} tokens for budget {resolved['budget']}")
+    return outs

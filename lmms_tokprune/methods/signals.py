@@ -1,0 +1,25 @@
+"""Signals shared by several methods, computed only where they are needed.
+
+CLS attention follows the released PruMerge / Recoverable Compression code: ONE head over all
+D dims of the raw q_proj / k_proj outputs (bias included, no head split, no scaling before),
+softmax over all 1+N keys, then the CLS row without its own column. Only that row is computed,
+so the model itself can keep SDPA / flash attention everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, 1+N, D] q, k -> [B, N] attention probabilities of the CLS query on the patches."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.einsum("bd,bnd->bn", q[:, 0], k) * scale  # [B, 1+N]
+    return torch.softmax(logits, dim=-1)[:, 1:]
+
+
+def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """L2-normalise along `dim` (cosine similarity becomes a dot product)."""
+    return torch.nn.functional.normalize(x, p=2, dim=dim)

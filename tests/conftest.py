@@ -1,0 +1,39 @@
+"""Shared fixtures: offline mode, 2 CPU threads, and tiny LLaVA-1.5-shaped checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "tasks"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-1.5-shaped checkpoint folder (loaded through pretrained=<folder>)."""
+    from lmms_tokprune.testing.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tiny_llava) -> Path:
+    """A tiny CLIPModel (text tower + projections) matching the tiny LLaVA's vision tower."""
+    from lmms_tokprune.testing.tiny import build_tiny_clip_text_encoder
+
+    return build_tiny_clip_text_encoder(tmp_path_factory.mktemp("ckpt") / "tiny-clip", llava_dir=tiny_llava)
