@@ -1,0 +1,84 @@
+"""End-to-end runs of the real lmms-eval CLI on the offline smoke task (slow; run in CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmms_eval_runs import read_run, run_lmms_eval
+
+pytestmark = pytest.mark.slow
+TASK = "tokprune_smoke"
+
+
+def _per_sample(run: dict) -> dict:
+    return {s["doc_id"]: (s["filtered_resps"], s["token_counts"][0]) for s in run["_samples"][TASK]}
+
+
+@pytest.fixture(scope="module")
+def batch_runs(tiny_llava, tmp_path_factory):
+    """The same configuration at batch size 1 and 4."""
+    runs = {}
+    for bs in (1, 4):
+        out = tmp_path_factory.mktemp(f"bs{bs}") / "out"
+        proc = run_lmms_eval(out, "llava_tokprune", f"pretrained={tiny_llava},method=topk_cls,budget=32", batch_size=bs)
+        runs[bs] = read_run(out, proc)
+    return runs
+
+
+def test_counts_in_samples_and_results(batch_runs):
+    run = batch_runs[4]
+    samples = run["_samples"][TASK]
+    assert len(samples) == 24
+    for s in samples:
+        counts = s["token_counts"][0]
+        images = len(s["input_media"])
+        assert counts["visual_tokens_in"] == 576 * images
+        assert counts["visual_tokens_kept"] == 32 * images
+        assert counts["llm_prefill_tokens"] == counts["input_tokens"] > counts["visual_tokens_kept"]
+    means = run["throughput"]
+    kept = [s["token_counts"][0]["visual_tokens_kept"] for s in samples]
+    prefill = [s["token_counts"][0]["llm_prefill_tokens"] for s in samples]
+    assert means["avg_visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
+    assert means["avg_llm_prefill_tokens"] == pytest.approx(sum(prefill) / len(prefill))
+    assert means[f"avg_{TASK}/visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
+    assert 0.0 <= run["results"][TASK]["exact_match,none"] <= 1.0
+    assert run["config"]["model"] == "llava_tokprune"
+
+
+def test_batch_4_equals_batch_1(batch_runs):
+    assert _per_sample(batch_runs[4]) == _per_sample(batch_runs[1])
+    assert batch_runs[4]["results"][TASK]["exact_match,none"] == batch_runs[1]["results"][TASK]["exact_match,none"]
+
+
+def test_two_processes_equal_one(tiny_llava, tmp_path):
+    """23 docs over 2 ranks: rank 1 gets a padding copy, which must not enter the statistics."""
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}" / "out"
+        out.parent.mkdir()
+        proc = run_lmms_eval(out, "llava_tokprune", f"pretrained={tiny_llava},method=random,budget=48", batch_size=2, limit=23, processes=n)
+        runs[n] = read_run(out, proc)
+    assert _per_sample(runs[2]) == _per_sample(runs[1])
+    assert len(runs[2]["_samples"][TASK]) == 23
+    for key in ("avg_visual_tokens_kept", "avg_llm_prefill_tokens", "avg_num_samples"):
+        assert runs[2]["throughput"][key] == pytest.approx(runs[1]["throughput"][key])
+    assert runs[2]["throughput"]["avg_num_samples"] == 23
+    assert runs[2]["results"][TASK]["exact_match,none"] == runs[1]["results"][TASK]["exact_match,none"]
+
+
+def test_model_config_file_with_cli_task_override(tiny_llava, tmp_path):
+    """lmms-eval --config model_configs/... --tasks <override>, checkpoint swapped via config=...,pretrained=..."""
+    from lmms_eval_runs import REPO
+
+    cfg = REPO / "model_configs" / "spatial" / "budget64.yaml"
+    out = tmp_path / "out"
+    proc = run_lmms_eval(out, "llava_tokprune", f"config={cfg},pretrained={tiny_llava}", extra=["--config", str(cfg)], limit=4)
+    run = read_run(out, proc)
+    assert [s["token_counts"][0]["visual_tokens_kept"] for s in run["_samples"][TASK]] == [64] * 4
+
+
+def test_bad_model_args_fail_without_results(tiny_llava, tmp_path):
+    out = tmp_path / "out"
+    proc = run_lmms_eval(out, "llava_tokprune", f"pretrained={tiny_llava},method=topk_cls,budget=999", limit=2)
+    assert not list(out.rglob("*_results.json"))
+    assert "budget=999 is outside [1, 576]" in proc.stdout + proc.stderr

@@ -1,0 +1,45 @@
+"""Every shipped model_configs YAML is a valid lmms-eval --config file with valid model_args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmms_tokprune.harness.args import MODEL_IDS, load_config_model_args, parse_model_args
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "sweeps" not in p.parts)
+
+
+def _lmms_eval_cli_keys() -> set:
+    """The keys lmms-eval's own --config validation accepts (its argparse destinations)."""
+    import sys
+    from unittest import mock
+
+    from lmms_eval.__main__ import parse_eval_args
+
+    with mock.patch.object(sys, "argv", ["lmms-eval"]):
+        parser, _ = parse_eval_args()
+    return {action.dest for action in parser._actions} - {"help"}
+
+
+def test_there_are_configs_for_every_baseline():
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIGS}
+    for method in ("topk_cls", "spatial", "random"):
+        for budget in (64, 128, 192):
+            assert f"{method}/budget{budget}.yaml" in names
+    assert "none/full.yaml" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_config_is_valid(path):
+    data = yaml.safe_load(path.read_text())
+    unknown = set(data) - _lmms_eval_cli_keys()
+    assert not unknown, f"keys lmms-eval --config rejects: {unknown}"
+    assert data["model"] in MODEL_IDS
+    raw = load_config_model_args(str(path))
+    raw.pop("__model__")
+    args = parse_model_args(data["model"], raw)
+    assert args.method in ("none", "topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail")
