@@ -19,7 +19,7 @@ from tqdm import tqdm
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from ..llava.engine import CompressedLlava, MethodConfig, Sample
+from ..llava.engine import MethodConfig, Sample, build_engine
 from ..llava.loading import load_llava
 from ..methods.registry import check_budget
 from .args import MODEL_IDS, ModelArgs, parse_model_args
@@ -83,7 +83,7 @@ class LlavaTokPrune(lmms):
             from ..llava.text_guide import load_text_guide  # only the recover method needs CLIP text
 
             text_guide = load_text_guide(args.text_encoder, model, device, args.text_source)
-        self.engine = CompressedLlava(
+        self.engine = build_engine(
             model,
             processor,
             MethodConfig(args.method, args.variant, dict(args.method_params)),

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..methods import CompressedImage, VisionInputs, compress, get_method
-from ..methods.registry import STAGE_PRE_PROJECTOR
+from ..methods.registry import STAGE_IN_CLIP_AND_LLM
 from .assemble import LLMInputs, build_llm_inputs
 from .images import ImagePreparer
 from .prompts import IMAGE_PLACEHOLDER, build_prompt
@@ -35,8 +35,9 @@ class Sample:
 class SampleStats:
     visual_tokens_in: int
     visual_tokens_kept: int
-    llm_prefill_tokens: float
+    llm_prefill_tokens: float  # layer-averaged when the LLM prunes inside
     output_tokens: int = 0
+    layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
 
 
 @dataclass
@@ -88,8 +89,6 @@ class CompressedLlava:
         self.tokenizer = processor.tokenizer
         self.method = method
         self.spec = get_method(method.method)
-        if self.spec.stage != STAGE_PRE_PROJECTOR:
-            raise ValueError(f"method {method.method!r} acts inside the LLM; use its dedicated engine")
         self.prompt_style = prompt_style
         self.images = ImagePreparer(processor.image_processor, pad_to_square)
         self.text_guide = text_guide
@@ -215,3 +214,13 @@ class CompressedLlava:
             results.append(row)
             batch.stats[b].output_tokens = len(row)
         return results, batch.stats
+
+
+def build_engine(model: torch.nn.Module, processor: Any, method: MethodConfig, **kwargs: Any) -> CompressedLlava:
+    """The engine for a method's stage: pre-projector methods use CompressedLlava as is; methods that
+    also prune inside CLIP and the LLM (long-tail + H2O) use their engine subclass."""
+    if get_method(method.method).stage == STAGE_IN_CLIP_AND_LLM:
+        from .longtail_engine import LongtailLlava
+
+        return LongtailLlava(model, processor, method, **kwargs)
+    return CompressedLlava(model, processor, method, **kwargs)
