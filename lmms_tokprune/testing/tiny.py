@@ -1,0 +1,461 @@
+"""Tiny, offline, LLaVA-1.5-shaped checkpoints for tests and demos.
+
+Nothing here touches the network.  ``build_tiny_llava`` writes a folder that loads through exactly the path a
+real checkpoint takes::
+
+    LlavaForConditionalGeneration.from_pretrained(d)    # CLIP 336px/14 (577 tokens) -> 2-layer MLP -> Llama
+    AutoProcessor.from_pretrained(d)                    # LlavaProcessor: CLIPImageProcessor + Llama tokenizer
+
+The geometry matches llava-hf/llava-1.5-7b-hf (image_size 336, patch 14, 1 CLS + 576 patches,
+vision_feature_layer -2, 'default' select strategy, one ``<image>`` expanded to 576 tokens, the same image
+preprocessing and chat template); only the widths, depths and vocabulary are small and the weights random.
+
+``build_tiny_clip_text_encoder`` writes a matching tiny ``CLIPModel`` (+ CLIP tokenizer / processor) whose vision
+tower has the tiny LLaVA's geometry (and, given ``llava_dir``, its weights), for Recoverable Compression's
+text-guided step.
+
+``tiny_llava_dir()`` / ``tiny_clip_dir()`` build once into a cache folder ($LMMS_TOKPRUNE_CACHE or
+~/.cache/lmms_tokprune) and return it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "LLAVA_CHAT_TEMPLATE",
+    "LLAVA_SYSTEM_PROMPT",
+    "TINY_HIDDEN",
+    "TINY_VERSION",
+    "build_tiny_clip_text_encoder",
+    "build_tiny_llava",
+    "cache_root",
+    "tiny_clip_dir",
+    "tiny_llava_dir",
+]
+
+# Bump when the artefacts change, so cached copies are rebuilt.
+TINY_VERSION = "v1"
+
+TINY_HIDDEN = 64
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# llava-hf/llava-1.5-7b-hf's chat template (images first as "<image>\n", then text + " ", "ASSISTANT:" prompt).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Built-in English corpus for the tokenizers (no downloads).
+_WORDS_TEXT = """
+what which who where when why how is are does do can there the a an of in on to this that these those it its
+colour color shape shapes object objects image picture photo shown show see seen visible many much number count
+left right top bottom middle center centre above below next beside behind front large small big tiny biggest
+smallest background foreground bright dark light
+red green blue yellow orange purple pink brown black white gray grey cyan magenta
+circle circles square squares triangle triangles rectangle rectangles ellipse ellipses star stars line lines
+dot dots oval diamond
+yes no true false none zero one two three four five six seven eight nine ten
+0 1 2 3 4 5 6 7 8 9 10 11 12 A B C D E F Option Options option answer Answer letter
+Question question Context Hint hint choose select correct best following from given
+USER: ASSISTANT: USER ASSISTANT user assistant system
+cat dog car bus person people man woman child tree house sky water road sign text written word words say says
+"""
+_WORDS = _WORDS_TEXT.split()
+
+_SENTENCES = [
+    LLAVA_SYSTEM_PROMPT,
+    "USER: <image>\nWhat colour is the circle? ASSISTANT: Red",
+    "USER: <image>\nWhat shape is shown in the image? ASSISTANT: Triangle",
+    "USER: <image>\nHow many squares are there? ASSISTANT: Three",
+    "USER: <image>\nIs there a blue star in the picture? ASSISTANT: Yes",
+    "USER: <image>\nIs the background white? ASSISTANT: No",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "Answer the question with a short answer. Please answer yes or no.",
+    "A. red B. green C. blue D. yellow",
+    "What is the colour of the largest shape?",
+    "What is written on the sign? What does the text say?",
+    "Describe the image in detail. Provide a short description of the picture.",
+    "The image shows a red circle, a green square and a blue triangle on a white background.",
+    "There are two circles and one rectangle. The answer is 2.",
+    "Which object is on the left? Which one is on the right?",
+    "Hello, world! I'm fine, thanks. It's a test: (1) 2, 3; 4 - 5 + 6 = 21 / 7 * 3 % 100.",
+]
+
+
+def _corpus() -> list[str]:
+    return _SENTENCES * 8 + [" ".join(_WORDS)] * 4 + [w for w in _WORDS for _ in range(3)]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LMMS_TOKPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmms_tokprune"
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+def _llama_tokenizer(vocab_size: int = 640):
+    """A Llama-style (SentencePiece-BPE, byte fallback, '▁' metaspace, BOS prepended) tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]  # ids 3..258, as in Llama
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, min_frequency=2, show_progress=False)
+    trainer_tok.train_from_iterator(_corpus(), trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = LlamaTokenizer(
+        vocab=model["vocab"],
+        merges=merges,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=4096,
+        padding_side="left",
+    )
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _clip_tokenizer(vocab_size: int = 900):
+    """An OpenAI-CLIP-style tokenizer (byte-level BPE, '</w>' suffix, lowercase), max length 77."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    alphabet = list(_bytes_to_unicode().values())
+    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    trainer_tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(_corpus(), trainer)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(trainer_tok.to_str())["model"]["merges"]]
+    # Vocab in OpenAI CLIP's order: bytes, bytes + '</w>', merges, then the two specials.
+    vocab: dict[str, int] = {}
+    for piece in alphabet + [a + "</w>" for a in alphabet] + [a + b for a, b in merges] + [bos, eos]:
+        vocab.setdefault(piece, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77)
+
+
+def _image_processor():
+    from transformers import CLIPImageProcessor
+
+    # == llava-hf/llava-1.5-7b-hf preprocessor_config.json
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # PIL bicubic
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+def _vision_config_dict(vision_layers: int) -> dict:
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": TINY_HIDDEN,
+        "intermediate_size": 2 * TINY_HIDDEN,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "projection_dim": 32,
+    }
+
+
+# --------------------------------------------------------------------------------------------- builders
+def _prepare_out(out_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_tiny_llava(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    text_layers: int = 2,
+    vision_layers: int = 4,
+    overwrite: bool = False,
+) -> Path:
+    """Write a tiny random LLaVA-1.5-shaped checkpoint (model + LlavaProcessor) to ``out_dir``; return it."""
+    if vision_layers < 2:
+        raise ValueError(f"vision_layers must be >= 2 (vision_feature_layer=-2), got {vision_layers}")
+    if text_layers < 1:
+        raise ValueError(f"text_layers must be >= 1, got {text_layers}")
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out = _prepare_out(out_dir, overwrite)
+    tok = _llama_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": TINY_HIDDEN,
+        "intermediate_size": 2 * TINY_HIDDEN,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    config = LlavaConfig(
+        vision_config=_vision_config_dict(vision_layers),
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=NUM_PATCHES,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tok.pad_token_id
+    config.bos_token_id = tok.bos_token_id
+    config.eos_token_id = tok.eos_token_id
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).float().eval()
+    quiet = {i for t, i in tok.get_vocab().items() if t.startswith("<0x") and t.endswith(">") and len(t) == 6}
+    quiet |= {tok.unk_token_id, tok.bos_token_id, tok.pad_token_id, image_token_id}
+    _rescale_for_variety(model, seed, quiet)
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+
+    processor = LlavaProcessor(
+        image_processor=_image_processor(),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    (out / "TINY_README.txt").write_text(
+        f"lmms_tokprune tiny LLaVA-1.5 ({TINY_VERSION}), seed={seed}, text_layers={text_layers}, "
+        f"vision_layers={vision_layers}; random weights, for tests only.\n"
+    )
+    return out
+
+
+def _rescale_for_variety(model, seed: int, quiet_ids: set[int] | None = None) -> None:
+    """Re-draw weights at a larger scale so greedy decoding is input-dependent and not one repeated id.
+
+    With the default 0.02 init a 64-wide model is nearly input-independent (the image barely moves the
+    logits).  Larger, deterministic weights make the tiny model sensitive to the image tokens, which is what
+    compression tests need (keeping fewer tokens should be able to change the answer).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim < 2:
+                continue  # norms / biases keep their init
+            if name.startswith("model.vision_tower"):
+                continue  # CLIP init is already O(1)-scaled per layer
+            fan_in = p.shape[-1] if "embed" not in name else 1
+            std = 1.0 / (fan_in**0.5) if "embed" not in name else 1.0
+            if "q_proj" in name or "k_proj" in name:
+                std *= 2.0  # sharper LLM attention: greedy answers depend on the image tokens
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+        # Sharpen CLIP attention (q, k x4 => logits x16) so CLS attention over patches is peaked with a few
+        # outliers, like a trained CLIP's, instead of near-uniform (what PruMerge-style selection keys on).
+        for name, p in model.named_parameters():
+            if name.startswith("model.vision_tower") and ("q_proj" in name or "k_proj" in name):
+                p.mul_(4.0)
+        # Make byte-fallback pieces and specials other than </s> (<unk>, <s>, <pad>, <image>) near-zero-logit, so
+        # greedy answers are readable vocabulary pieces rather than raw bytes / control characters.
+        if quiet_ids:
+            head = model.get_output_embeddings().weight
+            head[torch.as_tensor(sorted(quiet_ids))] *= 0.05
+
+
+def build_tiny_clip_text_encoder(
+    out_dir: str | Path,
+    *,
+    llava_dir: str | Path | None = None,
+    seed: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write a tiny ``CLIPModel`` + CLIP tokenizer/processor to ``out_dir``; return it.
+
+    The vision config equals the tiny LLaVA's vision tower (64 wide, 336/14, same depth) and
+    ``visual_projection`` is [projection_dim=32, 64].  Given ``llava_dir``, the vision tower weights (and depth)
+    are copied from that LLaVA checkpoint so the pair is consistent.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    vision_layers = 4
+    llava_vision_state = None
+    if llava_dir is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        llava = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+        vcfg = llava.config.vision_config
+        if (vcfg.hidden_size, vcfg.image_size, vcfg.patch_size) != (TINY_HIDDEN, IMAGE_SIZE, PATCH_SIZE):
+            raise ValueError(f"{llava_dir}: vision tower is not the tiny geometry ({TINY_HIDDEN}, {IMAGE_SIZE}/{PATCH_SIZE})")
+        vision_layers = vcfg.num_hidden_layers
+        tower = llava.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # older transformers wrap the transformer once more
+        llava_vision_state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+        del llava
+
+    out = _prepare_out(out_dir, overwrite)
+    tok = _clip_tokenizer()
+    vision = _vision_config_dict(vision_layers)
+    vision.pop("model_type")
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": TINY_HIDDEN,
+        "intermediate_size": 2 * TINY_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 32,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).float().eval()
+    if llava_vision_state is not None:
+        target = getattr(model.vision_model, "vision_model", model.vision_model)
+        missing, unexpected = target.load_state_dict(llava_vision_state, strict=False)
+        if unexpected or [m for m in missing if "position_ids" not in m]:
+            raise RuntimeError(f"vision tower mismatch: missing={missing} unexpected={unexpected}")
+    model.save_pretrained(out, safe_serialization=True)
+    CLIPProcessor(image_processor=_image_processor(), tokenizer=tok).save_pretrained(out)
+    (out / "TINY_README.txt").write_text(
+        f"lmms_tokprune tiny CLIP ({TINY_VERSION}), seed={seed}, vision from {'llava' if llava_dir else 'random'}; "
+        "random weights, for tests only.\n"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------- cache
+def _fingerprint() -> str:
+    """Changes whenever this file changes, so stale cached copies are rebuilt."""
+    import hashlib
+
+    return f"{TINY_VERSION} {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}"
+
+
+def _cached(name: str, build) -> Path:
+    root = cache_root()
+    final = root / name
+    marker = final / ".complete"
+    fp = _fingerprint()
+    if marker.exists() and marker.read_text().strip() == fp:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(tmp / "d")
+        (tmp / "d" / ".complete").write_text(fp + "\n")
+        if marker.exists() and marker.read_text().strip() == fp:
+            return final  # another process finished first
+        if final.exists():  # stale (older tiny.py) or half-written: move it aside, then swap in the new copy
+            os.replace(final, tmp / "stale")
+        try:
+            os.replace(tmp / "d", final)
+        except OSError:
+            if not (marker.exists() and marker.read_text().strip() == fp):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def tiny_llava_dir() -> Path:
+    """The default tiny LLaVA (seed 0, 2 text layers, 4 vision layers), built once into the cache."""
+    return _cached(f"tiny-llava-{TINY_VERSION}", lambda d: build_tiny_llava(d))
+
+
+def tiny_clip_dir() -> Path:
+    """The tiny CLIP text encoder paired with ``tiny_llava_dir()`` (vision weights copied), built once."""
+    llava = tiny_llava_dir()
+    return _cached(f"tiny-clip-{TINY_VERSION}", lambda d: build_tiny_clip_text_encoder(d, llava_dir=llava))
