@@ -110,3 +110,17 @@ def test_generation_kwargs_are_cleaned():
     assert out == {"max_new_tokens": 16, "do_sample": False, "num_beams": 1}
     sampled = clean_generation_kwargs({"temperature": 0.7, "do_sample": True, "top_p": 0.9})
     assert sampled["do_sample"] and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9
+
+
+def test_prefill_flops_and_latency_measurement(loaded):
+    from lmms_tokprune.efficiency.flops import from_llava_config, llm_prefill_flops
+
+    model, processor, _ = loaded
+    engine = CompressedLlava(model, processor, MethodConfig("spatial", params={"budget": 64}))
+    engine.measure_latency = True
+    _, stats = engine.generate([Sample(QUESTIONS[0], [_images()[0]])], {"max_new_tokens": 4})
+    st = stats[0]
+    text_cfg = from_llava_config(model.config).text
+    assert st.prefill_tflops == pytest.approx(llm_prefill_flops(text_cfg, st.llm_prefill_tokens) / 1e12)
+    assert set(st.latency) >= {"compress_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "peak_memory_mb"}
+    assert 0 < st.latency["prefill_ms"] <= st.latency["ttft_ms"] and st.latency["compress_ms"] > 0

@@ -35,11 +35,14 @@ def test_counts_in_samples_and_results(batch_runs):
         assert counts["visual_tokens_in"] == 576 * images
         assert counts["visual_tokens_kept"] == 32 * images
         assert counts["llm_prefill_tokens"] == counts["input_tokens"] > counts["visual_tokens_kept"]
+        assert counts["prefill_tflops"] > 0
     means = run["throughput"]
     kept = [s["token_counts"][0]["visual_tokens_kept"] for s in samples]
     prefill = [s["token_counts"][0]["llm_prefill_tokens"] for s in samples]
     assert means["avg_visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
     assert means["avg_llm_prefill_tokens"] == pytest.approx(sum(prefill) / len(prefill))
+    flops = [s["token_counts"][0]["prefill_tflops"] for s in samples]
+    assert means["avg_prefill_tflops"] == pytest.approx(sum(flops) / len(flops))
     assert means[f"avg_{TASK}/visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
     assert 0.0 <= run["results"][TASK]["exact_match,none"] <= 1.0
     assert run["config"]["model"] == "llava_tokprune"

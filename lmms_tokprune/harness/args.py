@@ -48,11 +48,12 @@ class ModelArgs:
     device: Optional[str] = None
     batch_size: int = 1
     max_new_tokens: Optional[int] = None
+    measure_latency: bool = False
     config: Optional[str] = None
     method_params: Dict[str, Any] = field(default_factory=dict)
 
 
-_BOOL_KEYS = {"pad_to_square"}
+_BOOL_KEYS = {"pad_to_square", "measure_latency"}
 _INT_KEYS = {"batch_size", "max_new_tokens"}
 _CHOICES = {
     "variant": VARIANTS,

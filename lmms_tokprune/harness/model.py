@@ -91,6 +91,7 @@ class LlavaTokPrune(lmms):
             pad_to_square=args.pad_to_square,
             text_guide=text_guide,
         )
+        self.engine.measure_latency = args.measure_latency
         self._model = model
         self.batch_size_per_gpu = args.batch_size
         self._records: List[SampleRecord] = []
@@ -153,11 +154,16 @@ class LlavaTokPrune(lmms):
                 visual_tokens_in=st.visual_tokens_in,
                 visual_tokens_kept=st.visual_tokens_kept,
                 llm_prefill_tokens=st.llm_prefill_tokens,
+                prefill_tflops=st.prefill_tflops,
+                **st.latency,
             )
             results[slot] = GenerationResult(text=text, token_counts=counts)
             if not (req.metadata or {}).get("__padding_only__"):
                 self._records.append(
-                    SampleRecord(task, req.args[3], st.visual_tokens_in, st.visual_tokens_kept, st.llm_prefill_tokens, st.output_tokens, seconds=seconds)
+                    SampleRecord(
+                        task, req.args[3], st.visual_tokens_in, st.visual_tokens_kept, st.llm_prefill_tokens, st.output_tokens,
+                        prefill_tflops=st.prefill_tflops, seconds=seconds, latency=dict(st.latency) or None,
+                    )
                 )
 
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:

@@ -17,6 +17,8 @@ from ..methods.registry import STAGE_IN_CLIP_AND_LLM
 from .assemble import LLMInputs, build_llm_inputs
 from .images import ImagePreparer
 from .prompts import IMAGE_PLACEHOLDER, build_prompt
+from ..efficiency.flops import from_llava_config, llm_prefill_flops
+from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
 from .vision import run_clip
 
 GENERATION_KEYS = ("max_new_tokens", "temperature", "do_sample", "num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty")
@@ -38,6 +40,8 @@ class SampleStats:
     llm_prefill_tokens: float  # layer-averaged when the LLM prunes inside
     output_tokens: int = 0
     layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
+    prefill_tflops: Optional[float] = None
+    latency: Dict[str, float] = field(default_factory=dict)  # filled when measuring (per batch)
 
 
 @dataclass
@@ -99,6 +103,9 @@ class CompressedLlava:
             raise ValueError("only LLaVA-1.5-style checkpoints (one vision_feature_layer, strategy 'default') are supported")
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (getattr(cfg, "pad_token_id", None) or 0))
+        self.flops_config = from_llava_config(cfg)
+        self.measure_latency = False  # set by the harness (model_args measure_latency=true)
+        self._compress_ms = 0.0
 
     # -- parts of the HF model -------------------------------------------------------------
     @property
@@ -153,7 +160,14 @@ class CompressedLlava:
             visual_projection=as32(vis_proj),
             image_keys=list(keys),
         )
-        return compress(self.method.method, inputs, variant=self.method.variant, **self.method.params)
+        clock = StepClock(self.device) if self.measure_latency else None
+        if clock is not None:
+            clock.mark()
+        outs = compress(self.method.method, inputs, variant=self.method.variant, **self.method.params)
+        if clock is not None:
+            clock.mark()
+            self._compress_ms = clock.elapsed_ms()
+        return outs
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Everything up to the LLM: prompts, images, compression, projection, padded embeddings."""
@@ -194,26 +208,64 @@ class CompressedLlava:
         vc = self.model.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
-    @torch.inference_mode()
-    def generate(self, samples: Sequence[Sample], gen_kwargs: Dict[str, Any]) -> tuple[List[List[int]], List[SampleStats]]:
-        """Greedy/sampled generation; returns the new token ids per sample (EOS and padding cut)."""
-        batch = self.prepare(samples)
-        kwargs = clean_generation_kwargs(gen_kwargs)
-        eos = self.tokenizer.eos_token_id
-        out = self.model.generate(
+    def prefill_tflops(self, st: SampleStats) -> float:
+        """Analytic LLM prefill TFLOPs from the model config and the actual per-layer lengths."""
+        lengths = st.layer_lengths if st.layer_lengths is not None else st.llm_prefill_tokens
+        return llm_prefill_flops(self.flops_config.text, lengths) / 1e12
+
+    def run_llm(self, batch: PreparedBatch, kwargs: Dict[str, Any], clock: Optional[StepClock]) -> torch.Tensor:
+        """LLM prefill + decoding; returns the new token ids [B, T_new]. Subclasses prune inside."""
+        extra = {"logits_processor": [StepTimer(clock)]} if clock is not None else {}
+        return self.model.generate(
             inputs_embeds=batch.llm.inputs_embeds,
             attention_mask=batch.llm.attention_mask,
             pad_token_id=self.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=self.tokenizer.eos_token_id,
             **kwargs,
+            **extra,
         )
+
+    @torch.inference_mode()
+    def generate(self, samples: Sequence[Sample], gen_kwargs: Dict[str, Any]) -> tuple[List[List[int]], List[SampleStats]]:
+        """Greedy/sampled generation; returns the new token ids per sample (EOS and padding cut)."""
+        clock = StepClock(self.device) if self.measure_latency else None
+        if clock is not None:
+            reset_peak_memory(self.device)
+            clock.mark()
+        batch = self.prepare(samples)
+        if clock is not None:
+            clock.mark()
+        kwargs = clean_generation_kwargs(gen_kwargs)
+        out = self.run_llm(batch, kwargs, clock)
+        eos = self.tokenizer.eos_token_id
         results: List[List[int]] = []
         for b, row in enumerate(out.tolist()):
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             results.append(row)
-            batch.stats[b].output_tokens = len(row)
+            st = batch.stats[b]
+            st.output_tokens = len(row)
+            st.prefill_tflops = self.prefill_tflops(st)
+        if clock is not None:
+            latency = self.latency_of(clock)
+            for st in batch.stats:
+                st.latency = dict(latency)
         return results, batch.stats
+
+    def latency_of(self, clock: StepClock) -> Dict[str, float]:
+        """Marks: [start, inputs ready, step 1, step 2, ...] -> per-batch latency figures (ms)."""
+        steps = len(clock) - 2
+        out = {
+            "compress_ms": self._compress_ms,
+            "vision_and_compress_ms": clock.elapsed_ms(0, 1),
+            "prefill_ms": clock.elapsed_ms(1, 2) if steps >= 1 else 0.0,
+            "ttft_ms": clock.elapsed_ms(0, 2) if steps >= 1 else 0.0,
+            "decode_ms_per_token": clock.elapsed_ms(2, -1) / (steps - 1) if steps >= 2 else 0.0,
+        }
+        peak = peak_memory_mb(self.device)
+        if peak is not None:
+            out["peak_memory_mb"] = peak
+        return out
 
 
 def build_engine(model: torch.nn.Module, processor: Any, method: MethodConfig, **kwargs: Any) -> CompressedLlava:
