@@ -20,6 +20,67 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> float:
+    """A token count: an int when integral (means from runs may be fractional)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return int(value) if value.is_integer() else value
+
+
+def _int_list(text: Optional[str], what: str) -> Optional[List[float]]:
+    if not text:
+        return None
+    try:
+        return [_count(x) for x in text.replace(" ", "").split(",") if x]
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _flops(args: argparse.Namespace) -> int:
+    from .efficiency.flops import flops_report
+
+    source = args.pretrained or args.preset
+    report = flops_report(source, args.visual_tokens, args.text_tokens,
+                          layer_seq_lens=_int_list(args.layer_seq_lens, "--layer-seq-lens"),
+                          vision_block_tokens=_int_list(args.vision_block_tokens, "--vision-block-tokens"), images=args.images)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"model {report['model']}: {args.visual_tokens} visual + {args.text_tokens} text tokens = sequence {report['sequence_length']}")
+    rows = [
+        ("LLM prefill (paper convention)", report["prefill_tflops"]),
+        (f"CLIP vision tower ({args.images} image(s))", report["vision_tflops"]),
+        ("projector", report["projector_tflops"]),
+        ("total prefill", report["total_prefill_tflops"]),
+        ("decode, per generated token", report["decode_tflops_per_token"]),
+    ]
+    for label, value in rows:
+        print(f"  {label:<40} {value:12.6g} TFLOPs")
+    print(f"  ({report['convention']})")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import outcomes_as_json, sweep_main
+
+    code, outcomes = sweep_main(args.file, overrides=args.set or [], pretrained=args.pretrained, output_dir=args.output_dir,
+                                limit=args.limit, only=args.only, dry_run=args.dry_run, leaderboard=args.leaderboard)
+    if args.json:
+        print(json.dumps({"runs": outcomes_as_json(outcomes), "failed": code != 0}))
+    return code
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from .report.leaderboard import parse_metric_overrides, write_leaderboard
+
+    written = write_leaderboard(args.runs, args.out, metrics=parse_metric_overrides(args.metric), baseline=args.baseline)
+    print(written["table"])
+    print(f"wrote {written['markdown']}, {written['csv']}, {written['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-tokprune", description="Visual-token compression for LLaVA-1.5 in lmms-eval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.set_defaults(func=_demo)
+
+    flops = sub.add_parser("flops", help="analytic FLOPs of LLaVA-1.5 prefill/decode for given token counts")
+    flops.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b (default) or llava-1.5-13b")
+    flops.add_argument("--pretrained", default=None, help="a checkpoint folder: read its config.json instead of a preset")
+    flops.add_argument("--visual-tokens", type=_count, default=576, help="visual tokens entering the LLM (default 576)")
+    flops.add_argument("--text-tokens", type=_count, default=60, help="text tokens of the prompt (default 60, as in the papers' Table 6)")
+    flops.add_argument("--layer-seq-lens", default=None, help="comma-separated tokens entering each LLM layer (in-LLM pruning)")
+    flops.add_argument("--vision-block-tokens", default=None, help="comma-separated tokens entering each CLIP block (in-CLIP pruning)")
+    flops.add_argument("--images", type=int, default=1, help="images per prompt (CLIP runs once per image)")
+    flops.add_argument("--json", action="store_true", help="print JSON")
+    flops.set_defaults(func=_flops)
+
+    sweep = sub.add_parser("sweep", help="run every configuration of a sweep YAML through lmms-eval (finished runs are skipped)")
+    sweep.add_argument("file", help="sweep YAML (see model_configs/sweeps/)")
+    sweep.add_argument("--pretrained", default=None, help="checkpoint for every run (= --set model_args.pretrained=...)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a sweep key, e.g. limit=50, model_args.dtype=float16, runs.NAME.batch_size=4 (repeatable)")
+    sweep.add_argument("--output-dir", default=None, help="write the runs here instead of the file's output_dir")
+    sweep.add_argument("--limit", type=float, default=None, help="evaluate only the first N documents of each task")
+    sweep.add_argument("--only", default=None, help="comma-separated run names to consider")
+    sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands without running them")
+    sweep.add_argument("--leaderboard", action="store_true", help="write <output_dir>/leaderboard/ when done")
+    sweep.add_argument("--json", action="store_true", help="also print a JSON summary of the runs")
+    sweep.set_defaults(func=_sweep)
+
+    board = sub.add_parser("leaderboard", help="leaderboard.md/.csv and pareto.png from lmms-eval result folders")
+    board.add_argument("runs", nargs="+", help="sweep output folders or run folders (searched for *_results.json)")
+    board.add_argument("--out", required=True, help="folder for leaderboard.md, leaderboard.csv, pareto.png")
+    board.add_argument("--metric", action="append", metavar="TASK=METRIC",
+                       help="main metric of a task, e.g. pope=pope_f1_score (repeatable)")
+    board.add_argument("--baseline", default=None,
+                       help="run name of the uncompressed baseline (default: the method=none run of each sweep)")
+    board.set_defaults(func=_leaderboard)
     return parser
 
 

@@ -1,0 +1,35 @@
+"""Efficiency: analytic FLOPs of LLaVA-1.5 inference (prefill, decode, vision tower, projector)."""
+
+from .flops import (
+    PRESETS,
+    LlavaFlopsConfig,
+    ProjectorConfig,
+    TextConfig,
+    VisionConfig,
+    flops_report,
+    from_llava_config,
+    llava_config_for,
+    llm_decode_flops,
+    llm_prefill_flops,
+    prefill_tflops_for,
+    preset,
+    projector_flops,
+    vision_flops,
+)
+
+__all__ = [
+    "PRESETS",
+    "LlavaFlopsConfig",
+    "ProjectorConfig",
+    "TextConfig",
+    "VisionConfig",
+    "flops_report",
+    "from_llava_config",
+    "llava_config_for",
+    "llm_decode_flops",
+    "llm_prefill_flops",
+    "prefill_tflops_for",
+    "preset",
+    "projector_flops",
+    "vision_flops",
+]

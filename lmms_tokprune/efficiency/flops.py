@@ -1,0 +1,405 @@
+r"""Analytic FLOPs of LLaVA-1.5 inference: LLM prefill, LLM decode, CLIP vision tower, projector.
+
+Pure Python arithmetic (no torch, no transformers import) from a transformers config, a plain dict
+(``config.json``) or a named preset.
+
+Counting convention
+-------------------
+One multiply-add = 2 FLOPs. Only matrix multiplications are counted; element-wise work (norms,
+softmax, rotary embedding, activations, residual adds, the embedding lookup) is left out — it is
+below 0.5 % of the total for LLaVA-1.5. Attention is counted over the full ``s x s`` score matrix (no
+causal halving), as LLM-Viewer (Yuan et al. 2024) does, the tool behind the FLOPs columns of the
+Recoverable Compression, long-tail and PruMerge papers.
+
+LLM (LLaMA/Vicuna decoder; hidden ``h``, MLP width ``f``, ``n_q`` query heads and ``n_kv`` key/value
+heads of width ``d_h``, vocabulary ``V``), decoder layer ``l`` processing ``s_l`` tokens::
+
+    linear_l    = 2 * s_l * h * (2 * n_q*d_h + 2 * n_kv*d_h)   # q, o  +  k, v projections
+                + 2 * s_l * 3 * h * f                           # gate, up, down (SwiGLU MLP)
+    attention_l = 2 * s_l^2 * n_q*d_h                           # Q K^T
+                + 2 * s_l^2 * n_q*d_h                           # softmax(.) V
+    prefill     = sum_l (linear_l + attention_l)  +  2 * h * V  # lm_head on the LAST position only
+
+``s_l`` is the sequence length entering layer ``l`` (text + kept visual tokens), so a method that drops
+tokens inside the LLM after layer ``K`` is counted with the shorter length from layer ``K+1`` on. The
+``lm_head`` term covers one position: prefill needs only the last position's logits to produce the
+first generated token (transformers computes just that row in ``generate``).
+
+Decode, one generated token attending to ``T`` cached positions (the new one included)::
+
+    decode = sum_l (2 * h * (2 * n_q*d_h + 2 * n_kv*d_h) + 2 * 3 * h * f + 4 * T_l * n_q*d_h) + 2 * h * V
+
+CLIP vision tower (width ``D``, MLP width ``F``, patch ``p``, ``C`` channels, ``P`` patches), block ``b``
+processing ``n_b`` tokens (CLS included; fewer when a method prunes inside CLIP)::
+
+    patch_embed = 2 * P * (C * p^2) * D
+    block_b     = 2 * n_b * (4 * D^2 + 2 * D * F) + 4 * n_b^2 * D
+    vision      = patch_embed + sum_b block_b
+
+All CLIP blocks run, even though LLaVA feeds the projector the penultimate hidden states (the methods
+read the last block's q/k). The projector (LLaVA-1.5: ``mlp2x_gelu``, ``D -> h -> h``) costs
+``2 * m * (D*h + h*h)`` for ``m`` visual tokens entering it (the kept tokens: methods compress the
+pre-projector features).
+
+Table 6 of Recoverable Compression (LLaVA-1.5-7B, 60 text tokens) reports the LLM prefill only:
+8.5 TFLOPs at 576 visual tokens and 1.5 TFLOPs at ~10 % (58 visual tokens). This module gives
+8.45 and 1.54 (``prefill_tflops_for("llava-1.5-7b", 576, 60)`` / ``(..., 58, 60)``; 1.52 at 57), i.e.
+within 0.6 % and 2.4 %. The CLIP tower (0.38 TFLOPs per image) and the projector (0.024 TFLOPs at 576
+tokens) are reported separately (``flops_report``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "LlavaFlopsConfig",
+    "ProjectorConfig",
+    "TextConfig",
+    "VisionConfig",
+    "PRESETS",
+    "flops_report",
+    "from_llava_config",
+    "llm_decode_flops",
+    "llm_prefill_flops",
+    "llava_config_for",
+    "preset",
+    "prefill_tflops_for",
+    "projector_flops",
+    "vision_flops",
+]
+
+TERA = 1e12
+Number = Union[int, float]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """What the LLM FLOPs depend on (LLaMA-style decoder with a gated MLP)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    head_dim: Optional[int] = None  # default hidden_size // num_heads
+    gated_mlp: bool = True  # SwiGLU: gate + up + down (3 matrices); False: up + down
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"text config {key}={value!r} must be an integer >= 1")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * int(self.head_dim)  # type: ignore[arg-type]
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * int(self.head_dim)  # type: ignore[arg-type]
+
+    def linear_flops_per_token(self) -> float:
+        """Projections + MLP of ONE decoder layer for one token."""
+        h = self.hidden_size
+        attn = 2 * h * (2 * self.q_width + 2 * self.kv_width)
+        mlp = 2 * (3 if self.gated_mlp else 2) * h * self.intermediate_size
+        return float(attn + mlp)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP ViT vision tower."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"vision config {key}={value!r} must be an integer >= 1")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Patches + CLS (577 for ViT-L/14 at 336 px)."""
+        return self.num_patches + 1
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """The multimodal projector as a chain of Linear widths, e.g. (1024, 4096, 4096) for mlp2x_gelu."""
+
+    dims: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.dims) < 2 or any(not isinstance(d, int) or d < 1 for d in self.dims):
+            raise ValueError(f"projector dims {self.dims!r} must be >= 2 positive integers")
+
+    def flops_per_token(self) -> float:
+        return float(sum(2 * a * b for a, b in zip(self.dims[:-1], self.dims[1:])))
+
+
+@dataclass(frozen=True)
+class LlavaFlopsConfig:
+    """Everything the FLOPs of one LLaVA model depend on."""
+
+    name: str
+    text: TextConfig
+    vision: VisionConfig
+    projector: ProjectorConfig
+
+
+def _vicuna(hidden: int, inter: int, layers: int, heads: int) -> TextConfig:
+    return TextConfig(hidden, inter, layers, heads, heads, 32064)
+
+
+_CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14)
+
+PRESETS: Dict[str, LlavaFlopsConfig] = {
+    # llava-hf/llava-1.5-7b-hf: Vicuna-7B (vocab 32064 after adding <image> and <pad>) + CLIP ViT-L/14-336
+    "llava-1.5-7b": LlavaFlopsConfig("llava-1.5-7b", _vicuna(4096, 11008, 32, 32), _CLIP_L_336, ProjectorConfig((1024, 4096, 4096))),
+    "llava-1.5-13b": LlavaFlopsConfig("llava-1.5-13b", _vicuna(5120, 13824, 40, 40), _CLIP_L_336, ProjectorConfig((1024, 5120, 5120))),
+}
+_ALIASES = {
+    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
+    "liuhaotian/llava-v1.5-7b": "llava-1.5-7b",
+    "llava-v1.5-7b": "llava-1.5-7b",
+    "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
+    "liuhaotian/llava-v1.5-13b": "llava-1.5-13b",
+    "llava-v1.5-13b": "llava-1.5-13b",
+}
+
+
+def preset(name: str) -> LlavaFlopsConfig:
+    """A named preset (`llava-1.5-7b`, `llava-1.5-13b`; hub ids of those checkpoints are accepted too)."""
+    key = _ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ValueError(f"unknown FLOPs preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+# -- configs from transformers objects or config.json dicts ---------------------------------------
+def _get(cfg: Any, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+_UNGATED_MODEL_TYPES = ("gpt2", "opt", "phi", "gpt_neox")
+
+
+def text_config_from(cfg: Any) -> TextConfig:
+    """TextConfig from a transformers LLaMA-style config (object or dict) or a TextConfig."""
+    if isinstance(cfg, TextConfig):
+        return cfg
+    heads = _get(cfg, "num_attention_heads", "num_heads")
+    hidden = _get(cfg, "hidden_size")
+    missing = [k for k, v in (("hidden_size", hidden), ("num_attention_heads", heads)) if v is None]
+    if missing:
+        raise ValueError(f"text config lacks {', '.join(missing)}")
+    return TextConfig(
+        hidden_size=int(hidden),
+        intermediate_size=int(_get(cfg, "intermediate_size", default=4 * int(hidden))),
+        num_layers=int(_get(cfg, "num_hidden_layers", "num_layers")),
+        num_heads=int(heads),
+        num_kv_heads=int(_get(cfg, "num_key_value_heads", "num_kv_heads", default=heads)),
+        vocab_size=int(_get(cfg, "vocab_size")),
+        head_dim=_get(cfg, "head_dim"),
+        gated_mlp=str(_get(cfg, "model_type", default="llama")) not in _UNGATED_MODEL_TYPES,
+    )
+
+
+def vision_config_from(cfg: Any) -> VisionConfig:
+    """VisionConfig from a transformers CLIPVisionConfig (object or dict) or a VisionConfig."""
+    if isinstance(cfg, VisionConfig):
+        return cfg
+    return VisionConfig(
+        hidden_size=int(_get(cfg, "hidden_size")),
+        intermediate_size=int(_get(cfg, "intermediate_size")),
+        num_layers=int(_get(cfg, "num_hidden_layers", "num_layers")),
+        num_heads=int(_get(cfg, "num_attention_heads", "num_heads")),
+        image_size=int(_get(cfg, "image_size", default=336)),
+        patch_size=int(_get(cfg, "patch_size", default=14)),
+        num_channels=int(_get(cfg, "num_channels", default=3)),
+    )
+
+
+def from_llava_config(cfg: Any, name: str = "") -> LlavaFlopsConfig:
+    """LlavaFlopsConfig from a transformers ``LlavaConfig`` (or its ``config.json`` as a dict)."""
+    text_cfg = _get(cfg, "text_config")
+    vision_cfg = _get(cfg, "vision_config")
+    if text_cfg is None or vision_cfg is None:
+        raise ValueError("not a LLaVA config: it needs text_config and vision_config")
+    text = text_config_from(text_cfg)
+    vision = vision_config_from(vision_cfg)
+    layers = _get(cfg, "vision_feature_layer", default=-2)
+    n_feature_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+    proj_in = vision.hidden_size * n_feature_layers
+    return LlavaFlopsConfig(name or str(_get(cfg, "_name_or_path", default="") or "llava"), text, vision,
+                            ProjectorConfig((proj_in, text.hidden_size, text.hidden_size)))
+
+
+def llava_config_for(source: Any) -> LlavaFlopsConfig:
+    """Resolve a preset name, a checkpoint folder (its config.json), a LlavaConfig/dict, or pass through."""
+    if isinstance(source, LlavaFlopsConfig):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if text in PRESETS or text in _ALIASES:
+            return preset(text)
+        config_json = os.path.join(text, "config.json")
+        if os.path.isfile(config_json):
+            with open(config_json) as fh:
+                return from_llava_config(json.load(fh), name=text)
+        raise ValueError(f"{text!r} is neither a FLOPs preset nor a checkpoint folder with config.json; "
+                         f"valid presets: {', '.join(PRESETS)}")
+    return from_llava_config(source)
+
+
+# -- the counts ----------------------------------------------------------------------------------
+def _per_layer(values: Union[Number, Sequence[Number]], n_layers: int, what: str, unit: str) -> Sequence[float]:
+    """One number -> the same for every layer; a sequence must have one entry per layer."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        seq: Sequence[Number] = [values] * n_layers
+    else:
+        seq = list(values)
+        if len(seq) != n_layers:
+            raise ValueError(f"{what}: got {len(seq)} per-{unit} values for {n_layers} {unit}s")
+    for value in seq:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{what}: token counts must be finite numbers >= 0, got {value!r}")
+    return [float(v) for v in seq]
+
+
+def llm_prefill_flops(text_cfg: Any, layer_seq_lens: Union[Number, Sequence[Number]], lm_head: bool = True) -> float:
+    """LLM prefill FLOPs; ``layer_seq_lens`` = tokens entering each decoder layer (one number = all layers).
+
+    ``lm_head=True`` adds the logits of the last position (what prefill needs for the first token).
+    """
+    text = text_config_from(text_cfg)
+    lengths = _per_layer(layer_seq_lens, text.num_layers, "llm_prefill_flops", "layer")
+    per_token = text.linear_flops_per_token()
+    total = sum(s * per_token + 4.0 * s * s * text.q_width for s in lengths)
+    if lm_head and lengths and lengths[-1] > 0:
+        total += 2.0 * text.hidden_size * text.vocab_size
+    return float(total)
+
+
+def llm_decode_flops(text_cfg: Any, kv_len: Union[Number, Sequence[Number]], layers: Optional[int] = None, lm_head: bool = True) -> float:
+    """FLOPs of generating ONE token that attends to ``kv_len`` cached positions (new one included).
+
+    ``kv_len`` may be per layer (in-LLM pruning leaves shorter caches in later layers). ``layers``
+    counts only the first ``layers`` decoder layers (default: all).
+    """
+    text = text_config_from(text_cfg)
+    if layers is None:
+        layers = text.num_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= text.num_layers:
+        raise ValueError(f"llm_decode_flops: layers={layers!r} must be an integer in [0, {text.num_layers}]")
+    lengths = _per_layer(kv_len, layers, "llm_decode_flops", "layer")
+    per_token = text.linear_flops_per_token()
+    total = sum(per_token + 4.0 * t * text.q_width for t in lengths)
+    if lm_head:
+        total += 2.0 * text.hidden_size * text.vocab_size
+    return float(total)
+
+
+def vision_flops(vision_cfg: Any, block_token_counts: Optional[Union[Number, Sequence[Number]]] = None, patch_embed: bool = True) -> float:
+    """CLIP tower FLOPs; ``block_token_counts`` = tokens (CLS included) entering each block (default: all 577)."""
+    vision = vision_config_from(vision_cfg)
+    counts = _per_layer(vision.num_tokens if block_token_counts is None else block_token_counts, vision.num_layers, "vision_flops", "block")
+    d, f = vision.hidden_size, vision.intermediate_size
+    total = 0.0
+    for n in counts:
+        total += 2.0 * n * (4 * d * d + 2 * d * f) + 4.0 * n * n * d
+    if patch_embed:
+        total += 2.0 * vision.num_patches * vision.num_channels * vision.patch_size**2 * d
+    return float(total)
+
+
+def projector_flops(projector_cfg: Any, visual_tokens: Number) -> float:
+    """Projector FLOPs for ``visual_tokens`` tokens entering it."""
+    proj = projector_cfg if isinstance(projector_cfg, ProjectorConfig) else ProjectorConfig(tuple(int(d) for d in projector_cfg))
+    if isinstance(visual_tokens, bool) or not isinstance(visual_tokens, (int, float)) or visual_tokens < 0:
+        raise ValueError(f"projector_flops: visual_tokens must be a number >= 0, got {visual_tokens!r}")
+    return float(visual_tokens) * proj.flops_per_token()
+
+
+def _sequence(visual_tokens: Number, text_tokens: Number) -> Number:
+    for key, value in (("visual_tokens", visual_tokens), ("text_tokens", text_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    return visual_tokens + text_tokens
+
+
+def prefill_tflops_for(config_or_preset: Any, visual_tokens: Number, text_tokens: Number,
+                       layer_seq_lens: Optional[Sequence[Number]] = None) -> float:
+    """LLM prefill TFLOPs (the papers' convention: LLM only) for a preset name, checkpoint folder,
+    LlavaConfig or LlavaFlopsConfig. ``layer_seq_lens`` overrides the constant length
+    ``visual_tokens + text_tokens`` per layer (in-LLM pruning)."""
+    cfg = llava_config_for(config_or_preset)
+    seq = _sequence(visual_tokens, text_tokens)
+    lengths: Union[Number, Sequence[Number]] = seq if layer_seq_lens is None else layer_seq_lens
+    return llm_prefill_flops(cfg.text, lengths) / TERA
+
+
+def flops_report(config_or_preset: Any, visual_tokens: Number, text_tokens: Number,
+                 layer_seq_lens: Optional[Sequence[Number]] = None,
+                 vision_block_tokens: Optional[Sequence[Number]] = None, images: int = 1) -> Dict[str, Any]:
+    """All the numbers `lmms-tokprune flops --json` prints (TFLOPs unless named otherwise).
+
+    ``prefill_tflops`` = LLM prefill only (Table 6 convention); ``total_prefill_tflops`` adds the CLIP
+    tower (``images`` images) and the projector (``visual_tokens`` tokens); decode is per generated
+    token at a KV length equal to the prefill sequence (last layer's length when the LLM prunes).
+    """
+    cfg = llava_config_for(config_or_preset)
+    seq = _sequence(visual_tokens, text_tokens)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise ValueError(f"images must be an integer >= 0, got {images!r}")
+    lengths: Union[Number, Sequence[Number]] = seq if layer_seq_lens is None else list(layer_seq_lens)
+    llm = llm_prefill_flops(cfg.text, lengths) / TERA
+    vision = images * vision_flops(cfg.vision, vision_block_tokens) / TERA
+    projector = projector_flops(cfg.projector, visual_tokens) / TERA
+    kv = lengths if layer_seq_lens is not None else seq
+    out: Dict[str, Any] = {
+        "model": cfg.name,
+        "visual_tokens": visual_tokens,
+        "text_tokens": text_tokens,
+        "sequence_length": seq,
+        "prefill_tflops": llm,
+        "llm_prefill_tflops": llm,
+        "vision_tflops": vision,
+        "projector_tflops": projector,
+        "total_prefill_tflops": llm + vision + projector,
+        "decode_tflops_per_token": llm_decode_flops(cfg.text, kv) / TERA,
+        "llm_layers": cfg.text.num_layers,
+        "convention": "multiply-add = 2 FLOPs; matmuls only; full (non-causal) attention scores; lm_head on the last position",
+    }
+    if layer_seq_lens is not None:
+        out["layer_seq_lens"] = list(layer_seq_lens)
+        out["mean_layer_seq_len"] = sum(layer_seq_lens) / len(layer_seq_lens)
+    if vision_block_tokens is not None:
+        out["vision_block_tokens"] = list(vision_block_tokens)
+    out["config"] = {"text": asdict(cfg.text), "vision": asdict(cfg.vision), "projector": list(cfg.projector.dims)}
+    return out

@@ -1,0 +1,161 @@
+"""Analytic FLOPs: the papers' Table 6, hand-computed small configs, per-layer lengths, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmms_tokprune.cli import main
+from lmms_tokprune.efficiency import (
+    TextConfig,
+    VisionConfig,
+    flops_report,
+    from_llava_config,
+    llava_config_for,
+    llm_decode_flops,
+    llm_prefill_flops,
+    prefill_tflops_for,
+    preset,
+    projector_flops,
+    vision_flops,
+)
+
+# A tiny LLaMA: h=8, f=16, 2 layers, 2 heads of 4, 1 kv head, vocab 10.
+SMALL = TextConfig(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=10)
+
+
+def test_table6_recoverable_compression_7b():
+    """RC paper Table 6 (LLM-Viewer, LLaVA-1.5-7B, 60 text tokens): 8.5 T at 576 visual, 1.5 T at ~10%."""
+    full = prefill_tflops_for("llava-1.5-7b", 576, 60)
+    assert full == pytest.approx(8.5, rel=0.02)
+    for visual in (57, 58):
+        assert prefill_tflops_for("llava-1.5-7b", visual, 60) == pytest.approx(1.5, rel=0.03)
+    # the long-tail paper's Table 6, same tool: PruMerge+ (~144 visual tokens) 2.7 T
+    assert prefill_tflops_for("llava-1.5-7b", 144, 60) == pytest.approx(2.7, rel=0.03)
+
+
+def test_hand_computed_small_prefill():
+    s = 5
+    linear = 2 * s * 8 * (2 * 8 + 2 * 4) + 2 * s * 3 * 8 * 16  # q,o (8 wide) + k,v (1 kv head x 4) ; gate/up/down
+    attention = 4 * s * s * 8
+    lm_head = 2 * 8 * 10
+    assert llm_prefill_flops(SMALL, [s, s]) == 2 * (linear + attention) + lm_head
+    assert llm_prefill_flops(SMALL, s) == llm_prefill_flops(SMALL, [s, s])
+    assert llm_prefill_flops(SMALL, [s, s], lm_head=False) == 2 * (linear + attention)
+
+
+def test_hand_computed_small_decode_vision_projector():
+    per_layer = 2 * 8 * (2 * 8 + 2 * 4) + 2 * 3 * 8 * 16
+    assert llm_decode_flops(SMALL, 7) == 2 * (per_layer + 4 * 7 * 8) + 2 * 8 * 10
+    assert llm_decode_flops(SMALL, 7, layers=1) == per_layer + 4 * 7 * 8 + 2 * 8 * 10
+    assert llm_decode_flops(SMALL, [7, 3]) == 2 * per_layer + 4 * 10 * 8 + 2 * 8 * 10
+    vis = VisionConfig(hidden_size=4, intermediate_size=8, num_layers=2, num_heads=1, image_size=28, patch_size=14)
+    assert vis.num_tokens == 5
+
+    def block(n):
+        return 2 * n * (4 * 16 + 2 * 4 * 8) + 4 * n * n * 4
+
+    patch = 2 * 4 * 3 * 14 * 14 * 4
+    assert vision_flops(vis) == 2 * block(5) + patch
+    assert vision_flops(vis, [5, 2]) == block(5) + block(2) + patch
+    assert vision_flops(vis, [5, 2], patch_embed=False) == block(5) + block(2)
+    assert projector_flops((4, 8, 8), 3) == 3 * 2 * (4 * 8 + 8 * 8)
+
+
+def test_linear_in_tokens_up_to_the_attention_term():
+    cfg = preset("llava-1.5-7b")
+    f = [llm_prefill_flops(cfg.text, s, lm_head=False) for s in (100, 200, 300)]
+    # f(s) = a*s + b*s^2 exactly: the second difference is 2*b*100^2 with b = 4 * 4096 * 32 layers
+    assert f[2] - 2 * f[1] + f[0] == pytest.approx(2 * 4 * 4096 * 32 * 100**2)
+    linear_only = f[1] - f[0] - 4 * 4096 * 32 * (200**2 - 100**2)
+    assert linear_only == pytest.approx(100 * cfg.text.linear_flops_per_token() * 32)
+    # visual and text tokens count the same
+    assert prefill_tflops_for(cfg, 500, 60) == prefill_tflops_for(cfg, 400, 160)
+
+
+def test_per_layer_lengths_count_in_llm_pruning():
+    cfg = preset("llava-1.5-7b")
+    full = llm_prefill_flops(cfg.text, [636] * 32)
+    pruned = llm_prefill_flops(cfg.text, [636, 636] + [300] * 30)  # drop 336 tokens after layer 2
+
+    def per_layer(s):
+        return s * cfg.text.linear_flops_per_token() + 4 * s * s * 4096
+
+    assert full - pruned == pytest.approx(30 * (per_layer(636) - per_layer(300)))
+    assert pruned < full
+    assert prefill_tflops_for(cfg, 576, 60, layer_seq_lens=[636, 636] + [300] * 30) == pytest.approx(pruned / 1e12)
+    with pytest.raises(ValueError, match="32 layers"):
+        llm_prefill_flops(cfg.text, [636] * 31)
+    with pytest.raises(ValueError, match=">= 0"):
+        llm_prefill_flops(cfg.text, -1)
+
+
+def test_13b_preset_and_aliases():
+    assert preset("llava-hf/llava-1.5-13b-hf") is preset("llava-1.5-13b")
+    t13 = prefill_tflops_for("llava-1.5-13b", 576, 60)
+    assert 1.8 < t13 / prefill_tflops_for("llava-1.5-7b", 576, 60) < 2.0
+    with pytest.raises(ValueError, match="llava-1.5-7b"):
+        preset("llava-2")
+
+
+def test_from_llava_config_objects_and_dicts(tiny_llava_config):
+    from transformers import LlavaConfig
+
+    cfg = LlavaConfig.from_pretrained(tiny_llava_config)
+    from_obj = from_llava_config(cfg)
+    from_dict = llava_config_for(tiny_llava_config)  # the folder's config.json, no transformers
+    assert from_obj.text == from_dict.text and from_obj.vision == from_dict.vision
+    assert from_obj.projector.dims == (64, 64, 64)
+    assert from_obj.vision.num_tokens == 577
+    assert prefill_tflops_for(cfg, 64, 10) == prefill_tflops_for(str(tiny_llava_config), 64, 10)
+    # the real 7B geometry through a transformers LlavaConfig equals the preset
+    real = LlavaConfig(
+        text_config={"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                       "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+    )
+    got = from_llava_config(real)
+    assert got.text == preset("llava-1.5-7b").text and got.vision == preset("llava-1.5-7b").vision
+    assert got.projector == preset("llava-1.5-7b").projector
+
+
+@pytest.fixture
+def tiny_llava_config(tmp_path):
+    """Just the config.json of a tiny LLaVA (no weights needed for FLOPs)."""
+    from transformers import LlavaConfig
+
+    cfg = LlavaConfig(
+        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 642},
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "image_size": 336, "patch_size": 14},
+    )
+    cfg.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_report_fields():
+    rep = flops_report("llava-1.5-7b", 576, 60)
+    assert rep["sequence_length"] == 636
+    assert rep["total_prefill_tflops"] == pytest.approx(rep["prefill_tflops"] + rep["vision_tflops"] + rep["projector_tflops"])
+    assert 0.3 < rep["vision_tflops"] < 0.45  # CLIP ViT-L/14-336, 24 blocks x 577 tokens
+    assert rep["projector_tflops"] == pytest.approx(576 * 2 * (1024 * 4096 + 4096 * 4096) / 1e12)
+    assert rep["decode_tflops_per_token"] == pytest.approx(llm_decode_flops(preset("llava-1.5-7b").text, 636) / 1e12)
+    pruned = flops_report("llava-1.5-7b", 576, 60, vision_block_tokens=[577] * 3 + [100] * 21)
+    assert pruned["vision_tflops"] < rep["vision_tflops"]
+
+
+def test_cli_flops_json(capsys):
+    assert main(["flops", "--preset", "llava-1.5-7b", "--visual-tokens", "576", "--text-tokens", "60", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prefill_tflops"] == pytest.approx(8.5, rel=0.02)
+    for key in ("llm_prefill_tflops", "vision_tflops", "projector_tflops", "decode_tflops_per_token", "sequence_length",
+                "total_prefill_tflops"):
+        assert key in out
+    assert out["sequence_length"] == 636
+    assert main(["flops", "--visual-tokens", "58", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prefill_tflops"] == pytest.approx(1.5, rel=0.03)
+    assert main(["flops", "--preset", "nope"]) == 2
+    assert "valid presets" in capsys.readouterr().err
