@@ -81,6 +81,33 @@ def _leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_params(items: List[str]) -> dict:
+    """--param topk_cls:budget=58 --param prumerge:ratio=0.1 -> {method: {key: value}} (values coerced later)."""
+    out: dict = {}
+    for item in items or []:
+        method, sep, assignment = item.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not sep or not eq:
+            raise ValueError(f"--param {item!r} must look like METHOD:KEY=VALUE")
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .efficiency.bench import format_rows, rows_as_json, run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params = _method_params(args.param)
+    if args.budget is not None:
+        for m in methods:
+            if m != "none":
+                params.setdefault(m, {}).setdefault("budget", args.budget)
+    rows = run_bench(args.preset, methods, llm_layers=args.llm_layers, images=args.images, text_tokens=args.text_tokens,
+                     repeats=args.repeats, device=args.device, dtype=args.dtype, method_params=params, progress=not args.json)
+    print(json.dumps(rows_as_json(rows)) if args.json else format_rows(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-tokprune", description="Visual-token compression for LLaVA-1.5 in lmms-eval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--leaderboard", action="store_true", help="write <output_dir>/leaderboard/ when done")
     sweep.add_argument("--json", action="store_true", help="also print a JSON summary of the runs")
     sweep.set_defaults(func=_sweep)
+
+    bench = sub.add_parser("bench", help="measured prefill time vs analytic FLOPs per method on a full-width LLaVA-1.5 (random weights)")
+    bench.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b or llava-1.5-13b")
+    bench.add_argument("--methods", default="none,topk_cls", help="comma-separated methods, the first 'none' is the baseline")
+    bench.add_argument("--llm-layers", type=int, default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
+    bench.add_argument("--budget", type=int, default=None, help="visual tokens per image for every compressed method")
+    bench.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")
+    bench.add_argument("--images", type=int, default=4)
+    bench.add_argument("--text-tokens", type=int, default=60)
+    bench.add_argument("--repeats", type=int, default=2, help="timed passes per image after one warm-up")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_bench)
 
     board = sub.add_parser("leaderboard", help="leaderboard.md/.csv and pareto.png from lmms-eval result folders")
     board.add_argument("runs", nargs="+", help="sweep output folders or run folders (searched for *_results.json)")

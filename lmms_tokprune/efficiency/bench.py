@@ -24,7 +24,10 @@ SYSTEM_PROMPT_TOKENS = 35  # the vicuna_v1 system prompt + "USER:" in the LLaVA 
 PRESET_SHAPES = {
     "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
     "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),  # for tests
 }
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+CLIP_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
 
 
 @dataclass
@@ -53,8 +56,8 @@ def hf_config(preset: str, llm_layers: Optional[int] = None):
         if llm_layers < 1:
             raise ValueError("--llm-layers must be >= 1")
         shape["num_hidden_layers"] = llm_layers
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
-                              patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    clip = CLIP_TINY if preset == "tiny" else CLIP_L_336
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, num_key_value_heads=shape["num_attention_heads"], **shape)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
