@@ -108,6 +108,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    from .report.token_map import visualize
+
+    paths = visualize(args.pretrained, args.image, args.question, [m.strip() for m in args.methods.split(",") if m.strip()],
+                      args.out, params=_method_params(args.param), text_encoder=args.text_encoder, variant=args.variant)
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-tokprune", description="Visual-token compression for LLaVA-1.5 in lmms-eval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_bench)
+
+    vis = sub.add_parser("visualize", help="a PNG per method showing which patches were kept, recovered and merged")
+    vis.add_argument("--pretrained", required=True, help="LLaVA-1.5 checkpoint (hub id or folder)")
+    vis.add_argument("--image", required=True)
+    vis.add_argument("--question", default="", help="the question (text guidance for recover)")
+    vis.add_argument("--methods", default="topk_cls,prumerge,prumerge_plus,recover")
+    vis.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")
+    vis.add_argument("--variant", default="fixed", choices=["fixed", "reference"])
+    vis.add_argument("--text-encoder", default=None, help="CLIP checkpoint for recover")
+    vis.add_argument("--out", required=True, help="output folder")
+    vis.set_defaults(func=_visualize)
 
     board = sub.add_parser("leaderboard", help="leaderboard.md/.csv and pareto.png from lmms-eval result folders")
     board.add_argument("runs", nargs="+", help="sweep output folders or run folders (searched for *_results.json)")

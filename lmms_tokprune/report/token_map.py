@@ -1,0 +1,93 @@
+"""Token maps (the papers' Figure-5 style): which patches a method kept, recovered or merged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..methods.inputs import ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED
+
+ROLE_COLOURS = {ROLE_KEPT: (0.10, 0.80, 0.20), ROLE_RECOVERED: (0.15, 0.45, 1.00), ROLE_MERGED: (1.00, 0.55, 0.00)}
+ROLE_LABELS = {ROLE_KEPT: "kept", ROLE_RECOVERED: "recovered (text-guided)", ROLE_MERGED: "merged centre / sampled"}
+
+
+def patch_roles(index: torch.Tensor, role: torch.Tensor, num_patches: int) -> np.ndarray:
+    """[N] array: -1 dropped, else the role code of the patch's output token."""
+    roles = np.full(num_patches, -1, dtype=np.int64)
+    idx = index.cpu().numpy()
+    rl = role.cpu().numpy()
+    ok = idx >= 0
+    roles[idx[ok]] = rl[ok]
+    return roles
+
+
+def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: Path, extra_tokens: int = 0) -> Path:
+    """Dim dropped patches, tint the others by role; save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    side = int(round(len(roles) ** 0.5))
+    arr = np.asarray(image.convert("RGB").resize((336, 336), Image.BICUBIC)).astype(np.float32) / 255.0
+    cell = 336 / side
+    overlay = arr.copy()
+    for p, r in enumerate(roles):
+        y0, x0 = int(p // side * cell), int(p % side * cell)
+        y1, x1 = int((p // side + 1) * cell), int((p % side + 1) * cell)
+        if r < 0:
+            overlay[y0:y1, x0:x1] = overlay[y0:y1, x0:x1] * 0.25
+        else:
+            overlay[y0:y1, x0:x1] = 0.55 * overlay[y0:y1, x0:x1] + 0.45 * np.array(ROLE_COLOURS.get(int(r), (1, 1, 1)))
+    fig, ax = plt.subplots(figsize=(4.2, 4.6), dpi=100)
+    ax.imshow(overlay)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    kept = int((roles >= 0).sum())
+    ax.set_title(f"{title}\n{kept} patches + {extra_tokens} merged-remainder token(s)", fontsize=9)
+    present = sorted({int(r) for r in roles if r >= 0})
+    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
+    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7, frameon=False)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def visualize(pretrained: str, image_path: str, question: str, methods: Sequence[str], out_dir: str,
+              params: Optional[Dict[str, Dict[str, Any]]] = None, text_encoder: Optional[str] = None, variant: str = "fixed") -> List[Path]:
+    """One PNG per method for `image_path` + `question`, using the checkpoint's own CLIP states."""
+    from ..llava.engine import MethodConfig, build_engine
+    from ..llava.images import expand_to_square, to_rgb
+    from ..llava.loading import load_llava
+    from ..llava.prompts import llava_v1_prompt
+    from ..methods import get_method, resolve_params
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_llava(pretrained, device)
+    image = to_rgb(Image.open(image_path))
+    shown = expand_to_square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
+    outputs = []
+    for method in methods:
+        method_params = {k: v for k, v in resolve_params(method, variant, **(params or {}).get(method, {})).items() if k in (params or {}).get(method, {})}
+        guide = None
+        if "text" in get_method(method).needs:
+            from ..llava.text_guide import load_text_guide
+
+            guide = load_text_guide(text_encoder or "openai/clip-vit-large-patch14-336", model, device)
+        engine = build_engine(model, processor, MethodConfig(method, variant, method_params), text_guide=guide)
+        pixel_values = engine.images.prepare([image])
+        texts = guide.texts_for([question], [llava_v1_prompt(question, 1)]) if guide is not None else []
+        with torch.inference_mode():
+            out = engine.compress_images(pixel_values, [0], texts)[0]
+        roles = patch_roles(out.index, out.role, engine.num_patches)
+        label = method + (f" {method_params}" if method_params else "")
+        outputs.append(draw_token_map(shown, roles, label, Path(out_dir) / f"{method}.png", extra_tokens=int((out.index < 0).sum())))
+    return outputs
