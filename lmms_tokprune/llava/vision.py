@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -26,11 +26,14 @@ class VisionStates:
     k: Optional[torch.Tensor] = None  # last block k_proj output
     last_hidden: Optional[torch.Tensor] = None  # last block output, no post-layernorm
     kept_index: Optional[torch.Tensor] = None  # [B, 1+N'] patch positions kept by an in-CLIP stage
+    token_mask: Optional[torch.Tensor] = None  # [B, 1+N'] bool: real tokens (False = padding) when counts differ per image
 
 
-# A token filter runs inside CLIP after a block: (hidden, q, k, block_index) -> kept positions
-# [B, 1+N'] (CLS first) or None to keep all. Used by the long-tail method.
-TokenFilter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A token filter runs inside CLIP after a block: (hidden, q, k) -> kept positions [B, 1+N'] (CLS
+# first), or a pair (positions [B, W], valid [B, W] bool) when images keep different numbers of
+# tokens: each row's real tokens first, padding (valid False) after. Used by the long-tail method.
+TokenFilter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
+RAGGED_MODES = ("auto", "mask", "per_image")
 
 
 def clip_parts(vision_tower: nn.Module):
@@ -69,6 +72,63 @@ def resolve_layer(index: int, num_layers: int) -> int:
     return resolved
 
 
+def attention_implementation(layer: nn.Module) -> str:
+    """The attention implementation a CLIP block runs with (eager when none is recorded)."""
+    cfg = getattr(getattr(layer, "self_attn", None), "config", None)
+    return getattr(cfg, "_attn_implementation", None) or "eager"
+
+
+def key_padding_mask(valid: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """valid [B, W] bool -> a [B, 1, 1, W] key-padding mask every query shares.
+
+    SDPA takes a boolean mask (True = attend); eager adds a float bias (0 / dtype min). Padded
+    queries still see the real keys, so their rows stay finite (and are never read).
+    """
+    allowed = valid[:, None, None, :]
+    if implementation == "sdpa":
+        return allowed
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _run_block(layer: nn.Module, h: torch.Tensor, token_mask: Optional[torch.Tensor], ragged: str, want_qk: bool):
+    """One CLIP block over h [B, W, D]; rows with padding (token_mask False) are handled per `ragged`.
+
+    Returns (h, q, k); q / k are the block's raw q_proj / k_proj outputs when want_qk (padded rows
+    filled with zeros in per-image mode).
+    """
+    qk = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj}
+    if token_mask is None or ragged == "mask":
+        mask = None if token_mask is None else key_padding_mask(token_mask, attention_implementation(layer), h.dtype)
+        if not want_qk:
+            return layer(h, mask), None, None
+        with capture_outputs(qk) as got:
+            out = layer(h, mask)
+        return out, got["q"], got["k"]
+    # per_image: each image alone over its own real tokens (exactly what a batch of one computes)
+    out = torch.zeros_like(h)
+    q_all = torch.zeros_like(h) if want_qk else None
+    k_all = torch.zeros_like(h) if want_qk else None
+    for b, n in enumerate(token_mask.sum(dim=1).tolist()):
+        x = h[b:b + 1, :n]
+        if want_qk:
+            with capture_outputs(qk) as got:
+                out[b, :n] = layer(x, None)[0]
+            q_all[b, :n], k_all[b, :n] = got["q"][0], got["k"][0]
+        else:
+            out[b, :n] = layer(x, None)[0]
+    return out, q_all, k_all
+
+
+def resolve_ragged(ragged: str, layer: nn.Module) -> str:
+    """'auto' -> 'mask' where the block's attention takes a 4-D mask (sdpa, eager), else 'per_image'."""
+    if ragged not in RAGGED_MODES:
+        raise ValueError(f"unknown ragged mode {ragged!r}; valid: {', '.join(RAGGED_MODES)}")
+    if ragged != "auto":
+        return ragged
+    return "mask" if attention_implementation(layer) in ("sdpa", "eager") else "per_image"
+
+
 def run_clip(
     vision_tower: nn.Module,
     pixel_values: torch.Tensor,
@@ -77,37 +137,48 @@ def run_clip(
     need_qk: bool = False,
     token_filter: Optional[TokenFilter] = None,
     filter_after_block: int = 0,
+    ragged: str = "auto",
 ) -> VisionStates:
     """Run CLIP; return the feature layer (incl. CLS) and, if asked, the last block's q/k/output.
 
-    token_filter, if given, is called after block `filter_after_block` (1-based) with that block's
-    output and raw q/k; the tokens it keeps are the only ones the later blocks see.
+    token_filter, if given, is called after block `filter_after_block` (1-based, at most the feature
+    block) with that block's output and raw q/k; the tokens it keeps are the only ones the later
+    blocks see. When it keeps a different number per image (it returns (positions, valid)), the later
+    blocks run either on the padded batch with a key-padding mask (`ragged="mask"`) or image by image
+    (`"per_image"`); "auto" picks the mask where the attention implementation takes one (sdpa,
+    eager). Either way each image's real tokens get what a run of that image alone gives (up to
+    floating-point rounding for "mask"), and `states.token_mask` marks the real tokens.
     """
     embeddings, pre_norm, layers = clip_parts(vision_tower)
     num_layers = len(layers)
     feature_blocks = resolve_layer(feature_layer, num_layers)
     last_needed = num_layers if (need_last_block or need_qk) else feature_blocks
-    if token_filter is not None and not 1 <= filter_after_block < feature_blocks:
-        raise ValueError(f"in-CLIP pruning after block {filter_after_block} must come before the feature block {feature_blocks}")
+    if token_filter is not None and not 1 <= filter_after_block <= feature_blocks:
+        raise ValueError(
+            f"in-CLIP pruning after block {filter_after_block} must come at or before the feature block {feature_blocks} "
+            f"(this tower has {num_layers} blocks, features from block {feature_blocks})"
+        )
+    mode = resolve_ragged(ragged, layers[0])
     dtype = next(vision_tower.parameters()).dtype
     h = pre_norm(embeddings(pixel_values.to(dtype)))
     states = VisionStates(hidden=h)
+    token_mask: Optional[torch.Tensor] = None
     for block_no in range(1, last_needed + 1):
         layer = layers[block_no - 1]
         want_qk = (need_qk and block_no == num_layers) or (token_filter is not None and block_no == filter_after_block)
-        if want_qk:
-            with capture_outputs({"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj}) as got:
-                h = layer(h, None)
-        else:
-            h = layer(h, None)
+        h, q, k = _run_block(layer, h, token_mask, mode, want_qk)
         if token_filter is not None and block_no == filter_after_block:
-            keep = token_filter(h, got["q"], got["k"])  # [B, 1+N'] positions, CLS first
+            kept = token_filter(h, q, k)
+            keep, valid = kept if isinstance(kept, tuple) else (kept, None)
             h = torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             states.kept_index = keep
+            if valid is not None and not bool(valid.all()):
+                token_mask = valid.to(device=h.device, dtype=torch.bool)
+                states.token_mask = token_mask
         if block_no == feature_blocks:
             states.hidden = h
         if block_no == num_layers and need_qk:
-            states.q, states.k = got["q"], got["k"]
+            states.q, states.k = q, k
     if need_last_block:
         states.last_hidden = h
     return states

@@ -1,0 +1,242 @@
+"""Long-tail split + H2O pruning ("Balancing Performance and Efficiency", Yu, Chen, Xu).
+
+RE-IMPLEMENTATION, NO REFERENCE CODE: the authors released no code. Every point the paper leaves
+open is a parameter below whose default is our stated reading of the paper; results must be
+labelled "re-implementation, no reference code".
+
+Stage 1 (this module, pure torch; also what the engine runs inside CLIP after block `clip_layer`):
+
+1. d = CLS attention of the block (`signals.cls_attention`: one head over all D dims of the raw
+   q_proj / k_proj outputs, softmax over all 1+N keys, CLS row without the CLS column), paper eq. 1.
+2. Sort descending, d_1 >= ... >= d_n (stable: equal values keep ascending patch order).
+3. Split objective (eq. 2-3), 1-based i as in the paper:
+       f(i) = (n - i) * (d_1 - d_i) / (d_1 - d_n),   i in {1, ..., n-1},   i* = argmax f
+   (first maximum on ties; computed in float64). c = d_1 - d_n is a per-image constant, so it only
+   matters for the guard: a flat curve (d_1 == d_n exactly) has no head and no tail; `flat_curve`
+   says what to keep then ("keep_all", default: nothing is less similar than anything else, so
+   nothing is dropped; "keep_one": the objective is 0 everywhere, its first argmax is i = 1).
+4. Head size h = i* (`include_split=true`: the split point d_{i*} is the last kept token; on a
+   step-shaped curve the argmax lands on the first low value, so `include_split=false`, h = i* - 1,
+   keeps exactly the high plateau).
+5. The smoothing coefficient alpha ("i* is multiplied by a smoothing coefficient alpha", 0.075).
+   How alpha enters is not specified; `alpha_mode`:
+     "expand" (default): round(h * (1 + alpha))   -- keep alpha more than the split
+     "scale":             round(h * alpha)         -- the literal "multiplied by alpha"
+     "offset":            h + round(alpha * n)
+     "none":              h
+   Why "expand": the paper reports 195 / 251 / 200 visual tokens on POPE / TextVQA / MME (Table 1)
+   and 127 on average over six benchmarks. h <= n - 1 = 575, so "scale" keeps at most
+   round(575 * 0.075) = 43 tokens and cannot produce any of those counts; "expand" (and "offset")
+   can. "expand" keeps the multiplicative form the paper names ("multiplied by a smoothing
+   coefficient"), with the coefficient acting as a small safety margin (7.5 % more tokens) that the
+   motivation ("to prevent gradient collapse during training") suggests. Rounding is half-up;
+   the count is clamped to [1, n].
+6. Kept = the top-count patches of d, returned in spatial (raster) order, features = the given
+   `hidden` (in the engine: LLaVA's penultimate-layer features of the kept patches, computed by the
+   later CLIP blocks over the kept tokens only).
+
+`budget=N` replaces the dynamic split by exactly the top-N of d; `ratio=r` by the top
+max(1, int(N * r)) (matched budgets; alpha is not applied then).
+
+Stage 2 (in the LLM, H2O-style heavy hitters + recent window over visual + text tokens) and the
+in-CLIP placement are run by `llava.longtail_engine.LongtailLlava`; their parameters are declared
+here so that one validated parameter set describes the method (see `llava/llm_pruning.py` for the
+readings behind `heavy_ratio`, `recent_ratio`, `budget_base`, `llm_layer`, `exempt_system_prompt`
+and `decode_eviction`). `compress("longtail", VisionInputs(hidden, q, k))` applies stage 1 to the
+given q / k (whatever block they come from) and ignores the stage-2 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .inputs import CompressedImage, VisionInputs
+from .registry import BUDGET, RATIO, STAGE_IN_CLIP_AND_LLM, MethodSpec, Param, positive_int, register
+from .signals import cls_attention
+
+ALPHA_MODES = ("expand", "scale", "offset", "none")
+FLAT_CURVE = ("keep_all", "keep_one")
+BUDGET_BASES = ("visual", "span", "sequence")
+
+PAPER_ALPHA = 0.075
+PAPER_CLIP_LAYER = 3
+PAPER_HEAVY_RATIO = 0.5
+PAPER_RECENT_RATIO = 0.5
+
+
+def _non_negative(value: Any) -> Optional[str]:
+    if value is None or not isinstance(value, (int, float)) or math.isnan(float(value)) or math.isinf(float(value)) or value < 0:
+        return "must be a finite number >= 0"
+    return None
+
+
+def _non_negative_int(value: Any) -> Optional[str]:
+    return None if isinstance(value, int) and value >= 0 else "must be an integer >= 0"
+
+
+def sort_descending(attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[B, n] -> (values, patch order), descending; equal values keep ascending patch order."""
+    values, order = torch.sort(attn, dim=-1, descending=True, stable=True)
+    return values, order
+
+
+def split_objective(d_sorted: torch.Tensor) -> torch.Tensor:
+    """f(i) = (n - i)(d_1 - d_i)/(d_1 - d_n) for 1-based i = 1..n-1 -> [B, n-1] float64.
+
+    Column j holds f(j + 1). A flat row (d_1 == d_n) gives NaN (0 / 0); see `split_point`.
+    """
+    d = d_sorted.double()
+    n = d.shape[-1]
+    i = torch.arange(1, n, device=d.device, dtype=torch.float64)  # 1 .. n-1
+    c = d[:, :1] - d[:, -1:]
+    return (n - i) * (d[:, :1] - d[:, : n - 1]) / c
+
+
+def split_point(d_sorted: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """i* (1-based, first maximum of f over i = 1..n-1) and a flat-curve flag, per row.
+
+    Rows with n == 1 give i* = 1. Flat rows (d_1 == d_n exactly) give i* = 1 and flat = True.
+    """
+    b, n = d_sorted.shape
+    flat = d_sorted[:, 0] == d_sorted[:, -1]
+    if n < 2:
+        return torch.ones(b, dtype=torch.long, device=d_sorted.device), flat
+    f = split_objective(d_sorted)
+    f = torch.where(flat[:, None], torch.zeros_like(f), f)
+    istar = torch.argmax(f, dim=-1) + 1  # torch.argmax returns the first maximal index
+    return istar, flat
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def scaled_count(head: int, n: int, alpha: float, alpha_mode: str) -> int:
+    """Tokens to keep for a head of `head` tokens out of n, with alpha entering as `alpha_mode`."""
+    if alpha_mode == "expand":
+        count = _round_half_up(head * (1.0 + alpha))
+    elif alpha_mode == "scale":
+        count = _round_half_up(head * alpha)
+    elif alpha_mode == "offset":
+        count = head + _round_half_up(alpha * n)
+    elif alpha_mode == "none":
+        count = head
+    else:
+        raise ValueError(f"longtail: unknown alpha_mode {alpha_mode!r}; valid: {', '.join(ALPHA_MODES)}")
+    return max(1, min(n, count))
+
+
+def longtail_counts(
+    attn: torch.Tensor,
+    alpha: float = PAPER_ALPHA,
+    alpha_mode: str = "expand",
+    include_split: bool = True,
+    flat_curve: str = "keep_all",
+    budget: Optional[int] = None,
+    ratio: Optional[float] = None,
+) -> List[int]:
+    """Per-image number of patches stage 1 keeps, from the CLS attention attn [B, n]."""
+    b, n = attn.shape
+    if budget is not None:
+        return [int(budget)] * b
+    if ratio is not None:
+        return [max(1, int(n * ratio))] * b
+    values, _ = sort_descending(attn)
+    istar, flat = split_point(values)
+    counts = []
+    for row in range(b):
+        if bool(flat[row]):
+            if flat_curve == "keep_all":
+                counts.append(n)
+                continue
+            if flat_curve != "keep_one":
+                raise ValueError(f"longtail: unknown flat_curve {flat_curve!r}; valid: {', '.join(FLAT_CURVE)}")
+        head = int(istar[row]) if include_split else int(istar[row]) - 1
+        counts.append(scaled_count(max(1, head), n, alpha, alpha_mode))
+    return counts
+
+
+def kept_patches(attn: torch.Tensor, counts: Sequence[int]) -> List[torch.Tensor]:
+    """Per image: the top-counts[b] patches of attn [B, n] (stable ties), in ascending patch order."""
+    _, order = sort_descending(attn)
+    return [torch.sort(order[row, : int(c)]).values for row, c in enumerate(counts)]
+
+
+def stage1_keep(q: torch.Tensor, k: torch.Tensor, **params: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """CLS attention of q / k [B, 1+N, D] and the kept patch indices per image (spatial order).
+
+    `params` are the stage-1 parameters (alpha, alpha_mode, include_split, flat_curve, budget, ratio);
+    others are ignored. Used both by `compress` and by the engine inside CLIP.
+    """
+    attn = cls_attention(q.float(), k.float())
+    keys = ("alpha", "alpha_mode", "include_split", "flat_curve", "budget", "ratio")
+    counts = longtail_counts(attn, **{key: params[key] for key in keys if key in params})
+    return attn, kept_patches(attn, counts)
+
+
+def _longtail(inp: VisionInputs, variant: str, **params: Any) -> List[CompressedImage]:
+    _, kept = stage1_keep(inp.q, inp.k, **params)
+    return [CompressedImage(features=inp.patches[b, idx], index=idx) for b, idx in enumerate(kept)]
+
+
+PARAMS = {
+    "alpha": Param(PAPER_ALPHA, float, "smoothing coefficient alpha applied to the split point i* (paper: 0.075)", _non_negative),
+    "alpha_mode": Param(
+        "expand",
+        str,
+        "how alpha enters: expand = round(i*(1+alpha)) (default; the only multiplicative reading that can give the "
+        "paper's ~127-251 tokens), scale = round(i* alpha) (literal, <= 43 tokens), offset = i* + round(alpha n), none = i*",
+        choices=ALPHA_MODES,
+    ),
+    "include_split": Param(True, bool, "the split point d_i* itself is kept (head = d_1..d_i*); false: head = d_1..d_(i*-1)"),
+    "flat_curve": Param("keep_all", str, "what a flat curve (d_1 == d_n, objective 0/0) keeps: keep_all (default) or keep_one", choices=FLAT_CURVE),
+    "budget": BUDGET,
+    "ratio": RATIO,
+    "clip_layer": Param(
+        PAPER_CLIP_LAYER,
+        int,
+        "stage 1 runs on the CLS attention of this CLIP block (1-based) and only the kept tokens enter later blocks "
+        "(paper: 'added after the third layer of the CLIP visual encoder' -> 3)",
+        positive_int,
+    ),
+    "heavy_ratio": Param(PAPER_HEAVY_RATIO, float, "H2O heavy-hitter budget N = int(heavy_ratio * base) (paper: 0.5)", _non_negative),
+    "recent_ratio": Param(PAPER_RECENT_RATIO, float, "H2O recent window M = int(recent_ratio * base), at least 1 (paper: 0.5)", _non_negative),
+    "budget_base": Param(
+        "visual",
+        str,
+        "what the H2O ratios multiply: visual = visual tokens after stage 1 (default), span = the prunable span "
+        "(first image token to the end), sequence = the whole prompt; span/sequence with 0.5 + 0.5 prune nothing at prefill",
+        choices=BUDGET_BASES,
+    ),
+    "llm_layer": Param(
+        0,
+        int,
+        "decoder layer whose attention ranks the heavy hitters: 0 = before the first decoder layer, using layer 0's q/k "
+        "(paper: 'a second round of token pruning before feeding into LLM'); K > 0 = after K full layers, pruned tokens "
+        "evicted from the KV cache of layers < K",
+        _non_negative_int,
+    ),
+    "exempt_system_prompt": Param(True, bool, "tokens before the first image (system prompt, 'USER:') are never pruned and do not count in the budgets"),
+    "decode_eviction": Param(
+        True,
+        bool,
+        "keep evicting during generation, H2O-style: whenever the prunable tokens exceed M + N, drop the lowest "
+        "accumulated-attention token outside the recent window (paper: 'Once the number of tokens X > M + N, continue')",
+    ),
+}
+
+register(
+    MethodSpec(
+        "longtail",
+        _longtail,
+        "long-tail split of the CLS attention inside CLIP + H2O heavy-hitter/recent pruning in the LLM "
+        "(re-implementation, no reference code)",
+        params=PARAMS,
+        needs=frozenset({"qk"}),
+        stage=STAGE_IN_CLIP_AND_LLM,
+        variants=("fixed",),
+    )
+)
