@@ -25,12 +25,15 @@ def _lmms_eval_cli_keys() -> set:
     return {action.dest for action in parser._actions} - {"help"}
 
 
-def test_there_are_configs_for_every_baseline():
+def test_there_are_configs_for_every_method_and_baseline():
     names = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIGS}
-    for method in ("topk_cls", "spatial", "random"):
+    for method in ("topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail"):
         for budget in (64, 128, 192):
             assert f"{method}/budget{budget}.yaml" in names
-    assert "none/full.yaml" in names
+    for method in ("prumerge", "prumerge_plus", "recover"):
+        assert {f"{method}/reference.yaml", f"{method}/fixed.yaml"} <= names
+    assert {"longtail/fixed.yaml", "none/full.yaml", "none/paper.yaml", "prumerge/ratio_1_8_reference.yaml"} <= names
+    assert {"recover/ratio5.yaml", "recover/ratio10.yaml", "recover/ratio50.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
