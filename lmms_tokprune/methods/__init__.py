@@ -8,7 +8,7 @@ Contract (called by checks outside this repo)::
 """
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_RECOVERED, CompressedImage, VisionInputs
-from .outliers import iqr_outliers, lof_outliers
+from .outliers import iqr_outliers, lof_fraction, lof_outliers
 from .registry import METHOD_MODULES, VARIANTS, MethodSpec, Param, compress, get_method, method_names, resolve_params
 from .signals import cls_attention
 
@@ -18,6 +18,7 @@ __all__ = [
     "compress",
     "lof_outliers",
     "iqr_outliers",
+    "lof_fraction",
     "cls_attention",
     "get_method",
     "method_names",

@@ -166,12 +166,13 @@ def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[s
     return resolved
 
 
-def _check_tensor(name: str, t: Optional[torch.Tensor], batch: int, rank: int) -> None:
+def _check_tensor(name: str, t: Optional[torch.Tensor], batch: Optional[int], rank: int) -> None:
+    """Type, rank, batch size (when `batch` is given) and finiteness of one input tensor."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"VisionInputs.{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != rank or (rank > 1 and t.shape[0] != batch):
+    if t.dim() != rank or (batch is not None and t.shape[0] != batch):
         raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}; expected {rank} dims with batch {batch}")
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"VisionInputs.{name} contains NaN or inf")
@@ -192,7 +193,11 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
         if t is not None and tuple(t.shape[:2]) != tuple(h.shape[:2]):
             raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}, hidden has {tuple(h.shape)}")
     _check_tensor("text_embeds", inp.text_embeds, batch, 2)
-    _check_tensor("visual_projection", inp.visual_projection, batch, 2)
+    _check_tensor("visual_projection", inp.visual_projection, None, 2)
+    if inp.visual_projection is not None and inp.visual_projection.shape[1] != h.shape[2]:
+        raise ValueError(f"VisionInputs.visual_projection is {tuple(inp.visual_projection.shape)}; expected [Dt, {h.shape[2]}]")
+    if inp.visual_projection is not None and inp.text_embeds is not None and inp.text_embeds.shape[1] != inp.visual_projection.shape[0]:
+        raise ValueError(f"VisionInputs.text_embeds width {inp.text_embeds.shape[1]} != visual_projection rows {inp.visual_projection.shape[0]}")
     if "qk" in spec.needs and (inp.q is None or inp.k is None):
         raise ValueError(f"method {spec.name!r} needs the last CLIP block's q and k (VisionInputs.q / .k)")
     if "last_hidden" in spec.needs and inp.last_hidden is None:
