@@ -174,7 +174,8 @@ def _check_tensor(name: str, t: Optional[torch.Tensor], batch: Optional[int], ra
         raise ValueError(f"VisionInputs.{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank or (batch is not None and t.shape[0] != batch):
         raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}; expected {rank} dims with batch {batch}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # amax/amin propagate NaN and expose inf: same answer as isfinite(t).all() at a fraction of the cost.
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all()):
         raise ValueError(f"VisionInputs.{name} contains NaN or inf")
 
 

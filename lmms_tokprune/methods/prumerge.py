@@ -1,0 +1,351 @@
+"""PruMerge and PruMerge+ (Shang et al.; released code: 42Shawn/LLaVA-PruMerge, clip_encoder.py).
+
+prumerge: k = IQR outliers of the CLS attention a (adaptive) or int(N * ratio); the top-k in
+descending attention order become cluster centres, each merged with its `num_neighbors` nearest
+(key cosine) among the other kept tokens and the pruned patches (merge.py); one extra token
+sum_j a_j h_j over the pruned patches is appended last. Count = k + 1.
+
+prumerge_plus: as prumerge, plus a 1-D raster stride sample s = int(int(1/ratio)/3), ratio =
+k/N, candidates 0, s, 2s, ... < N - 1 minus the kept ones, appended ascending after the top-k
+as extra centres (role "merged"). Count = k + added + 1.
+
+Variants (see shared/METHODS.md):
+  reference  the released code: one IQR fence over the WHOLE batch (every image gets the same
+             k = int(N * count / (B * N))), torch.topk tie order, k = 0 gives only the extra
+             token (prumerge). PruMerge+ adaptive raises ValueError where the released code
+             crashes: batch > 1, k = 0 (1/0), ratio > 1/3 (stride 0). PruMerge+ with
+             adaptive=false follows the released non-adaptive branch, which differs from the
+             adaptive one: stride int(1/ratio) from offset int(stride/2), no removal of kept
+             patches (duplicate centres), the released complement quirk (duplicates make it
+             drop the smallest pruned patches), and it only runs when that sequence has
+             exactly k entries (ValueError otherwise).
+  fixed      per-image fence and counts (padded batched ops, any batch size), k >= 1,
+             stride >= 1, ties broken towards the lower patch index (a stable sort, so the
+             result does not depend on the batch), the adaptive-branch stride rule in both
+             modes, num_neighbors capped at N - 1. For one tie-free image fixed == reference.
+
+`ratio` only applies with adaptive=false (default 1/8 there); giving it with adaptive=true is
+an error rather than silently ignored.
+
+Matched budget (`budget=N`, both variants, replaces the adaptive / ratio rule):
+  prumerge       k = N - 1 top-attention centres + the extra token.
+  prumerge_plus  M = N - 1 centres. Per image, take the largest top-k size k* in [1, M] whose
+                 stride sample (ratio k*/N, stride >= 1) leaves k* + added <= M, keep that
+                 sample, then fill the remaining M - added centre slots with the highest-
+                 attention patches outside the sample (so the top-k* are kept and the top
+                 part grows). If no k* fits (M <= 3), all M centres are top-attention.
+                 Plus the extra token: exactly N.
+  budget = 1 is a ValueError (at least one centre plus the extra token are needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
+from .merge import knn_merge, reference_complement
+from .outliers import iqr_outliers
+from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
+from .signals import cls_attention
+
+REFERENCE_RATIO = 1.0 / 8.0  # the released default reduction_ratio when adaptive is off
+
+
+@dataclass
+class Selection:
+    """Centres per image in output order (padded) and how many of them are top-k / spatial."""
+
+    centres: torch.Tensor  # [B, M] patch indices; slots past kept + spatial are padding
+    kept: list[int]  # per image: leading top-attention centres
+    spatial: list[int]  # per image: stride-sampled centres after them
+    pool: torch.Tensor | None = None  # [B, N] bool; None = every patch takes part
+
+
+def _non_negative(value: object) -> str | None:
+    return None if value is not None and float(value) >= 0.0 else "must be >= 0"
+
+
+def descending(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
+    """Top-k patch indices, highest first. reference: torch.topk (the released tie order);
+    fixed: stable sort, ties to the lower index, identical at any batch size."""
+    if variant == "reference":
+        return torch.topk(scores, k, dim=1).indices
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def ranks(order: torch.Tensor) -> torch.Tensor:
+    """Inverse permutation: [B, N] order -> [B, N] position of each patch in it."""
+    pos = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, pos)
+
+
+def stride_of(k: torch.Tensor, n: int) -> torch.Tensor:
+    """PruMerge+ stride int(int(1/ratio)/3) with ratio = k/n, in float64 exactly as Python does."""
+    ratio = k.to(torch.float64) / n
+    return torch.floor(torch.floor(1.0 / ratio) / 3.0).long()
+
+
+def stride_mask(stride: torch.Tensor, n: int) -> torch.Tensor:
+    """[...] strides -> bool [..., N]: raster positions 0, s, 2s, ... < N - 1 (N - 1 never sampled)."""
+    p = torch.arange(n, device=stride.device)
+    s = stride.clamp(min=1).unsqueeze(-1)
+    return (p % s == 0) & (p < n - 1)
+
+
+def layout(rank: torch.Tensor, kept: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+    """Order patches: kept by rank (descending attention), then spatial ascending, then the rest."""
+    n = rank.shape[1]
+    p = torch.arange(n, device=rank.device)
+    key = torch.where(kept, rank, torch.where(spatial, n + p, 3 * n + p))
+    return torch.argsort(key, dim=1)
+
+
+def adaptive_counts(attn: torch.Tensor, whisker: float, variant: str) -> tuple[torch.Tensor, float]:
+    """IQR outlier count per image -> (k [B], reference ratio). Reference pools the batch into
+    one fence: ratio = count / (B*N), every image gets k = int(N * ratio)."""
+    b, n = attn.shape
+    if variant == "reference":
+        count = int(iqr_outliers(attn.reshape(1, -1), whisker).sum())
+        ratio = count / (b * n)
+        return torch.full((b,), int(n * ratio), dtype=torch.long, device=attn.device), ratio
+    k = iqr_outliers(attn, whisker).sum(dim=1).clamp(min=1)
+    return k, float("nan")
+
+
+def ratio_count(n: int, ratio: float | None, variant: str) -> int:
+    """Top-k size for adaptive=false: int(N * ratio) (the released formula), >= 1 when fixed."""
+    k = int(n * (REFERENCE_RATIO if ratio is None else ratio))
+    return k if variant == "reference" else max(1, k)
+
+
+def _check_ratio_mode(method: str, adaptive: bool, ratio: float | None) -> None:
+    if adaptive and ratio is not None:
+        raise ValueError(
+            f"{method}: ratio={ratio} applies only with adaptive=false (adaptive=true picks k by the IQR rule); "
+            "pass adaptive=false with ratio, or budget=N for an exact token count"
+        )
+
+
+def _check_budget(method: str, budget: int | None) -> None:
+    if budget is not None and budget < 2:
+        raise ValueError(f"{method}: budget={budget} is too small; it needs >= 2 tokens (one centre + the extra token)")
+
+
+def _check_neighbours(method: str, variant: str, n: int, num_neighbors: int) -> None:
+    if variant == "reference" and n - 1 < num_neighbors:
+        raise ValueError(
+            f"{method} (reference): only {n - 1} merge candidates for num_neighbors={num_neighbors} "
+            f"(the released code crashes with fewer than {num_neighbors + 1} tokens); use variant=fixed"
+        )
+
+
+def top_selection(attn: torch.Tensor, k: torch.Tensor, variant: str) -> Selection:
+    """Centres = top-k_b by attention (descending), padded to max k."""
+    counts = k.tolist()
+    kmax = max(counts)
+    return Selection(descending(attn, kmax, variant), counts, [0] * len(counts))
+
+
+def top_rank(attn: torch.Tensor, k: torch.Tensor, variant: str) -> torch.Tensor:
+    """[B, N] position of each patch among its image's top-k_b (2N for the others).
+
+    The top-k comes from the same call the released code makes (topk with k, not a prefix of
+    a longer ranking), so tie order matches.
+    """
+    b, n = attn.shape
+    kmax = int(k.max())
+    pos = torch.arange(kmax, device=attn.device).expand(b, kmax)
+    rank = torch.full((b, n), 2 * n, dtype=torch.long, device=attn.device)
+    return rank.scatter_(1, descending(attn, kmax, variant), torch.where(pos < k[:, None], pos, 2 * n))
+
+
+def plus_selection(attn: torch.Tensor, k: torch.Tensor, stride: torch.Tensor, variant: str) -> Selection:
+    """PruMerge+ adaptive rule: top-k_b, then stride samples not already kept, ascending."""
+    n = attn.shape[1]
+    rank = top_rank(attn, k, variant)
+    kept = rank < n
+    spatial = stride_mask(stride, n) & ~kept
+    counts = torch.stack([k, spatial.sum(dim=1)]).tolist()
+    width = max(a + s for a, s in zip(*counts))
+    return Selection(layout(rank, kept, spatial)[:, :width], counts[0], counts[1])
+
+
+def plus_budget_selection(attn: torch.Tensor, centres: int, variant: str) -> Selection:
+    """Budget rule for PruMerge+ (module docstring): exactly `centres` centres per image.
+
+    For every top-k size k in [1, M] the stride sample's overlap with the top-k is a prefix count
+    along the attention order, so each distinct stride (a few dozen) costs one cumsum over [B, N].
+    """
+    _b, n = attn.shape
+    order = descending(attn, n, variant)
+    rank = ranks(order)
+    ks = torch.arange(1, centres + 1, device=attn.device)
+    strides = stride_of(ks, n).clamp(min=1)
+    uniq, which = torch.unique(strides, return_inverse=True)
+    in_sample = (order[None] % uniq[:, None, None] == 0) & (order[None] < n - 1)  # [S, B, N]
+    overlap = in_sample.cumsum(dim=-1)[which, :, ks - 1]  # [M, B]: samples among the top-k
+    added = ((n - 2) // uniq + 1)[which][:, None] - overlap
+    fits = ks[:, None] + added <= centres
+    kstar = torch.where(fits, ks[:, None], 0).max(dim=0).values  # [B]; 0 = nothing fits
+    sample = stride_mask(strides[(kstar - 1).clamp(min=0)], n)
+    spatial = sample & (rank >= kstar[:, None]) & (kstar[:, None] > 0)
+    n_spatial = spatial.sum(dim=1)
+    nonspatial_rank = ranks(layout(rank, ~spatial, spatial))  # position among non-spatial by rank
+    kept = ~spatial & (nonspatial_rank < (centres - n_spatial)[:, None])
+    counts = torch.stack([centres - n_spatial, n_spatial]).tolist()
+    return Selection(layout(rank, kept, spatial)[:, :centres], counts[0], counts[1])
+
+
+def plus_reference_training_branch(attn: torch.Tensor, ratio: float) -> Selection:
+    """Released adaptive=false branch: top-k ++ arange(int(step/2), N-1, step), duplicates kept."""
+    b, n = attn.shape
+    k = int(n * ratio)
+    step = int(1 / ratio)
+    seq = torch.arange(int(step / 2), n - 1, step, device=attn.device)
+    if seq.numel() != k or k == 0:
+        raise ValueError(
+            f"prumerge_plus (reference, adaptive=false): ratio={ratio} gives k={k} top tokens but {seq.numel()} "
+            f"stride samples (stride {step}); the released code only runs when they are equal and k >= 1; use variant=fixed"
+        )
+    if 2 * k > n:
+        raise ValueError(
+            f"prumerge_plus (reference, adaptive=false): ratio={ratio} gives {2 * k} centres for {n} patches; use variant=fixed"
+        )
+    idx = torch.cat([torch.topk(attn, k, dim=1).indices, seq.expand(b, -1)], dim=1)
+    compl = reference_complement(idx, n)
+    pool = torch.zeros(b, n, dtype=torch.bool, device=attn.device)
+    pool.scatter_(1, idx, True).scatter_(1, compl, True)
+    return Selection(idx, [k] * b, [k] * b, pool)
+
+
+def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor) -> list[CompressedImage]:
+    """Per image: centres (kept, then spatial) in selection order, then the extra token."""
+    outs = []
+    dev = merged.device
+    for b, (nk, ns) in enumerate(zip(sel.kept, sel.spatial)):
+        m = nk + ns
+        role = torch.cat(
+            [
+                torch.full((nk,), ROLE_KEPT, device=dev),
+                torch.full((ns,), ROLE_MERGED, device=dev),
+                torch.full((1,), ROLE_EXTRA, device=dev),
+            ]
+        ).long()
+        index = torch.cat([sel.centres[b, :m], torch.full((1,), -1, dtype=torch.long, device=dev)])
+        outs.append(CompressedImage(torch.cat([merged[b, :m], extra[b : b + 1]]), index, role))
+    return outs
+
+
+def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_neighbors: int) -> list[CompressedImage]:
+    """Run the shared kNN merge over the selected centres and build the outputs."""
+    counts = torch.tensor([a + s for a, s in zip(sel.kept, sel.spatial)], device=attn.device)
+    merged, extra = knn_merge(inp.patches, attn, inp.k[:, 1:], sel.centres, counts, num_neighbors, pool=sel.pool)
+    return assemble(sel, merged, extra)
+
+
+def _prumerge(
+    inp: VisionInputs,
+    variant: str,
+    adaptive: bool = True,
+    ratio: float | None = None,
+    whisker: float = 1.5,
+    num_neighbors: int = 32,
+    budget: int | None = None,
+) -> list[CompressedImage]:
+    _check_ratio_mode("prumerge", adaptive, ratio)
+    _check_budget("prumerge", budget)
+    n = inp.num_patches
+    _check_neighbours("prumerge", variant, n, num_neighbors)
+    attn = cls_attention(inp.q, inp.k)
+    if budget is not None:
+        k = torch.full((inp.batch_size,), budget - 1, dtype=torch.long, device=attn.device)
+    elif adaptive:
+        k = adaptive_counts(attn, whisker, variant)[0]
+    else:
+        k = torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
+    return merge_selection(inp, attn, top_selection(attn, k, variant), num_neighbors)
+
+
+def _plus_adaptive_reference(attn: torch.Tensor, whisker: float) -> Selection:
+    """Released adaptive branch with its crash cases turned into ValueErrors."""
+    b, _n = attn.shape
+    if b > 1:
+        raise ValueError("prumerge_plus (reference): the released code only runs with batch size 1; use variant=fixed")
+    k, ratio = adaptive_counts(attn, whisker, "reference")
+    if ratio == 0.0:
+        raise ValueError(
+            "prumerge_plus (reference): the IQR rule found no outliers (k=0; the released code divides by zero); use variant=fixed"
+        )
+    stride = int(int(1 / ratio) / 3)
+    if stride == 0:
+        raise ValueError(
+            f"prumerge_plus (reference): ratio={ratio:.4f} > 1/3 gives stride 0 (the released code crashes); use variant=fixed"
+        )
+    sel = plus_selection(attn, k, torch.full_like(k, stride), "reference")
+    if sel.spatial[0] == 0:
+        raise ValueError("prumerge_plus (reference): every stride sample is already kept (the released code crashes); use variant=fixed")
+    return sel
+
+
+def _prumerge_plus(
+    inp: VisionInputs,
+    variant: str,
+    adaptive: bool = True,
+    ratio: float | None = None,
+    whisker: float = 1.5,
+    num_neighbors: int = 32,
+    budget: int | None = None,
+) -> list[CompressedImage]:
+    _check_ratio_mode("prumerge_plus", adaptive, ratio)
+    _check_budget("prumerge_plus", budget)
+    n = inp.num_patches
+    _check_neighbours("prumerge_plus", variant, n, num_neighbors)
+    attn = cls_attention(inp.q, inp.k)
+    if budget is not None:
+        sel = plus_budget_selection(attn, budget - 1, variant)
+    elif variant == "reference" and adaptive:
+        sel = _plus_adaptive_reference(attn, whisker)
+    elif variant == "reference":
+        sel = plus_reference_training_branch(attn, REFERENCE_RATIO if ratio is None else ratio)
+    else:
+        k = (
+            adaptive_counts(attn, whisker, variant)[0]
+            if adaptive
+            else torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
+        )
+        sel = plus_selection(attn, k, stride_of(k, n).clamp(min=1), variant)
+    return merge_selection(inp, attn, sel, num_neighbors)
+
+
+def _params() -> dict:
+    return {
+        "adaptive": Param(True, bool, "k = number of IQR upper-fence outliers of the CLS attention; false: k = int(N * ratio)"),
+        "ratio": Param(
+            None, float, f"fraction of the N patches kept as top-k when adaptive=false (default {REFERENCE_RATIO})", RATIO.check
+        ),
+        "whisker": Param(1.5, float, "IQR fence multiplier: outlier if a > Q3 + whisker * (Q3 - Q1)", _non_negative),
+        "num_neighbors": Param(32, int, "kNN size: patches merged into each centre (key cosine)", positive_int),
+        "budget": BUDGET,
+    }
+
+
+register(
+    MethodSpec(
+        "prumerge",
+        _prumerge,
+        "PruMerge: IQR-adaptive top CLS-attention tokens, kNN-merged, plus one extra token",
+        params=_params(),
+        needs=frozenset({"qk"}),
+    )
+)
+register(
+    MethodSpec(
+        "prumerge_plus",
+        _prumerge_plus,
+        "PruMerge+: PruMerge plus 1-D raster stride samples as extra centres",
+        params=_params(),
+        needs=frozenset({"qk"}),
+    )
+)
