@@ -22,3 +22,12 @@ def test_bench_reports_every_method_against_the_full_prefill(capsys):
 def test_bench_rejects_unknown_method(capsys):
     assert main(["bench", "--preset", "tiny", "--methods", "none,nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_compress_only_bench_times_every_method_and_variant(capsys):
+    code = main(["bench", "--compress-only", "--methods", "topk_cls,prumerge", "--budget", "64", "--batch", "2", "--repeats", "1", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert {(r["method"], r["variant"]) for r in rows} == {("topk_cls", "fixed"), ("topk_cls", "reference"), ("prumerge", "fixed"), ("prumerge", "reference")}
+    for r in rows:
+        assert r["tokens"] == 64 and 0 < r["ms_per_image_best"] <= r["ms_per_image_median"]
