@@ -85,3 +85,32 @@ def test_bad_model_args_fail_without_results(tiny_llava, tmp_path):
     proc = run_lmms_eval(out, "llava_tokprune", f"pretrained={tiny_llava},method=topk_cls,budget=999", limit=2)
     assert not list(out.rglob("*_results.json"))
     assert "budget=999 is outside [1, 576]" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "model_id,extra_args",
+    [("llava_prumerge", "variant=fixed"), ("llava_prumerge_plus", "variant=fixed,adaptive=false,ratio=0.125"), ("llava_recover", "variant=fixed"), ("llava_recover", "variant=reference,text_source=reference")],
+)
+def test_paper_method_ids_run_end_to_end(model_id, extra_args, tiny_llava, tiny_clip, tmp_path):
+    """Each paper method's model id through the real lmms-eval CLI: fewer visual tokens than given."""
+    args = f"pretrained={tiny_llava},{extra_args}"
+    if model_id == "llava_recover":
+        args += f",text_encoder={tiny_clip}"
+    batch = 1 if "reference" in extra_args else 2
+    out = tmp_path / "out"
+    proc = run_lmms_eval(out, model_id, args, batch_size=batch, limit=6)
+    run = read_run(out, proc)
+    samples = run["_samples"][TASK]
+    assert len(samples) == 6
+    for s in samples:
+        counts = s["token_counts"][0]
+        assert 0 < counts["visual_tokens_kept"] < counts["visual_tokens_in"]
+    assert run["throughput"]["avg_visual_tokens_kept"] < run["throughput"]["avg_visual_tokens_in"]
+    assert run["config"]["model"] == model_id
+
+
+def test_recover_without_text_encoder_fails_at_load_time(tiny_llava, tmp_path):
+    out = tmp_path / "out"
+    proc = run_lmms_eval(out, "llava_recover", f"pretrained={tiny_llava},text_encoder={tmp_path}/no-clip", limit=2)
+    assert not list(out.rglob("*_results.json"))
+    assert "text_encoder folder" in proc.stdout + proc.stderr and "does not exist" in proc.stdout + proc.stderr

@@ -304,3 +304,16 @@ def test_plus_budget_split(budget):
     assert out.role.tolist() == [ROLE_KEPT] * len(kept) + [ROLE_MERGED] * len(sample) + [ROLE_EXTRA]
     if budget >= 20:
         assert sample  # the stride part is used whenever it fits
+
+
+def test_fixed_drops_the_empty_extra_token_when_every_patch_is_a_centre():
+    """PruMerge+ at stride 1 can make every patch a centre; the extra token then sums over nothing."""
+    from lmms_tokprune.methods.prumerge import Selection, assemble
+
+    n, d = 6, 4
+    sel = Selection(torch.arange(n)[None], kept=[2], spatial=[n - 2])
+    merged, extra = torch.randn(1, n, d), torch.zeros(1, d)
+    fixed = assemble(sel, merged, extra, n, "fixed")[0]
+    assert fixed.num_tokens == n and fixed.index.tolist() == list(range(n))
+    reference = assemble(sel, merged, extra, n, "reference")[0]
+    assert reference.num_tokens == n + 1 and reference.index[-1] == -1

@@ -220,12 +220,20 @@ def plus_reference_training_branch(attn: torch.Tensor, ratio: float) -> Selectio
     return Selection(idx, [k] * b, [k] * b, pool)
 
 
-def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor) -> list[CompressedImage]:
-    """Per image: centres (kept, then spatial) in selection order, then the extra token."""
+def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor, num_patches: int, variant: str = "reference") -> list[CompressedImage]:
+    """Per image: centres (kept, then spatial) in selection order, then the extra token.
+
+    fixed: when every patch is a centre (PruMerge+ at stride 1) the extra token sums over nothing;
+    it is dropped so an image never yields more tokens than patches (reference keeps the zero token).
+    """
     outs = []
     dev = merged.device
     for b, (nk, ns) in enumerate(zip(sel.kept, sel.spatial)):
         m = nk + ns
+        if variant == "fixed" and m >= num_patches:
+            role = torch.cat([torch.full((nk,), ROLE_KEPT, device=dev), torch.full((ns,), ROLE_MERGED, device=dev)]).long()
+            outs.append(CompressedImage(merged[b, :m], sel.centres[b, :m].clone(), role))
+            continue
         role = torch.cat(
             [
                 torch.full((nk,), ROLE_KEPT, device=dev),
@@ -238,11 +246,11 @@ def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor) -> list[
     return outs
 
 
-def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_neighbors: int) -> list[CompressedImage]:
+def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_neighbors: int, variant: str = "reference") -> list[CompressedImage]:
     """Run the shared kNN merge over the selected centres and build the outputs."""
     counts = torch.tensor([a + s for a, s in zip(sel.kept, sel.spatial)], device=attn.device)
     merged, extra = knn_merge(inp.patches, attn, inp.k[:, 1:], sel.centres, counts, num_neighbors, pool=sel.pool)
-    return assemble(sel, merged, extra)
+    return assemble(sel, merged, extra, inp.num_patches, variant)
 
 
 def _prumerge(
@@ -265,7 +273,7 @@ def _prumerge(
         k = adaptive_counts(attn, whisker, variant)[0]
     else:
         k = torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
-    return merge_selection(inp, attn, top_selection(attn, k, variant), num_neighbors)
+    return merge_selection(inp, attn, top_selection(attn, k, variant), num_neighbors, variant)
 
 
 def _plus_adaptive_reference(attn: torch.Tensor, whisker: float) -> Selection:
@@ -316,7 +324,7 @@ def _prumerge_plus(
             else torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
         )
         sel = plus_selection(attn, k, stride_of(k, n).clamp(min=1), variant)
-    return merge_selection(inp, attn, sel, num_neighbors)
+    return merge_selection(inp, attn, sel, num_neighbors, variant)
 
 
 def _params() -> dict:

@@ -106,8 +106,8 @@ _SENTENCES = [
 ]
 
 
-def _corpus() -> list[str]:
-    return _SENTENCES * 8 + [" ".join(_WORDS)] * 4 + [w for w in _WORDS for _ in range(3)]
+def _corpus(extra: tuple[str, ...] = ()) -> list[str]:
+    return _SENTENCES * 8 + [" ".join(_WORDS)] * 4 + [w for w in _WORDS for _ in range(3)] + list(extra)
 
 
 def cache_root() -> Path:
@@ -116,8 +116,11 @@ def cache_root() -> Path:
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
-def _llama_tokenizer(vocab_size: int = 640):
-    """A Llama-style (SentencePiece-BPE, byte fallback, '▁' metaspace, BOS prepended) tokenizer."""
+def _llama_tokenizer(vocab_size: int = 640, extra_corpus: tuple[str, ...] = ()):
+    """A Llama-style (SentencePiece-BPE, byte fallback, '▁' metaspace, BOS prepended) tokenizer.
+
+    ``extra_corpus``: more training sentences (the trained demo checkpoint adds its benchmark's vocabulary).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
 
@@ -126,7 +129,7 @@ def _llama_tokenizer(vocab_size: int = 640):
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_tokens, min_frequency=2, show_progress=False)
-    trainer_tok.train_from_iterator(_corpus(), trainer)
+    trainer_tok.train_from_iterator(_corpus(tuple(extra_corpus)), trainer)
     model = json.loads(trainer_tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = LlamaTokenizer(
@@ -155,7 +158,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _clip_tokenizer(vocab_size: int = 900):
+def _clip_tokenizer(vocab_size: int = 900, extra_corpus: tuple[str, ...] = ()):
     """An OpenAI-CLIP-style tokenizer (byte-level BPE, '</w>' suffix, lowercase), max length 77."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
@@ -181,7 +184,7 @@ def _clip_tokenizer(vocab_size: int = 900):
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    trainer_tok.train_from_iterator(_corpus(), trainer)
+    trainer_tok.train_from_iterator(_corpus(tuple(extra_corpus)), trainer)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(trainer_tok.to_str())["model"]["merges"]]
     # Vocab in OpenAI CLIP's order: bytes, bytes + '</w>', merges, then the two specials.
     vocab: dict[str, int] = {}
