@@ -74,7 +74,12 @@ def load_llava(
     check_checkpoint(pretrained)
     path = os.path.expanduser(pretrained)
     torch_dtype = resolve_dtype(dtype, device)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would silently initialise them at random
+        raise ValueError(f"pretrained={pretrained!r} lacks {len(missing)} weight tensors (e.g. {missing[0]}); the checkpoint is incomplete")
     model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path, backend=image_backend)
     processor.tokenizer.padding_side = "left"

@@ -99,12 +99,17 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
     path = os.path.expanduser(text_encoder)
     if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
         raise ValueError(f"text_encoder folder {text_encoder!r} does not exist")
+    from transformers import AutoConfig
+
     try:
-        text_model = CLIPTextModelWithProjection.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "model_type", None) != "clip":
+            raise ValueError(f"it is a {getattr(config, 'model_type', 'unknown')!r} checkpoint, not a CLIPModel (text tower + projections)")
+        text_model, info = CLIPTextModelWithProjection.from_pretrained(path, output_loading_info=True)
+        if info.get("missing_keys"):  # never run a randomly initialised text tower
+            raise ValueError(f"its weights lack {len(info['missing_keys'])} text-tower tensors (e.g. {sorted(info['missing_keys'])[0]})")
         tokenizer = AutoTokenizer.from_pretrained(path)
         visual_projection = _load_visual_projection(path)
-    except ValueError:
-        raise
     except Exception as err:
         raise ValueError(
             f"cannot load the CLIP text encoder text_encoder={text_encoder!r} needed by recover: {str(err).splitlines()[0]}"
