@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ..methods import VisionInputs, compress, get_method
+from ..methods import compress, get_method
 from .flops import from_llava_config, llm_prefill_flops
 from .timing import StepClock, peak_memory_mb, reset_peak_memory
 
@@ -103,7 +103,7 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
               images: int = 4, text_tokens: int = 60, repeats: int = 2, device: Optional[str] = None,
               dtype: Optional[str] = None, method_params: Optional[Dict[str, Dict[str, Any]]] = None, progress: bool = True) -> List[BenchRow]:
     from ..llava.images import ImagePreparer
-    from ..llava.vision import run_clip
+    from ..llava.vision import as_vision_inputs, run_clip
     from ..testing.tiny import _image_processor
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -134,13 +134,10 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
             for r in range(repeats + 1):  # the first pass warms up
                 clock = StepClock(dev)
                 clock.mark()
-                states = run_clip(model.model.vision_tower, pixel_values[i:i + 1], need_qk="qk" in spec.needs,
-                                  need_last_block=bool({"last_hidden", "text"} & spec.needs))
+                states = run_clip(model.model.vision_tower, pixel_values[i:i + 1], need_qk=spec.needs_qk, need_last_block=spec.needs_last_block)
                 text_embeds = tower.embed() if "text" in spec.needs else None
                 clock.mark()
-                as32 = lambda t: None if t is None else t.float()  # noqa: E731
-                inp = VisionInputs(as32(states.hidden), as32(states.q), as32(states.k), as32(states.last_hidden),
-                                   as32(text_embeds), as32(tower.visual_projection) if text_embeds is not None else None, image_keys=[i])
+                inp = as_vision_inputs(states, text_embeds, tower.visual_projection if text_embeds is not None else None, [i])
                 out = compress(method, inp, **params_of.get(method, {}))[0]
                 clock.mark()
                 visual = model.model.multi_modal_projector(out.features.to(dev, torch_dtype)).unsqueeze(0)

@@ -12,14 +12,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..methods import CompressedImage, VisionInputs, compress, get_method
+from ..methods import CompressedImage, compress, get_method
 from ..methods.registry import STAGE_IN_CLIP_AND_LLM
 from .assemble import LLMInputs, build_llm_inputs
 from .images import ImagePreparer
 from .prompts import IMAGE_PLACEHOLDER, build_prompt
 from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
-from .vision import run_clip
+from .vision import as_vision_inputs, run_clip
 
 GENERATION_KEYS = ("max_new_tokens", "temperature", "do_sample", "num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty")
 
@@ -137,29 +137,19 @@ class CompressedLlava:
 
     def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> List[CompressedImage]:
         """CLIP forward with capture, then the method on the captured states (float32)."""
-        needs = self.spec.needs
         states = run_clip(
             self.vision_tower,
             pixel_values.to(self.device),
             feature_layer=self.feature_layer,
-            need_last_block="last_hidden" in needs or "text" in needs,
-            need_qk="qk" in needs,
+            need_last_block=self.spec.needs_last_block,
+            need_qk=self.spec.needs_qk,
         )
-        as32 = lambda t: None if t is None else t.float()  # noqa: E731
         text_embeds = vis_proj = None
-        if "text" in needs:
+        if "text" in self.spec.needs:
             if self.text_guide is None:
                 raise ValueError(f"method {self.method.method!r} needs a CLIP text encoder (model_args text_encoder=...)")
             text_embeds, vis_proj = self.text_guide.embed(texts)
-        inputs = VisionInputs(
-            hidden=as32(states.hidden),
-            q=as32(states.q),
-            k=as32(states.k),
-            last_hidden=as32(states.last_hidden),
-            text_embeds=as32(text_embeds),
-            visual_projection=as32(vis_proj),
-            image_keys=list(keys),
-        )
+        inputs = as_vision_inputs(states, text_embeds, vis_proj, list(keys))
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..methods import VisionInputs
 
 
 @dataclass
@@ -27,6 +29,14 @@ class VisionStates:
     last_hidden: Optional[torch.Tensor] = None  # last block output, no post-layernorm
     kept_index: Optional[torch.Tensor] = None  # [B, 1+N'] patch positions kept by an in-CLIP stage
     token_mask: Optional[torch.Tensor] = None  # [B, 1+N'] bool: real tokens (False = padding) when counts differ per image
+
+
+def as_vision_inputs(states: VisionStates, text_embeds: Optional[torch.Tensor] = None,
+                     visual_projection: Optional[torch.Tensor] = None, image_keys: Optional[List[int]] = None) -> VisionInputs:
+    """The method contract's inputs from captured states, in float32 (method math never runs in fp16)."""
+    as32 = lambda t: None if t is None else t.float()  # noqa: E731
+    return VisionInputs(as32(states.hidden), as32(states.q), as32(states.k), as32(states.last_hidden),
+                        as32(text_embeds), as32(visual_projection), image_keys=image_keys)
 
 
 # A token filter runs inside CLIP after a block: (hidden, q, k) -> kept positions [B, 1+N'] (CLS

@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from .inputs import CompressedImage, VisionInputs
-from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, RATIO, MethodSpec, Param, register
 from .signals import cls_attention
 
 DEFAULT_RATIO = 0.25

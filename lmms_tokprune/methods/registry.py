@@ -61,6 +61,15 @@ class MethodSpec:
     stage: str = STAGE_PRE_PROJECTOR
     variants: Tuple[str, ...] = VARIANTS
 
+    @property
+    def needs_qk(self) -> bool:
+        return "qk" in self.needs
+
+    @property
+    def needs_last_block(self) -> bool:
+        """The last CLIP block's output is read (directly, or projected for text similarity)."""
+        return bool({"last_hidden", "text"} & self.needs)
+
 
 def positive_int(value: Any) -> Optional[str]:
     return None if value is None or (isinstance(value, int) and value >= 1) else "must be an integer >= 1"
@@ -190,7 +199,7 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
     batch = h.shape[0]
     _check_tensor("hidden", h, batch, 3)
     # Check only what this method reads: a NaN in an unused tensor cannot change its output.
-    used = {"q": "qk" in spec.needs, "k": "qk" in spec.needs, "last_hidden": bool({"last_hidden", "text"} & spec.needs)}
+    used = {"q": spec.needs_qk, "k": spec.needs_qk, "last_hidden": spec.needs_last_block}
     for name in ("q", "k", "last_hidden"):
         t = getattr(inp, name)
         _check_tensor(name, t if used[name] else None, batch, 3)
