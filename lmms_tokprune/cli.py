@@ -9,10 +9,10 @@ from typing import List, Optional
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_METHODS, format_table, rows_as_json, run_demo
+    from .demo import format_table, rows_as_json, run_demo
 
-    methods = args.methods.split(",") if args.methods else list(DEMO_METHODS)
-    rows = run_demo(args.pretrained, methods, args.budget, args.batch_size, args.limit)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    rows = run_demo(args.pretrained, methods, args.budget, args.batch_size, args.limit or None, text_encoder=args.text_encoder)
     if args.json:
         print(json.dumps(rows_as_json(rows)))
     else:
@@ -128,15 +128,29 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_demo(args: argparse.Namespace) -> int:
+    from .train.common import Sizes
+    from .train.recipe import Recipe, train_demo
+
+    sizes = Sizes(llm_width=args.llm_width, llm_layers=args.llm_layers, llm_heads=args.llm_heads, llm_intermediate=args.llm_intermediate)
+    recipe = Recipe(sizes=sizes, clip_steps=args.clip_steps, clip_full_steps=args.clip_full_steps, clip_batch=args.clip_batch,
+                    clip2_steps=args.clip2_steps, llava_scenes=args.scenes, llava_epochs=args.epochs, llava_batch=args.batch_size, seed=args.seed)
+    meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-tokprune", description="Visual-token compression for LLaVA-1.5 in lmms-eval")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the offline demo task with the uncompressed model and the baselines")
-    demo.add_argument("--pretrained", default=None, help="checkpoint folder or hub id (default: the bundled tiny demo checkpoint)")
-    demo.add_argument("--methods", default=None, help="comma-separated methods (default: none,random,topk_cls,spatial)")
+    demo.add_argument("--pretrained", default=None, help="checkpoint folder or hub id (default: demo = the shipped checkpoint trained on shapes_vqa)")
+    demo.add_argument("--text-encoder", default=None, help="CLIP checkpoint for recover (default with the shipped checkpoint: demo)")
+    demo.add_argument("--methods", default=None,
+                      help="comma-separated methods (default: none,random,topk_cls,spatial and the registered paper methods)")
     demo.add_argument("--budget", type=int, default=64, help="visual tokens per image for the compressed methods")
     demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents")
+    demo.add_argument("--limit", type=int, default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.set_defaults(func=_demo)
 
@@ -200,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--baseline", default=None,
                        help="run name of the uncompressed baseline (default: the method=none run of each sweep)")
     board.set_defaults(func=_leaderboard)
+
+    train = sub.add_parser("train-demo", help="train the shipped demo checkpoint (CLIP pre-training, then projector + LLM) on CPU")
+    train.add_argument("--out", default="demo_train", help="work folder (checkpoints, feature cache, train.log)")
+    train.add_argument("--install", action="store_true", help="copy the fp16 checkpoints into lmms_tokprune/assets/ (pretrained=demo)")
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--clip-steps", type=int, default=240, help="CLIP phase 1 steps with 25%% of the patches (FLIP)")
+    train.add_argument("--clip-full-steps", type=int, default=16, help="CLIP phase 1 steps with all 576 patches, after those")
+    train.add_argument("--clip2-steps", type=int, default=360, help="CLIP phase 2 (+ region loss) steps with 50%% of the patches")
+    train.add_argument("--clip-batch", type=int, default=32)
+    train.add_argument("--scenes", type=int, default=6000, help="training scenes for the LLaVA stage (features cached once)")
+    train.add_argument("--epochs", type=float, default=0.6, help="passes over the scenes (0.6 = 450 steps of 8)")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--llm-width", type=int, default=160)
+    train.add_argument("--llm-layers", type=int, default=3)
+    train.add_argument("--llm-heads", type=int, default=5)
+    train.add_argument("--llm-intermediate", type=int, default=432)
+    train.set_defaults(func=_train_demo)
     return parser
 
 

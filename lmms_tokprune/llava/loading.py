@@ -31,6 +31,10 @@ def check_checkpoint(pretrained: str) -> Any:
     """Load and check the config first, so a wrong path or a non-LLaVA model is one clear error."""
     from transformers import AutoConfig
 
+    from ..assets import resolve_checkpoint
+
+    pretrained = resolve_checkpoint(pretrained)
+
     path = os.path.expanduser(pretrained)
     if looks_like_path(pretrained) and not os.path.isdir(path):
         raise ValueError(f"pretrained folder {pretrained!r} does not exist")
@@ -58,6 +62,10 @@ def load_llava(
 ) -> Tuple[torch.nn.Module, Any]:
     """Model (eval mode, on `device`) and processor with the pinned image backend."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..assets import resolve_checkpoint
+
+    pretrained = resolve_checkpoint(pretrained)
 
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")

@@ -93,6 +93,9 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
     """Load the CLIP text tower at model-load time, so a missing encoder fails before any request."""
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+    from ..assets import resolve_checkpoint
+
+    text_encoder = resolve_checkpoint(text_encoder, kind="clip")
     path = os.path.expanduser(text_encoder)
     if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
         raise ValueError(f"text_encoder folder {text_encoder!r} does not exist")

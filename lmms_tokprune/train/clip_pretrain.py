@@ -1,0 +1,202 @@
+"""Stage 0: CLIP-style contrastive pre-training of a small ViT (LLaVA-1.5 geometry) and a small text tower.
+
+Images are shapes_vqa train scenes rendered on the fly; texts are their generated captions. The loss is CLIP's
+symmetric InfoNCE with a learnable temperature, plus NegCLIP-style hard negatives (the caption of the same scene
+with one object's colour / shape / word changed, or two colours swapped) as extra text columns, so the image
+embedding has to bind attributes to objects. Most steps drop a random 75% of the patches (FLIP), which makes
+pre-training ~5x cheaper; the last steps see all 576 patches, as LLaVA will.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..shapes import caption, sample_scene
+from ..shapes.generator import COLOURS, SHAPES, WORDS
+from .common import Log, Sizes, clip_tokenizer, image_processor, scene_pixels, vision_config
+
+
+def hard_negative(scene, rng: random.Random):
+    """The scene with one attribute changed (the image no longer matches its caption)."""
+    neg = copy.deepcopy(scene)
+    shapes = [o for o in neg.objects if o.kind != "text"]
+    text = neg.text
+    choice = rng.random()
+    if text is not None and choice < 0.2:
+        text.word = rng.choice([w for w in WORDS if w != text.word])
+    elif len(shapes) >= 2 and choice < 0.45 and len({o.colour for o in shapes}) > 1:
+        a, b = rng.sample([o for o in shapes], 2)
+        while a.colour == b.colour:
+            a, b = rng.sample(shapes, 2)
+        a.colour, b.colour = b.colour, a.colour
+    elif shapes:
+        o = rng.choice(shapes)
+        if rng.random() < 0.5:
+            o.colour = rng.choice([c for c in COLOURS if c != o.colour])
+        else:
+            o.kind = rng.choice([s for s in SHAPES if s != o.kind])
+    else:
+        neg.background = "plain" if neg.background == "cluttered" else "cluttered"
+    return neg
+
+
+def build_clip(sizes: Sizes, tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = vision_config(sizes)
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": sizes.text_width,
+        "intermediate_size": 4 * sizes.text_width,
+        "num_hidden_layers": sizes.text_layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": sizes.projection_dim,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=sizes.projection_dim)
+    return CLIPModel(config)
+
+
+def image_embeds(model, pix: torch.Tensor, keep: Optional[int], return_tokens: bool = False):
+    """Image embeddings with (FLIP) a random subset of ``keep`` patches, CLS always kept.
+
+    ``return_tokens``: also the last block's patch outputs [B, K, D] and their patch indices [B, K] (0..575).
+    """
+    vm = model.vision_model
+    emb = vm.embeddings(pix)
+    b, n = emb.shape[0], emb.shape[1] - 1
+    idx = torch.arange(n).expand(b, n)
+    if keep is not None and keep < n:
+        idx = torch.rand(b, n).argsort(dim=1)[:, :keep].sort(dim=1).values
+        emb = torch.cat([emb[:, :1], emb.gather(1, (idx + 1)[..., None].expand(-1, -1, emb.shape[-1]))], dim=1)
+    h = vm.pre_layrnorm(emb)
+    h = vm.encoder(inputs_embeds=h).last_hidden_state
+    pooled = model.visual_projection(vm.post_layernorm(h[:, 0]))
+    return (pooled, h[:, 1:], idx) if return_tokens else pooled
+
+
+def _object_patches(obj) -> torch.Tensor:
+    """Indices (0..575) of the 14-px patches an object's box covers."""
+    x0, y0, x1, y1 = obj.box
+    rows = torch.arange(y0 // 14, (y1 - 1) // 14 + 1)
+    cols = torch.arange(x0 // 14, (x1 - 1) // 14 + 1)
+    return (rows[:, None] * 24 + cols[None, :]).reshape(-1)
+
+
+def phrase(obj) -> str:
+    return f'the word "{obj.word}"' if obj.kind == "text" else f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.size} {obj.colour} {obj.kind}"
+
+
+def region_loss(model, tokenizer, scenes, tokens: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
+    """Region-level CLIP loss: the mean last-block output over an object's kept patches, through
+    ``visual_projection`` (what Recoverable Compression's text-patch similarity computes), against the phrases of
+    every object in the batch (same phrase = same class)."""
+    feats, texts = [], []
+    for b, scene in enumerate(scenes):
+        kept = torch.zeros(576, dtype=torch.bool)
+        kept[idx[b]] = True
+        pos = torch.full((576,), -1, dtype=torch.long)
+        pos[idx[b]] = torch.arange(idx.shape[1])
+        for o in scene.objects:
+            cover = _object_patches(o)
+            cover = cover[kept[cover]]
+            if len(cover) == 0:
+                continue
+            feats.append(tokens[b, pos[cover]].mean(0))
+            texts.append(phrase(o))
+    if len(feats) < 2:
+        return None
+    uniq = sorted(set(texts))
+    target = torch.tensor([uniq.index(t) for t in texts])
+    reg = F.normalize(model.visual_projection(torch.stack(feats)), dim=-1)
+    txt = F.normalize(text_embeds(model, tokenizer, uniq), dim=-1)
+    return F.cross_entropy(model.logit_scale.exp().clamp(max=100) * reg @ txt.T, target)
+
+
+def text_embeds(model, tokenizer, texts) -> torch.Tensor:
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+    out = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    return model.text_projection(out.pooler_output)
+
+
+def pretrain_clip(
+    out_dir: Path,
+    sizes: Sizes,
+    *,
+    steps: int = 300,
+    full_steps: int = 30,
+    batch_size: int = 32,
+    keep: int = 144,
+    lr: float = 1e-3,
+    seed: int = 0,
+    region_weight: float = 0.0,
+    init_from: Optional[Path] = None,
+    first_scene: int = 0,
+    log: Optional[Log] = None,
+):
+    """Train and save a CLIPModel (+ CLIPProcessor) to ``out_dir``; return the model.
+
+    ``region_weight`` > 0 adds :func:`region_loss`; ``init_from`` continues an earlier run (fresh schedule) on
+    scenes from ``first_scene`` on.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    log = log or Log()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = clip_tokenizer()
+    if init_from is not None:
+        model = CLIPModel.from_pretrained(init_from, dtype=torch.float32).train()
+        log(f"CLIP: continuing from {init_from}")
+    else:
+        model = build_clip(sizes, tok).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    total = steps + full_steps
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    next_scene = first_scene
+    for step in range(total):
+        scenes = [sample_scene("train", next_scene + i) for i in range(batch_size)]
+        next_scene += batch_size
+        pix = scene_pixels(scenes)
+        caps = [caption(s, rng) for s in scenes]
+        negs = [caption(hard_negative(s, rng), rng) for s in scenes]
+        img, tokens, idx = image_embeds(model, pix, keep if step < steps else None, return_tokens=True)
+        img = F.normalize(img, dim=-1)
+        txt = F.normalize(text_embeds(model, tok, caps + negs), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.T  # [B, 2B]: own caption, other captions, hard negatives
+        target = torch.arange(batch_size)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].T, target))
+        reg = region_loss(model, tok, scenes, tokens, idx) if region_weight > 0 else None
+        if reg is not None:
+            loss = loss + region_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = (logits.argmax(1) == target).float().mean().item()
+            hard = (logits[target, target] > logits[target, target + batch_size]).float().mean().item()
+        if step % 10 == 0 or step == total - 1:
+            log(f"clip step {step}/{total} loss {loss.item():.3f} region {(reg.item() if reg is not None else 0):.3f} i2t-acc {acc:.2f} hard-neg-acc {hard:.2f} scale {scale.item():.1f}"
+                f"{'' if step < steps else ' (all patches)'}")
+    model.eval()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    CLIPProcessor(image_processor=image_processor(), tokenizer=tok).save_pretrained(out_dir)
+    return model

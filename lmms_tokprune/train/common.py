@@ -1,0 +1,93 @@
+"""Shared pieces of the demo-checkpoint recipe: sizes, tokenizers, pixels, logging."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import List
+
+import numpy as np
+import torch
+
+from ..shapes import FAMILIES, corpus_sentences, render
+from ..testing.tiny import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PATCH_SIZE, _clip_tokenizer, _image_processor, _llama_tokenizer
+
+
+@dataclass
+class Sizes:
+    """Model sizes of the demo checkpoint (LLaVA-1.5 geometry: 336 px, patch 14, CLS + 576 tokens)."""
+
+    vit_width: int = 128
+    vit_layers: int = 4
+    vit_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 2
+    projection_dim: int = 64
+    llm_width: int = 160
+    llm_layers: int = 3
+    llm_heads: int = 5
+    llm_intermediate: int = 432
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def vision_config(s: Sizes) -> dict:
+    return {
+        "hidden_size": s.vit_width,
+        "intermediate_size": 4 * s.vit_width,
+        "num_hidden_layers": s.vit_layers,
+        "num_attention_heads": s.vit_heads,
+        "num_channels": 3,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "projection_dim": s.projection_dim,
+    }
+
+
+def clip_tokenizer():
+    return _clip_tokenizer(vocab_size=900, extra_corpus=tuple(corpus_sentences()))
+
+
+def llama_tokenizer():
+    return _llama_tokenizer(vocab_size=640, extra_corpus=tuple(corpus_sentences()))
+
+
+def image_processor():
+    return _image_processor()
+
+
+_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
+_STD = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
+
+
+def pixels(images) -> torch.Tensor:
+    """[B, 3, 336, 336] CLIP-normalised pixels of 336x336 RGB images (== the CLIP image processor's output)."""
+    arrs = [(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0 - _MEAN) / _STD for im in images]
+    return torch.from_numpy(np.stack(arrs))
+
+
+def scene_pixels(scenes) -> torch.Tensor:
+    return pixels([render(s) for s in scenes])
+
+
+class Log:
+    def __init__(self, path=None):
+        self.t0 = time.time()
+        self.path = path
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
+
+
+def family_list() -> List[str]:
+    return list(FAMILIES)

@@ -1,0 +1,314 @@
+"""Stage 1+2 in one: with the contrastively trained ViT frozen, train the 2-layer MLP projector and a small Llama
+on shapes_vqa train questions in LLaVA-1.5's vicuna_v1 format, loss on the answers only.
+
+The frozen ViT's penultimate features (LLaVA's ``vision_feature_layer=-2``, CLS dropped) are computed once and
+cached. A training sequence is one scene as a multi-turn conversation, as in LLaVA-1.5's instruction data::
+
+    <s>{system} USER: <image>\\n{q1}\\nAnswer the question using a single word or phrase. ASSISTANT: {a1}</s>
+    USER: {q2}\\nAnswer the question using a single word or phrase. ASSISTANT: {a2}</s> ...
+
+The first turn is token-for-token what ``prompt_style=llava_v1`` sends at evaluation time (checked).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..llava.prompts import VICUNA_SYSTEM, llava_v1_prompt
+from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
+from ..testing.tiny import LLAVA_CHAT_TEMPLATE, NUM_PATCHES, PATCH_SIZE
+from .common import Log, Sizes, image_processor, llama_tokenizer, scene_pixels, vision_config
+
+
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+def build_llava(sizes: Sizes, tok, clip_model):
+    """A LlavaForConditionalGeneration whose vision tower is ``clip_model``'s ViT (weights copied)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    vision = dict(vision_config(sizes), model_type="clip_vision_model")
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": sizes.llm_width,
+        "intermediate_size": sizes.llm_intermediate,
+        "num_hidden_layers": sizes.llm_layers,
+        "num_attention_heads": sizes.llm_heads,
+        "num_key_value_heads": sizes.llm_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=NUM_PATCHES,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    model = LlavaForConditionalGeneration(config).float()
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    src = clip_model.vision_model
+    missing, unexpected = tower.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "position_ids" not in m]:
+        raise RuntimeError(f"vision tower mismatch: missing={missing} unexpected={unexpected}")
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    return model
+
+
+@torch.inference_mode()
+def penultimate_features(model, pix: torch.Tensor) -> torch.Tensor:
+    """[B, 576, D] = LLaVA's image features before the projector (penultimate block, CLS dropped)."""
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    h = vm.pre_layrnorm(vm.embeddings(pix))
+    for layer in vm.encoder.layers[:-1]:  # hidden_states[-2] = output of the second-to-last block
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return h[:, 1:]
+
+
+def cache_features(model, split: str, n: int, batch: int = 32, log: Optional[Log] = None) -> torch.Tensor:
+    feats = []
+    for start in range(0, n, batch):
+        scenes = [sample_scene(split, i) for i in range(start, min(n, start + batch))]
+        feats.append(penultimate_features(model, scene_pixels(scenes)).to(torch.float16))
+        if log and (start // batch) % 20 == 0:
+            log(f"cached {split} features {start + len(scenes)}/{n}")
+    return torch.cat(feats)
+
+
+class Conversations:
+    """Token ids / labels of multi-turn conversations about one scene (first turn == the eval prompt)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.image_id = tok.convert_tokens_to_ids("<image>")
+        self._cache: Dict[str, List[int]] = {}
+
+    def _ids(self, text: str, bos: bool = False) -> List[int]:
+        key = f"{int(bos)}|{text}"
+        if key not in self._cache:
+            self._cache[key] = self.tok(text, add_special_tokens=bos).input_ids
+        return self._cache[key]
+
+    def first_prompt_ids(self, question: str) -> List[int]:
+        """The eval prompt (one <image> placeholder, expanded to 576 image tokens)."""
+        ids = self._ids(llava_v1_prompt(question + POST_PROMPT, 1), bos=True)
+        out: List[int] = []
+        for i in ids:
+            out.extend([self.image_id] * NUM_PATCHES if i == self.image_id else [i])
+        return out
+
+    def build(self, qa: Sequence[Tuple[str, ...]]) -> Tuple[List[int], List[int]]:
+        """Turns are (question, answer) with the short-answer instruction, or (question, answer, "") without it."""
+        ids: List[int] = []
+        labels: List[int] = []
+        for turn, item in enumerate(qa):
+            q, a = item[0], item[1]
+            post = item[2] if len(item) > 2 else POST_PROMPT
+            if turn == 0:
+                prompt = self._ids(llava_v1_prompt(q + post, 1), bos=True)
+                prompt = [t for i in prompt for t in ([i] * NUM_PATCHES if i == self.image_id else [i])]
+            else:
+                prompt = self._ids(f"USER: {q}{post} ASSISTANT:")
+            ans = self._ids(a) + [self.tok.eos_token_id]
+            ids += prompt + ans
+            labels += [-100] * len(prompt) + ans
+        return ids, labels
+
+
+def _embed(model, ids: torch.Tensor, feats: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Token embeddings with the projected image features in the <image> slots (one image per row)."""
+    emb = model.model.get_input_embeddings()(ids)
+    proj = model.model.multi_modal_projector(feats.float())  # [B, 576, H]
+    mask = ids == image_id
+    emb = emb.masked_scatter(mask[..., None], proj.to(emb.dtype))
+    return emb
+
+
+def _batch(rows: List[Tuple[List[int], List[int]]], pad_id: int):
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        att[i, : len(x)] = 1
+    return ids, labels, att
+
+
+def _loss(model, ids, labels, att, feats, image_id):
+    emb = _embed(model, ids, feats, image_id)
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=att)
+    logits = model.lm_head(out.last_hidden_state[:, :-1])
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    return loss, logits, tgt
+
+
+@torch.inference_mode()
+def first_turn_accuracy(model, conv: Conversations, feats: torch.Tensor, items: List[dict], batch: int = 16) -> Dict[str, float]:
+    """Teacher-forced exact match of the answer (+ </s>) on the FIRST turn, per family (== greedy exact match)."""
+    model.eval()
+    hits: Dict[str, List[float]] = {}
+    rows, fams, idx = [], [], []
+    for it in items:
+        for fam, q, a in it["questions"]:
+            rows.append(conv.build([(q, a)]))
+            fams.append(fam)
+            idx.append(it["row"])
+    for s in range(0, len(rows), batch):
+        ids, labels, att = _batch(rows[s : s + batch], conv.tok.pad_token_id)
+        _, logits, tgt = _loss(model, ids, labels, att, feats[idx[s : s + batch]], conv.image_id)
+        ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(dim=1)
+        for f, v in zip(fams[s : s + batch], ok.tolist()):
+            hits.setdefault(f, []).append(float(v))
+    model.train()
+    res = {f: sum(v) / len(v) for f, v in sorted(hits.items())}
+    res["mean"] = sum(res.values()) / len(res)
+    return res
+
+
+def train_llava(
+    clip_model,
+    out_dir: Path,
+    sizes: Sizes,
+    *,
+    n_scenes: int = 4000,
+    n_val: int = 200,
+    epochs: float = 2.0,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    projector_lr: Optional[float] = None,
+    seed: int = 0,
+    caption_prob: float = 0.5,
+    cache_dir: Optional[Path] = None,
+    init_from: Optional[Path] = None,
+    data_seed: Optional[int] = None,
+    save_every: Optional[int] = None,
+    stop_after: Optional[int] = None,
+    log: Optional[Log] = None,
+):
+    """Train projector + LLM on cached features; save the LLaVA checkpoint + processor to ``out_dir``.
+
+    ``init_from``: continue from an earlier run's LLaVA folder (same sizes and tokenizer) with a fresh schedule;
+    ``data_seed`` (default ``seed``) then gives that continuation its own question order.
+    ``stop_after``: end after this many steps of the (longer) schedule (what the shipped run did).
+    """
+    from transformers import LlavaProcessor
+
+    log = log or Log()
+    torch.manual_seed(seed)
+    rng = random.Random(seed if data_seed is None else data_seed)
+    tok = llama_tokenizer()
+    model = build_llava(sizes, tok, clip_model)
+    if init_from is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        prev = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
+        model.load_state_dict(prev.state_dict())
+        log(f"initialised from {init_from}")
+        del prev
+    model.model.vision_tower.requires_grad_(False)
+    conv = Conversations(tok)
+
+    cache = Path(cache_dir) / f"features_{n_scenes}_{n_val}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        blob = torch.load(cache)
+        train_feats, val_feats = blob["train"], blob["val"]
+        log(f"loaded cached features {cache}")
+    else:
+        train_feats = cache_features(model, "train", n_scenes, log=log)
+        val_feats = cache_features(model, "val", n_val, log=log)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"train": train_feats, "val": val_feats}, cache)
+    log(f"features: train {tuple(train_feats.shape)} val {tuple(val_feats.shape)}")
+
+    val_items = []
+    for i in range(n_val):
+        scene = sample_scene("val", i)
+        qs = scene_questions(scene, random.Random(scene.rng_state + 1), per_family=2)
+        val_items.append({"row": i, "questions": [(q.family, q.question, q.answer) for q in qs]})
+
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    steps = int(math.ceil(epochs * n_scenes / batch_size))
+    warm = max(1, steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    order: List[int] = []
+    model.train()
+    last = steps if stop_after is None else min(steps, stop_after)
+    for step in range(last):
+        if len(order) < batch_size:
+            perm = list(range(n_scenes))
+            rng.shuffle(perm)
+            order += perm
+        rows_idx, order = order[:batch_size], order[batch_size:]
+        rows = []
+        for i in rows_idx:
+            scene = sample_scene("train", i)
+            turns = [(q.question, q.answer) for q in scene_questions(scene, rng, per_family=2)]
+            if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
+                turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
+            rng.shuffle(turns)
+            rows.append(conv.build(turns))
+        ids, labels, att = _batch(rows, tok.pad_token_id)
+        loss, _, _ = _loss(model, ids, labels, att, train_feats[rows_idx], conv.image_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"llava step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
+        if (step + 1) % 300 == 0 or step == last - 1:
+            acc = first_turn_accuracy(model, conv, val_feats, val_items)
+            log("val first-turn exact match: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+        if save_every and (step + 1) % save_every == 0 and step < last - 1:
+            _save(model, tok, Path(str(out_dir) + "_partial"))
+            log(f"saved step {step + 1} to {out_dir}_partial")
+    _save(model, tok, Path(out_dir))
+    return model, acc
+
+
+def _save(model, tok, out_dir: Path) -> None:
+    from transformers import LlavaProcessor
+
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor = LlavaProcessor(
+        image_processor=image_processor(),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out_dir)
+    model.train()

@@ -1,0 +1,74 @@
+"""The shipped demo checkpoint (pretrained=demo, text_encoder=demo), trained on the shapes_vqa benchmark."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from lmms_tokprune.assets import ASSETS_DIR, resolve_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Documented in README ("The demo checkpoint"): exact match of the uncompressed shipped checkpoint on the first
+# SUBSET questions of each shapes_vqa family, through lmms-eval. The test asserts a small margin below it.
+SUBSET = 10
+DOCUMENTED_SUBSET_ACCURACY = json.loads((ASSETS_DIR / "demo_llava" / "EVAL.json").read_text())["subset_accuracy"] \
+    if (ASSETS_DIR / "demo_llava" / "EVAL.json").exists() else None
+
+
+# Generator determinism, the committed test split and task-YAML loading: tests/test_shapes_vqa.py.
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+def test_demo_names_resolve_to_shipped_folders():
+    llava, clip = Path(resolve_checkpoint("demo")), Path(resolve_checkpoint("demo", kind="clip"))
+    assert llava == ASSETS_DIR / "demo_llava" and clip == ASSETS_DIR / "demo_clip"
+    assert resolve_checkpoint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    size = sum(p.stat().st_size for d in (llava, clip) for p in d.rglob("*") if p.is_file())
+    assert size < 25 * 2**20
+
+
+def test_demo_checkpoint_loads_offline():
+    import torch
+    from transformers import CLIPModel
+
+    from lmms_tokprune.llava.loading import check_checkpoint, load_llava
+
+    config = check_checkpoint("demo")
+    v = config.vision_config
+    assert (v.image_size, v.patch_size, config.vision_feature_layer, config.vision_feature_select_strategy) == (336, 14, -2, "default")
+    model, processor = load_llava("demo", torch.device("cpu"), "float32")
+    assert next(model.parameters()).dtype == torch.float32
+    clip = CLIPModel.from_pretrained(resolve_checkpoint("demo", kind="clip"), dtype=torch.float32)
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    for (name, p), (_, q) in zip(tower.state_dict().items(), clip.vision_model.state_dict().items()):
+        assert torch.equal(p, q), name  # text_encoder=demo's visual_projection sees the LLaVA's own ViT
+
+
+def test_text_encoder_demo_loads():
+    import torch
+
+    from lmms_tokprune.llava.loading import load_llava
+    from lmms_tokprune.llava.text_guide import load_text_guide
+
+    model, _ = load_llava("demo", torch.device("cpu"), "float32")
+    guide = load_text_guide("demo", model, torch.device("cpu"))
+    emb, proj = guide.embed(["Is there a red circle in the image?"])
+    assert emb.shape[0] == 1 and proj.shape[1] == model.config.vision_config.hidden_size
+
+
+@pytest.mark.skipif(DOCUMENTED_SUBSET_ACCURACY is None, reason="EVAL.json missing next to the shipped checkpoint")
+def test_demo_checkpoint_reaches_documented_accuracy():
+    """lmms-eval, uncompressed, first SUBSET questions of each family: the documented accuracy within 2 minutes."""
+    from lmms_tokprune.demo import run_method
+
+    t0 = time.time()
+    row = run_method("demo", "none", None, batch_size=8, limit=SUBSET)
+    elapsed = time.time() - t0
+    assert row.visual_tokens == 576
+    assert row.accuracy >= DOCUMENTED_SUBSET_ACCURACY - 0.02, row
+    assert elapsed < 120, f"took {elapsed:.0f}s"
