@@ -212,6 +212,21 @@ def _image_processor():
     )
 
 
+def llava_processor(tokenizer):
+    """llava-hf/llava-1.5-7b-hf's processor setup (CLIP 336 preprocessing, one <image> -> 576 tokens, chat template)."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=_image_processor(),
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
 def _vision_config_dict(vision_layers: int) -> dict:
     return {
         "model_type": "clip_vision_model",
@@ -256,7 +271,7 @@ def build_tiny_llava(
     if text_layers < 1:
         raise ValueError(f"text_layers must be >= 1, got {text_layers}")
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     out = _prepare_out(out_dir, overwrite)
     tok = _llama_tokenizer()
@@ -303,16 +318,7 @@ def build_tiny_llava(
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
 
-    processor = LlavaProcessor(
-        image_processor=_image_processor(),
-        tokenizer=tok,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out)
+    llava_processor(tok).save_pretrained(out)
     (out / "TINY_README.txt").write_text(
         f"lmms_tokprune tiny LLaVA-1.5 ({TINY_VERSION}), seed={seed}, text_layers={text_layers}, "
         f"vision_layers={vision_layers}; random weights, for tests only.\n"

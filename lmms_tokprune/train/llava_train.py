@@ -20,10 +20,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..llava.prompts import VICUNA_SYSTEM, llava_v1_prompt
+from ..llava.prompts import llava_v1_prompt
 from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
-from ..testing.tiny import LLAVA_CHAT_TEMPLATE, NUM_PATCHES, PATCH_SIZE
-from .common import Log, Sizes, image_processor, llama_tokenizer, scene_pixels, vision_config
+from ..testing.tiny import NUM_PATCHES
+from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -218,7 +218,6 @@ def train_llava(
     ``data_seed`` (default ``seed``) then gives that continuation its own question order.
     ``stop_after``: end after this many steps of the (longer) schedule (what the shipped run did).
     """
-    from transformers import LlavaProcessor
 
     log = log or Log()
     torch.manual_seed(seed)
@@ -296,19 +295,10 @@ def train_llava(
 
 
 def _save(model, tok, out_dir: Path) -> None:
-    from transformers import LlavaProcessor
+    from ..testing.tiny import llava_processor
 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    processor = LlavaProcessor(
-        image_processor=image_processor(),
-        tokenizer=tok,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(out_dir)
+    llava_processor(tok).save_pretrained(out_dir)
     model.train()
