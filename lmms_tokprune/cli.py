@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -12,7 +13,11 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, rows_as_json, run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    rows = run_demo(args.pretrained, methods, args.budget, args.batch_size, args.limit or None, text_encoder=args.text_encoder)
+    try:
+        budgets = [int(b) for b in str(args.budget).split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"--budget: expected visual-token counts separated by commas, got {args.budget!r}")
+    rows = run_demo(args.pretrained, methods, budgets, args.batch_size, args.limit or None, text_encoder=args.text_encoder)
     if args.json:
         print(json.dumps(rows_as_json(rows)))
     else:
@@ -134,9 +139,27 @@ def _train_demo(args: argparse.Namespace) -> int:
 
     sizes = Sizes(llm_width=args.llm_width, llm_layers=args.llm_layers, llm_heads=args.llm_heads, llm_intermediate=args.llm_intermediate)
     recipe = Recipe(sizes=sizes, clip_steps=args.clip_steps, clip_full_steps=args.clip_full_steps, clip_batch=args.clip_batch,
-                    clip2_steps=args.clip2_steps, llava_scenes=args.scenes, llava_epochs=args.epochs, llava_batch=args.batch_size, seed=args.seed)
+                    llava_scenes=args.scenes, llava_val=args.val, llava_steps=args.llava_steps,
+                    llava_batch=args.batch_size, seed=args.seed)
     meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
     print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _eval_demo(args: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate_demo, markdown_table, pareto_plot
+
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    result = evaluate_demo(args.pretrained, args.text_encoder, methods, budgets, subset=args.subset, batch_size=args.batch_size,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        pareto_plot(result["full_test"], Path(args.plot))
+    print(markdown_table(result["full_test"]))
+    print(f"\nsubset ({args.subset} per family, uncompressed): {result['subset_accuracy']:.3f}; written {out}")
     return 0
 
 
@@ -148,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--text-encoder", default=None, help="CLIP checkpoint for recover (default with the shipped checkpoint: demo)")
     demo.add_argument("--methods", default=None,
                       help="comma-separated methods (default: none,random,topk_cls,spatial and the registered paper methods)")
-    demo.add_argument("--budget", type=int, default=64, help="visual tokens per image for the compressed methods")
+    demo.add_argument("--budget", default="128,32", help="visual tokens per image for the compressed methods; a comma list runs each")
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("--limit", type=int, default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -220,18 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--install", action="store_true", help="copy the fp16 checkpoints into lmms_tokprune/assets/ (pretrained=demo)")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--clip-steps", type=int, default=240, help="CLIP phase 1 steps with 25%% of the patches (FLIP)")
-    train.add_argument("--clip-full-steps", type=int, default=16, help="CLIP phase 1 steps with all 576 patches, after those")
-    train.add_argument("--clip2-steps", type=int, default=360, help="CLIP phase 2 (+ region loss) steps with 50%% of the patches")
-    train.add_argument("--clip-batch", type=int, default=32)
+    train.add_argument("--clip-steps", type=int, default=1400, help="CLIP steps with half the patches (FLIP)")
+    train.add_argument("--clip-full-steps", type=int, default=100, help="CLIP steps with all 576 patches, after those")
+    train.add_argument("--clip-batch", type=int, default=24)
     train.add_argument("--scenes", type=int, default=6000, help="training scenes for the LLaVA stage (features cached once)")
-    train.add_argument("--epochs", type=float, default=0.6, help="passes over the scenes (0.6 = 450 steps of 8)")
+    train.add_argument("--val", type=int, default=100, help="validation scenes (first-turn exact match is logged)")
+    train.add_argument("--llava-steps", type=int, default=1800, help="projector + LLM steps of --batch-size conversations")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--llm-width", type=int, default=160)
     train.add_argument("--llm-layers", type=int, default=3)
     train.add_argument("--llm-heads", type=int, default=5)
     train.add_argument("--llm-intermediate", type=int, default=432)
     train.set_defaults(func=_train_demo)
+
+    ev = sub.add_parser("eval-demo", help="accuracy of a demo checkpoint on the whole shapes_vqa test split, every method x budget")
+    ev.add_argument("--pretrained", default="demo")
+    ev.add_argument("--text-encoder", default="demo", help="CLIP checkpoint for recover")
+    ev.add_argument("--methods", default=None, help="comma list (default: the baselines and every paper method)")
+    ev.add_argument("--budgets", default="192,128,64,32")
+    ev.add_argument("--subset", type=int, default=10, help="questions per family of the subset the tests check")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--out", default="EVAL.json", help="where to write the JSON (the shipped one lives next to the weights)")
+    ev.add_argument("--plot", default=None, help="also write the accuracy-vs-tokens Pareto plot (PNG) here")
+    ev.set_defaults(func=_eval_demo)
     return parser
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from .shapes.generator import FAMILIES
 
@@ -83,8 +83,9 @@ def run_method(pretrained: str, method: str, budget: Optional[int], batch_size: 
     )
 
 
-def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget: int, batch_size: int, limit: Optional[int] = DEMO_LIMIT,
-             text_encoder: Optional[str] = None) -> List[DemoRow]:
+def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget: Union[int, Sequence[int]], batch_size: int,
+             limit: Optional[int] = DEMO_LIMIT, text_encoder: Optional[str] = None) -> List[DemoRow]:
+    """``none`` once, then every other method at every budget (a list gives the accuracy-vs-tokens trade-off)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if pretrained is None:
@@ -93,7 +94,11 @@ def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget
     methods = list(methods) if methods else default_methods()
     if "recover" in methods and not text_encoder:
         raise ValueError("method recover needs --text-encoder for a checkpoint other than the shipped demo one")
-    return [run_method(pretrained, m, budget, batch_size, limit, text_encoder=text_encoder) for m in methods]
+    budgets = [budget] if isinstance(budget, int) else list(budget)
+    if not budgets or any(b < 1 for b in budgets):
+        raise ValueError(f"budgets must be positive visual-token counts, got {budgets}")
+    runs = [(m, None) for m in methods if m == "none"] + [(m, b) for m in methods if m != "none" for b in budgets]
+    return [run_method(pretrained, m, b, batch_size, limit, text_encoder=text_encoder) for m, b in runs]
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:

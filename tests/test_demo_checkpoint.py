@@ -72,3 +72,32 @@ def test_demo_checkpoint_reaches_documented_accuracy():
     assert row.visual_tokens == 576
     assert row.accuracy >= DOCUMENTED_SUBSET_ACCURACY - 0.02, row
     assert elapsed < 120, f"took {elapsed:.0f}s"
+
+
+def test_demo_cli_json_gives_the_trade_off_rows(capsys):
+    """`lmms-tokprune demo --json` with a budget list: none once, every other method at every budget."""
+    from lmms_tokprune.cli import main
+
+    assert main(["demo", "--methods", "none,topk_cls", "--budget", "64,32", "--limit", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", None), ("topk_cls", 64), ("topk_cls", 32)]
+    assert [r["visual_tokens"] for r in rows] == [576, 64, 32]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_demo_cli_rejects_a_bad_budget_list():
+    from lmms_tokprune.cli import main
+
+    with pytest.raises(SystemExit, match="--budget"):
+        main(["demo", "--budget", "64,abc"])
+
+
+def test_eval_demo_table_and_plot(tmp_path):
+    """The README table and the Pareto plot are made from EVAL.json rows (the shipped file itself)."""
+    from lmms_tokprune.train.evaluate import markdown_table, pareto_plot
+
+    full = json.loads((ASSETS_DIR / "demo_llava" / "EVAL.json").read_text())["full_test"]
+    table = markdown_table(full).splitlines()
+    assert len(table) == 2 + len(full) and table[2].startswith("| none | - | 576 |")
+    png = pareto_plot(full, tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -126,7 +126,7 @@ lmms_eval_specific_kwargs:
     pre_prompt: ""
     post_prompt: "\\nAnswer the question using a single word or phrase."
 metadata:
-  version: 1.0
+  version: 2.0
 """
 
 _GROUP_YAML = """# shapes_vqa: the five question families of the synthetic shapes benchmark (unweighted mean).
@@ -138,7 +138,7 @@ aggregate_metric_list:
     aggregation: mean
     weight_by_size: false
 metadata:
-  version: 1.0
+  version: 2.0
 """
 
 

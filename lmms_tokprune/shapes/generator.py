@@ -1,7 +1,8 @@
 """Deterministic synthetic scenes and VQA questions (the `shapes_vqa` benchmark).
 
 A scene is 336x336 (LLaVA-1.5's input size) with 1-8 shapes (5 shapes x 6 colours x 3 sizes, the small ones
-1-2 CLIP patches wide), optionally one rendered word, on a plain or cluttered background. Questions come in five
+1-2 CLIP patches wide, all on the 14-px patch grid), optionally one rendered word (its box also starts on the
+grid), on a plain or cluttered background. Questions come in five
 families that mirror the standard benchmarks:
 
 ==========  =====================================================  ==================
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 336
@@ -43,7 +45,13 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 PLURALS = {s: s + "s" for s in SHAPES}
-SIZES = {"small": (18, 26), "medium": (34, 50), "large": (58, 80)}
+# Shapes sit on CLIP's 14-px patch grid and measure whole patches (small: 1-2, medium: 3, large: 4-5 patches wide).
+# Why: the demo ViT is trained from scratch in minutes on a CPU; a ViT's linear patch embedding has no shift
+# invariance, so shapes at arbitrary sub-patch offsets are far too data-hungry to learn in that budget (a linear
+# probe read shape at chance after 1,300 s of CLIP training). A word's box starts on the grid too (its glyphs
+# then look the same in every scene, so reading is learnable in that budget).
+PATCH = 14
+SIZES = {"small": (1, 2), "medium": (3, 3), "large": (4, 5)}  # in patches
 WORDS = ("cat", "dog", "car", "bus", "tree", "house", "sky", "water", "road", "sign", "man", "child", "book", "fish", "moon", "ship")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
@@ -102,10 +110,19 @@ def _overlaps(box, boxes, margin: int = 4) -> bool:
     return any(x0 < b[2] + margin and b[0] < x1 + margin and y0 < b[3] + margin and b[1] < y1 + margin for b in boxes)
 
 
-def _place(rng: random.Random, w: int, h: int, boxes) -> Optional[Tuple[int, int, int, int]]:
+def _place(rng: random.Random, w: int, h: int, boxes, grid: int = 1) -> Optional[Tuple[int, int, int, int]]:
     for _ in range(200):
-        x0 = rng.randint(4, IMAGE_SIZE - w - 4)
-        y0 = rng.randint(4, IMAGE_SIZE - h - 4)
+        if grid > 1:  # top-left corner on the patch grid, whole patches, one patch margin to other objects
+            x0 = grid * rng.randint(0, (IMAGE_SIZE - w) // grid)
+            y0 = grid * rng.randint(0, (IMAGE_SIZE - h) // grid)
+            box = (x0, y0, x0 + w, y0 + h)
+            snapped = [(b[0] // grid * grid, b[1] // grid * grid, -(-b[2] // grid) * grid, -(-b[3] // grid) * grid) for b in boxes]
+            if not _overlaps(box, snapped, margin=1):  # never shares a patch with another object
+                return box
+            continue
+        else:
+            x0 = rng.randint(4, IMAGE_SIZE - w - 4)
+            y0 = rng.randint(4, IMAGE_SIZE - h - 4)
         box = (x0, y0, x0 + w, y0 + h)
         if not _overlaps(box, boxes):
             return box
@@ -151,7 +168,7 @@ def sample_scene(split: str, index: int, *, n_objects: Optional[int] = None, wit
         fsize = rng.choice((26, 30, 34, 40))
         l, t, r, b = _font(fsize).getbbox(word)
         pad = 5
-        box = _place(rng, r - l + 2 * pad, b - t + 2 * pad, boxes)
+        box = _place(rng, r - l + 2 * pad, b - t + 2 * pad, boxes, grid=PATCH)
         if box is not None:
             ink = "white" if sum(bg) < 300 and rng.random() < 0.8 else "black"
             scene.objects.append(Obj("text", ink, str(fsize), box, word))
@@ -159,8 +176,8 @@ def sample_scene(split: str, index: int, *, n_objects: Optional[int] = None, wit
     for _ in range(n):
         size = rng.choice(tuple(SIZES))
         lo, hi = SIZES[size]
-        s = rng.randint(lo, hi)
-        box = _place(rng, s, s, boxes)
+        s = PATCH * rng.randint(lo, hi)
+        box = _place(rng, s, s, boxes, grid=PATCH)
         if box is None:
             continue
         scene.objects.append(Obj(SHAPES[rng.randrange(len(SHAPES))], tuple(COLOURS)[rng.randrange(len(COLOURS))], size, box))
@@ -201,19 +218,45 @@ def render(scene: Scene) -> Image.Image:
             draw.text((x0 + 5 - l, y0 + 5 - t), o.word, fill=fill, font=font)
             continue
         base = COLOURS[o.colour]
-        fill = tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in base)
-        box = (x0, y0, x1 - 1, y1 - 1)
-        if o.kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif o.kind == "square":
-            draw.rectangle(box, fill=fill)
-        elif o.kind == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
-        elif o.kind == "star":
-            draw.polygon(_star(box), fill=fill)
-        elif o.kind == "diamond":
-            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, (y0 + y1) / 2), ((x0 + x1) / 2, y1 - 1), (x0, (y0 + y1) / 2)], fill=fill)
+        _draw_shape(draw, o, tuple(max(0, min(255, c + rng.randint(-12, 12))) for c in base))
     return im
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    x0, y0, x1, y1 = o.box
+    box = (x0, y0, x1 - 1, y1 - 1)
+    if o.kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif o.kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif o.kind == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    elif o.kind == "star":
+        draw.polygon(_star(box), fill=fill)
+    elif o.kind == "diamond":
+        draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, (y0 + y1) / 2), ((x0 + x1) / 2, y1 - 1), (x0, (y0 + y1) / 2)], fill=fill)
+
+
+def patch_coverage(obj: Obj, patch: int = 14) -> List[Tuple[int, float]]:
+    """(patch index, fraction of that patch the shape covers) for every patch the shape touches.
+
+    Why: dense (per-patch) supervision of the demo ViT needs to know which patches show which object; the
+    mask is drawn with the renderer's own geometry, so it is exact, occlusion aside (objects never overlap).
+    """
+    if obj.kind == "text":
+        raise ValueError("patch_coverage is defined for shapes, not text")
+    im = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_shape(ImageDraw.Draw(im), obj, 255)
+    mask = np.asarray(im, dtype=np.float64) / 255.0
+    x0, y0, x1, y1 = obj.box
+    grid = IMAGE_SIZE // patch
+    out = []
+    for r in range(y0 // patch, (y1 - 1) // patch + 1):
+        for c in range(x0 // patch, (x1 - 1) // patch + 1):
+            cov = float(mask[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].mean())
+            if cov > 0:
+                out.append((r * grid + c, cov))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ questions

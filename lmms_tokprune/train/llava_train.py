@@ -89,6 +89,17 @@ def penultimate_features(model, pix: torch.Tensor) -> torch.Tensor:
     return h[:, 1:]
 
 
+def tower_fingerprint(model) -> str:
+    """Short hash of the vision tower's weights: a feature cache is only reused for the ViT that made it."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(model.model.vision_tower.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
 def cache_features(model, split: str, n: int, batch: int = 32, log: Optional[Log] = None) -> torch.Tensor:
     feats = []
     for start in range(0, n, batch):
@@ -137,6 +148,24 @@ class Conversations:
             ids += prompt + ans
             labels += [-100] * len(prompt) + ans
         return ids, labels
+
+
+@torch.no_grad()
+def whiten_projector_input(projector, feats: torch.Tensor, sample: int = 500) -> None:
+    """Data-dependent init of the projector's first layer: fold the per-channel mean/std of the ViT features in.
+
+    Why: the frozen ViT's patch features share a large common component (token norm ~21, spread between the
+    patches of one image ~1.4), so with a default init every image token looks alike to the LLM, attention
+    over the 576 tokens stays uniform and the LLM learns the answer prior instead of looking. Folding the
+    statistics into ``linear_1`` keeps the standard mlp2x_gelu projector (same weights file) and makes its
+    input zero-mean unit-variance per channel at step 0.
+    """
+    x = feats[:sample].float().reshape(-1, feats.shape[-1])
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+    lin = projector.linear_1
+    lin.weight.mul_(1.0 / std[None])
+    if lin.bias is not None:
+        lin.bias.sub_(lin.weight @ mean)
 
 
 def _embed(model, ids: torch.Tensor, feats: torch.Tensor, image_id: int) -> torch.Tensor:
@@ -205,6 +234,9 @@ def train_llava(
     projector_lr: Optional[float] = None,
     seed: int = 0,
     caption_prob: float = 0.5,
+    per_family: int = 2,
+    whiten: bool = True,
+    curriculum: Sequence[Tuple[int, int]] = (),
     cache_dir: Optional[Path] = None,
     init_from: Optional[Path] = None,
     data_seed: Optional[int] = None,
@@ -216,7 +248,13 @@ def train_llava(
 
     ``init_from``: continue from an earlier run's LLaVA folder (same sizes and tokenizer) with a fresh schedule;
     ``data_seed`` (default ``seed``) then gives that continuation its own question order.
-    ``stop_after``: end after this many steps of the (longer) schedule (what the shipped run did).
+    ``stop_after``: end after this many steps of the (longer) schedule.
+    ``projector_lr``: the projector's own learning rate (LLaVA trains it at a higher rate than the LLM);
+    ``per_family``: questions per family in each training conversation (the image is paid for once per scene).
+    ``curriculum``: ``((until_step, max_shapes), ...)``: before ``until_step`` only scenes with at most
+    ``max_shapes`` shapes. Why: with one object, any look at the image answers "What colour is the star?", so
+    the LLM first learns to read object features; selecting the named object among many comes after. Without
+    it the LLM sat on the answer prior for 900+ steps.
     """
 
     log = log or Log()
@@ -234,7 +272,7 @@ def train_llava(
     model.model.vision_tower.requires_grad_(False)
     conv = Conversations(tok)
 
-    cache = Path(cache_dir) / f"features_{n_scenes}_{n_val}.pt" if cache_dir else None
+    cache = Path(cache_dir) / f"features_{n_scenes}_{n_val}_{tower_fingerprint(model)}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         blob = torch.load(cache)
         train_feats, val_feats = blob["train"], blob["val"]
@@ -246,6 +284,8 @@ def train_llava(
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"train": train_feats, "val": val_feats}, cache)
     log(f"features: train {tuple(train_feats.shape)} val {tuple(val_feats.shape)}")
+    if init_from is None and whiten:
+        whiten_projector_input(model.model.multi_modal_projector, train_feats)
 
     val_items = []
     for i in range(n_val):
@@ -253,24 +293,36 @@ def train_llava(
         qs = scene_questions(scene, random.Random(scene.rng_state + 1), per_family=2)
         val_items.append({"row": i, "questions": [(q.family, q.question, q.answer) for q in qs]})
 
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p for n, p in named if "multi_modal_projector" not in n], "lr": lr},
+              {"params": [p for n, p in named if "multi_modal_projector" in n], "lr": projector_lr or lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98))
     steps = int(math.ceil(epochs * n_scenes / batch_size))
     warm = max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     order: List[int] = []
+    n_shapes = [len(sample_scene("train", i).shapes) for i in range(n_scenes)] if curriculum else []
+    stage = None
     model.train()
     last = steps if stop_after is None else min(steps, stop_after)
     for step in range(last):
+        max_shapes = next((m for until, m in curriculum if step < until), None)
+        if max_shapes != stage:  # a new curriculum stage: draw from its scenes only
+            stage, order = max_shapes, []
+            log(f"llava step {step}: scenes with {'any number of' if stage is None else f'at most {stage}'} shapes")
         if len(order) < batch_size:
-            perm = list(range(n_scenes))
+            perm = [i for i in range(n_scenes) if stage is None or n_shapes[i] <= stage]
+            if not perm:
+                raise ValueError(f"curriculum: none of the {n_scenes} training scenes has at most {stage} shapes; "
+                                 "use more scenes or a looser curriculum")
             rng.shuffle(perm)
             order += perm
         rows_idx, order = order[:batch_size], order[batch_size:]
         rows = []
         for i in rows_idx:
             scene = sample_scene("train", i)
-            turns = [(q.question, q.answer) for q in scene_questions(scene, rng, per_family=2)]
+            turns = [(q.question, q.answer) for q in scene_questions(scene, rng, per_family=per_family)]
             if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
                 turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
             rng.shuffle(turns)

@@ -1,12 +1,13 @@
 """`lmms-tokprune train-demo`: the whole recipe of the shipped demo checkpoint, fixed seeds, CPU.
 
-1. CLIP pre-training (clip_pretrain.py): phase 1 global contrastive (+ hard negatives, FLIP 25% patches)
-   -> ``<out>/clip_phase1``; phase 2 continues with the region-level loss added (50% patches) -> ``<out>/clip_fp32``
-2. projector + LLM on the frozen ViT's cached features (llava_train.py): phase 1 -> ``<out>/llava_phase1``,
-   phase 2 continues it (fresh schedule, new question order) -> ``<out>/llava_fp32``
+1. CLIP pre-training (clip_pretrain.py) from scratch: global InfoNCE on captions + NegCLIP hard negatives + the
+   dense per-patch region loss, FLIP (half the patches) then all 576 -> ``<out>/clip_fp32``
+2. projector + LLM on the frozen ViT's cached features (llava_train.py) -> ``<out>/llava_fp32``
 3. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
    (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--install`` copies them to
    ``lmms_tokprune/assets/`` where ``pretrained=demo`` / ``text_encoder=demo`` find them.
+
+A finished stage's folder is reused when the command is run again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -26,28 +27,29 @@ from .common import Log, Sizes
 @dataclass
 class Recipe:
     sizes: Sizes = field(default_factory=Sizes)
-    clip_steps: int = 240
-    clip_full_steps: int = 16
-    clip_batch: int = 32
-    clip_keep: int = 144
+    # one CLIP run from scratch: global InfoNCE + hard negatives + the dense per-patch loss; FLIP keeps half the
+    # patches for clip_steps, then clip_full_steps see all 576 (as LLaVA will)
+    clip_steps: int = 1400
+    clip_full_steps: int = 100
+    clip_batch: int = 24
+    clip_keep: int = 288
     clip_lr: float = 1e-3
-    # phase 2: continue with the region-level loss, half the patches
-    clip2_steps: int = 360
-    clip2_full_steps: int = 16
-    clip2_keep: int = 288
-    clip2_lr: float = 5e-4
-    region_weight: float = 1.0
+    patch_weight: float = 1.0
     llava_scenes: int = 6000
     llava_val: int = 100
-    llava_epochs: float = 0.6  # 450 steps of 8 conversations
+    llava_steps: int = 1800
     llava_batch: int = 8
-    llava_lr: float = 1.5e-3
-    caption_prob: float = 0.5
-    # phase 2 of the LLaVA stage: continue from phase 1 with a fresh schedule and a new question order
-    llava2_epochs: float = 1.2  # 900 steps of 8 conversations
-    llava2_stop_after: Optional[int] = None  # end early after this many steps (None: the whole schedule)
-    llava2_lr: float = 1e-3
+    llava_lr: float = 1e-3
+    llava_projector_lr: float = 3e-3
+    llava_per_family: int = 2
+    caption_prob: float = 0.3
+    # (until step, at most this many shapes per scene): one object first, then a few, then all
+    llava_curriculum: Tuple[Tuple[int, int], ...] = ((300, 1), (700, 3))
     seed: int = 0
+
+    @property
+    def llava_epochs(self) -> float:
+        return self.llava_steps * self.llava_batch / self.llava_scenes
 
 
 def export_fp16(src: Path, dst: Path, kind: str) -> Path:
@@ -81,35 +83,28 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
         clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
         clip_s = None
     else:
-        phase1 = out / "clip_phase1"
-        if not (phase1 / "config.json").exists():
-            pretrain_clip(phase1, recipe.sizes, steps=recipe.clip_steps, full_steps=recipe.clip_full_steps,
-                          batch_size=recipe.clip_batch, keep=recipe.clip_keep, lr=recipe.clip_lr, seed=recipe.seed, log=log)
-        clip_model = pretrain_clip(clip_dir, recipe.sizes, steps=recipe.clip2_steps, full_steps=recipe.clip2_full_steps,
-                                   batch_size=recipe.clip_batch, keep=recipe.clip2_keep, lr=recipe.clip2_lr, seed=recipe.seed,
-                                   region_weight=recipe.region_weight, init_from=phase1,
-                                   first_scene=(recipe.clip_steps + recipe.clip_full_steps) * recipe.clip_batch, log=log)
+        clip_model = pretrain_clip(clip_dir, recipe.sizes, steps=recipe.clip_steps, full_steps=recipe.clip_full_steps,
+                                   batch_size=recipe.clip_batch, keep=recipe.clip_keep, lr=recipe.clip_lr, seed=recipe.seed,
+                                   patch_weight=recipe.patch_weight, save_every=250, log=log)
         clip_s = time.time() - t0
         log(f"CLIP pre-training done in {clip_s:.0f}s")
     t1 = time.time()
-    common = dict(n_scenes=recipe.llava_scenes, n_val=recipe.llava_val, batch_size=recipe.llava_batch, seed=recipe.seed,
-                  caption_prob=recipe.caption_prob, cache_dir=out / "cache", log=log)
-    phase1 = out / "llava_phase1"
-    if not (phase1 / "config.json").exists():
-        train_llava(clip_model, phase1, recipe.sizes, epochs=recipe.llava_epochs, lr=recipe.llava_lr, **common)
-    if recipe.llava2_epochs > 0:
-        _, val_acc = train_llava(clip_model, out / "llava_fp32", recipe.sizes, epochs=recipe.llava2_epochs, lr=recipe.llava2_lr,
-                                 init_from=phase1, data_seed=recipe.seed + 1, save_every=150,
-                                 stop_after=recipe.llava2_stop_after, **common)
+    llava_dir = out / "llava_fp32"
+    val_acc = None
+    if (llava_dir / "config.json").exists():
+        log(f"reusing {llava_dir}")
     else:
-        shutil.copytree(phase1, out / "llava_fp32", dirs_exist_ok=True)
-        val_acc = None
+        _, val_acc = train_llava(clip_model, llava_dir, recipe.sizes, n_scenes=recipe.llava_scenes, n_val=recipe.llava_val,
+                                 epochs=recipe.llava_epochs, batch_size=recipe.llava_batch, lr=recipe.llava_lr,
+                                 projector_lr=recipe.llava_projector_lr, per_family=recipe.llava_per_family, seed=recipe.seed,
+                                 caption_prob=recipe.caption_prob, curriculum=recipe.llava_curriculum, cache_dir=out / "cache",
+                                 save_every=300, log=log)
     llava_s = time.time() - t1
     log(f"LLaVA training done in {llava_s:.0f}s")
     demo_llava = export_fp16(out / "llava_fp32", out / "demo_llava", "llava")
     demo_clip = export_fp16(clip_dir, out / "demo_clip", "clip")
     meta = {
-        "recipe": {k: (v.as_dict() if isinstance(v, Sizes) else v) for k, v in recipe.__dict__.items()},
+        "recipe": {k: (v.as_dict() if isinstance(v, Sizes) else v) for k, v in recipe.__dict__.items()} | {"llava_epochs": recipe.llava_epochs},
         "threads": threads,
         "clip_wall_s": clip_s,
         "llava_wall_s": llava_s,
