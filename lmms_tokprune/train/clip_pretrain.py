@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..shapes import caption, sample_scene
 from ..shapes.generator import COLOURS, SHAPES, WORDS, patch_coverage
-from .common import Log, Sizes, clip_tokenizer, image_processor, scene_pixels, vision_config
+from .common import Log, Sizes, clip_tokenizer, image_processor, scene_pixels, vision_config, vit_blocks
 
 
 def hard_negative(scene, rng: random.Random):
@@ -82,12 +82,8 @@ def image_embeds(model, pix: torch.Tensor, keep: Optional[int], return_tokens: b
     if keep is not None and keep < n:
         idx = torch.rand(b, n).argsort(dim=1)[:, :keep].sort(dim=1).values
         emb = torch.cat([emb[:, :1], emb.gather(1, (idx + 1)[..., None].expand(-1, -1, emb.shape[-1]))], dim=1)
-    h = vm.pre_layrnorm(emb)
-    penultimate = h
-    for layer in vm.encoder.layers:
-        penultimate = h
-        h = layer(h, None)
-        h = h[0] if isinstance(h, tuple) else h
+    penultimate = vit_blocks(vm.encoder.layers[:-1], vm.pre_layrnorm(emb))
+    h = vit_blocks(vm.encoder.layers[-1:], penultimate)
     pooled = model.visual_projection(vm.post_layernorm(h[:, 0]))
     return (pooled, h[:, 1:], idx, penultimate[:, 1:]) if return_tokens else pooled
 
@@ -98,36 +94,6 @@ def _object_patches(obj) -> torch.Tensor:
     rows = torch.arange(y0 // 14, (y1 - 1) // 14 + 1)
     cols = torch.arange(x0 // 14, (x1 - 1) // 14 + 1)
     return (rows[:, None] * 24 + cols[None, :]).reshape(-1)
-
-
-def phrase(obj) -> str:
-    return f'the word "{obj.word}"' if obj.kind == "text" else f"{'an' if obj.size[0] in 'aeiou' else 'a'} {obj.size} {obj.colour} {obj.kind}"
-
-
-def region_loss(model, tokenizer, scenes, tokens: torch.Tensor, idx: torch.Tensor) -> Optional[torch.Tensor]:
-    """Region-level CLIP loss: the mean last-block output over an object's kept patches, through
-    ``visual_projection`` (what Recoverable Compression's text-patch similarity computes), against the phrases of
-    every object in the batch (same phrase = same class)."""
-    feats, texts = [], []
-    for b, scene in enumerate(scenes):
-        kept = torch.zeros(576, dtype=torch.bool)
-        kept[idx[b]] = True
-        pos = torch.full((576,), -1, dtype=torch.long)
-        pos[idx[b]] = torch.arange(idx.shape[1])
-        for o in scene.objects:
-            cover = _object_patches(o)
-            cover = cover[kept[cover]]
-            if len(cover) == 0:
-                continue
-            feats.append(tokens[b, pos[cover]].mean(0))
-            texts.append(phrase(o))
-    if len(feats) < 2:
-        return None
-    uniq = sorted(set(texts))
-    target = torch.tensor([uniq.index(t) for t in texts])
-    reg = F.normalize(model.visual_projection(torch.stack(feats)), dim=-1)
-    txt = F.normalize(text_embeds(model, tokenizer, uniq), dim=-1)
-    return F.cross_entropy(model.logit_scale.exp().clamp(max=100) * reg @ txt.T, target)
 
 
 SHAPE_PHRASES = tuple(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {k}" for c in COLOURS for k in SHAPES)
@@ -203,7 +169,6 @@ def pretrain_clip(
     keep: int = 144,
     lr: float = 1e-3,
     seed: int = 0,
-    region_weight: float = 0.0,
     patch_weight: float = 0.0,
     init_from: Optional[Path] = None,
     first_scene: int = 0,
@@ -212,7 +177,7 @@ def pretrain_clip(
 ):
     """Train and save a CLIPModel (+ CLIPProcessor) to ``out_dir``; return the model.
 
-    ``region_weight`` > 0 adds :func:`region_loss`; ``patch_weight`` > 0 adds :func:`patch_loss` (all patches); ``init_from`` continues an earlier run (fresh schedule) on
+    ``patch_weight`` > 0 adds :func:`patch_loss` (on the kept patches); ``init_from`` continues an earlier run (fresh schedule) on
     scenes from ``first_scene`` on.
     """
     from transformers import CLIPModel, CLIPProcessor
@@ -244,9 +209,6 @@ def pretrain_clip(
         logits = scale * img @ txt.T  # [B, 2B]: own caption, other captions, hard negatives
         target = torch.arange(batch_size)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :batch_size].T, target))
-        reg = region_loss(model, tok, scenes, tokens, idx) if region_weight > 0 else None
-        if reg is not None:
-            loss = loss + region_weight * reg
         dense = None
         if patch_weight > 0:
             targets = keep_targets(patch_targets(scenes), idx)
@@ -265,7 +227,7 @@ def pretrain_clip(
             acc = (logits.argmax(1) == target).float().mean().item()
             hard = (logits[target, target] > logits[target, target + batch_size]).float().mean().item()
         if step % 10 == 0 or step == total - 1:
-            log(f"clip step {step}/{total} loss {loss.item():.3f} region {(reg.item() if reg is not None else 0):.3f} dense {(dense.item() if dense is not None else 0):.3f} i2t-acc {acc:.2f} hard-neg-acc {hard:.2f} scale {scale.item():.1f}"
+            log(f"clip step {step}/{total} loss {loss.item():.3f} dense {(dense.item() if dense is not None else 0):.3f} i2t-acc {acc:.2f} hard-neg-acc {hard:.2f} scale {scale.item():.1f}"
                 f"{'' if step < steps else ' (all patches)'}")
         if save_every and (step + 1) % save_every == 0 and step < total - 1:
             _save_clip(model, tok, Path(str(out_dir) + "_partial"))

@@ -76,6 +76,14 @@ def scene_pixels(scenes) -> torch.Tensor:
     return pixels([render(s) for s in scenes])
 
 
+def vit_blocks(layers, h: torch.Tensor) -> torch.Tensor:
+    """Run CLIP encoder blocks in order (no attention mask): training needs block outputs HF does not return."""
+    for layer in layers:
+        h = layer(h, None)
+        h = h[0] if isinstance(h, tuple) else h
+    return h
+
+
 class Log:
     def __init__(self, path=None):
         self.t0 = time.time()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..llava.prompts import llava_v1_prompt
 from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
 from ..testing.tiny import NUM_PATCHES
-from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config
+from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -82,11 +82,8 @@ def penultimate_features(model, pix: torch.Tensor) -> torch.Tensor:
     """[B, 576, D] = LLaVA's image features before the projector (penultimate block, CLS dropped)."""
     tower = model.model.vision_tower
     vm = getattr(tower, "vision_model", tower)
-    h = vm.pre_layrnorm(vm.embeddings(pix))
-    for layer in vm.encoder.layers[:-1]:  # hidden_states[-2] = output of the second-to-last block
-        h = layer(h, None)
-        h = h[0] if isinstance(h, tuple) else h
-    return h[:, 1:]
+    # hidden_states[-2] = output of the second-to-last block
+    return vit_blocks(vm.encoder.layers[:-1], vm.pre_layrnorm(vm.embeddings(pix)))[:, 1:]
 
 
 def tower_fingerprint(model) -> str:
