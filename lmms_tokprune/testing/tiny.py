@@ -227,13 +227,14 @@ def llava_processor(tokenizer):
     )
 
 
-def _vision_config_dict(vision_layers: int) -> dict:
+def clip_vision_config(hidden: int, intermediate: int, layers: int, heads: int, projection_dim: int) -> dict:
+    """A LLaVA-1.5-geometry CLIP vision config (336 px, patch 14); tiny test checkpoints and the demo recipe share it."""
     return {
         "model_type": "clip_vision_model",
-        "hidden_size": TINY_HIDDEN,
-        "intermediate_size": 2 * TINY_HIDDEN,
-        "num_hidden_layers": vision_layers,
-        "num_attention_heads": 4,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
         "num_channels": 3,
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH_SIZE,
@@ -242,8 +243,34 @@ def _vision_config_dict(vision_layers: int) -> dict:
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "initializer_factor": 1.0,
-        "projection_dim": 32,
+        "projection_dim": projection_dim,
     }
+
+
+def llama_text_config(tok, hidden: int, intermediate: int, layers: int, heads: int) -> dict:
+    """A small Llama config with the tokenizer's special ids; tiny test checkpoints and the demo recipe share it."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+
+
+def _vision_config_dict(vision_layers: int) -> dict:
+    return clip_vision_config(TINY_HIDDEN, 2 * TINY_HIDDEN, vision_layers, 4, 32)
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -276,24 +303,7 @@ def build_tiny_llava(
     out = _prepare_out(out_dir, overwrite)
     tok = _llama_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
-    text_config = {
-        "model_type": "llama",
-        "vocab_size": len(tok),
-        "hidden_size": TINY_HIDDEN,
-        "intermediate_size": 2 * TINY_HIDDEN,
-        "num_hidden_layers": text_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+    text_config = llama_text_config(tok, TINY_HIDDEN, 2 * TINY_HIDDEN, text_layers, 4)
     config = LlavaConfig(
         vision_config=_vision_config_dict(vision_layers),
         text_config=text_config,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..shapes import FAMILIES, corpus_sentences, render
-from ..testing.tiny import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, PATCH_SIZE, _clip_tokenizer, _image_processor, _llama_tokenizer
+from ..testing.tiny import CLIP_MEAN, CLIP_STD, _clip_tokenizer, _image_processor, _llama_tokenizer, clip_vision_config
 
 
 @dataclass
@@ -33,21 +33,10 @@ class Sizes:
 
 
 def vision_config(s: Sizes) -> dict:
-    return {
-        "hidden_size": s.vit_width,
-        "intermediate_size": 4 * s.vit_width,
-        "num_hidden_layers": s.vit_layers,
-        "num_attention_heads": s.vit_heads,
-        "num_channels": 3,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "initializer_factor": 1.0,
-        "projection_dim": s.projection_dim,
-    }
+    """CLIPVisionConfig kwargs of the demo ViT (``model_type`` dropped: CLIPConfig nests it itself)."""
+    cfg = clip_vision_config(s.vit_width, 4 * s.vit_width, s.vit_layers, s.vit_heads, s.projection_dim)
+    cfg.pop("model_type")
+    return cfg
 
 
 def clip_tokenizer():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..llava.prompts import llava_v1_prompt
 from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
-from ..testing.tiny import NUM_PATCHES
+from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
 
 
@@ -35,24 +35,7 @@ def build_llava(sizes: Sizes, tok, clip_model):
 
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vision = dict(vision_config(sizes), model_type="clip_vision_model")
-    text_config = {
-        "model_type": "llama",
-        "vocab_size": len(tok),
-        "hidden_size": sizes.llm_width,
-        "intermediate_size": sizes.llm_intermediate,
-        "num_hidden_layers": sizes.llm_layers,
-        "num_attention_heads": sizes.llm_heads,
-        "num_key_value_heads": sizes.llm_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "initializer_range": 0.02,
-        "tie_word_embeddings": False,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "pad_token_id": tok.pad_token_id,
-    }
+    text_config = llama_text_config(tok, sizes.llm_width, sizes.llm_intermediate, sizes.llm_layers, sizes.llm_heads)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text_config,
