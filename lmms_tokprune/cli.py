@@ -140,7 +140,8 @@ def _train_demo(args: argparse.Namespace) -> int:
     sizes = Sizes(llm_width=args.llm_width, llm_layers=args.llm_layers, llm_heads=args.llm_heads, llm_intermediate=args.llm_intermediate)
     recipe = Recipe(sizes=sizes, clip_steps=args.clip_steps, clip_full_steps=args.clip_full_steps, clip_batch=args.clip_batch,
                     llava_scenes=args.scenes, llava_val=args.val, llava_steps=args.llava_steps,
-                    llava_batch=args.batch_size, seed=args.seed)
+                    llava_batch=args.batch_size, grounding_weight=args.grounding_weight, readout_weight=args.readout_weight,
+                    seed=args.seed)
     meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
     print(json.dumps(meta, indent=1))
     return 0
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val", type=int, default=100, help="validation scenes (first-turn exact match is logged)")
     train.add_argument("--llava-steps", type=int, default=1800, help="projector + LLM steps of --batch-size conversations")
     train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grounding-weight", type=float, default=1.0, help="answer-to-object attention loss (0: answers only)")
+    train.add_argument("--readout-weight", type=float, default=0.5, help="object tokens predict their words (0: off)")
     train.add_argument("--llm-width", type=int, default=160)
     train.add_argument("--llm-layers", type=int, default=3)
     train.add_argument("--llm-heads", type=int, default=5)

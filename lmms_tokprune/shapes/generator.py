@@ -265,6 +265,8 @@ class Question:
     family: str
     question: str
     answer: str
+    # the objects the question is about (none for a "no" existence question): the grounding target of training
+    about: Tuple[Obj, ...] = field(default=(), compare=False, repr=False)
 
 
 def _a(word: str) -> str:
@@ -284,24 +286,27 @@ def questions_for(scene: Scene, family: str, rng: random.Random) -> List[Questio
     out: List[Question] = []
     if family == "attribute":
         for s, o in sorted(_unique(shapes, lambda o: o.kind).items()):
-            out.append(Question(family, f"What colour is the {s}?", o.colour))
+            out.append(Question(family, f"What colour is the {s}?", o.colour, (o,)))
         for c, o in sorted(_unique(shapes, lambda o: o.colour).items()):
-            out.append(Question(family, f"What shape is the {c} object?", o.kind))
+            out.append(Question(family, f"What shape is the {c} object?", o.kind, (o,)))
     elif family == "counting":
         kinds = sorted({o.kind for o in shapes})
         colours = sorted({o.colour for o in shapes})
         for s in kinds:
-            out.append(Question(family, f"How many {PLURALS[s]} are there?", str(sum(o.kind == s for o in shapes))))
+            hits = tuple(o for o in shapes if o.kind == s)
+            out.append(Question(family, f"How many {PLURALS[s]} are there?", str(len(hits)), hits))
         for c in colours:
-            out.append(Question(family, f"How many {c} objects are there?", str(sum(o.colour == c for o in shapes))))
-        out.append(Question(family, "How many shapes are there?", str(len(shapes))))
+            hits = tuple(o for o in shapes if o.colour == c)
+            out.append(Question(family, f"How many {c} objects are there?", str(len(hits)), hits))
+        out.append(Question(family, "How many shapes are there?", str(len(shapes)), tuple(shapes)))
         absent = [s for s in SHAPES if s not in kinds]
         if absent and rng.random() < 0.3:
             out.append(Question(family, f"How many {PLURALS[rng.choice(absent)]} are there?", "0"))
     elif family == "existence":
         present = sorted({(o.colour, o.kind) for o in shapes})
         for c, s in present:
-            out.append(Question(family, f"Is there {_a(c)} {c} {s} in the image?", "yes"))
+            hits = tuple(o for o in shapes if (o.colour, o.kind) == (c, s))
+            out.append(Question(family, f"Is there {_a(c)} {c} {s} in the image?", "yes", hits))
         # POPE-style negatives: half adversarial (a present colour or shape), half random.
         kinds, colours = {o.kind for o in shapes}, {o.colour for o in shapes}
         pool = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
@@ -320,7 +325,7 @@ def questions_for(scene: Scene, family: str, rng: random.Random) -> List[Questio
         t = scene.text
         if t is not None:
             q = rng.choice(("What word is written in the image?", "What does the text say?", "What word is shown in the picture?"))
-            out.append(Question(family, q, t.word))
+            out.append(Question(family, q, t.word, (t,)))
     elif family == "relation":
         named = sorted(_unique(shapes, lambda o: o.name).values(), key=lambda o: o.name)
         for i, a in enumerate(named):
@@ -339,7 +344,7 @@ def questions_for(scene: Scene, family: str, rng: random.Random) -> List[Questio
                         rel = ("to the left of" if truth else "to the right of") if ask_true else ("to the right of" if truth else "to the left of")
                     else:
                         rel = ("above" if truth else "below") if ask_true else ("below" if truth else "above")
-                    out.append(Question(family, f"Is the {first.name} {rel} the {second.name}?", "yes" if ask_true else "no"))
+                    out.append(Question(family, f"Is the {first.name} {rel} the {second.name}?", "yes" if ask_true else "no", (first, second)))
     else:
         raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
     return out

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from ..llava.prompts import llava_v1_prompt
 from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
 from ..testing.tiny import NUM_PATCHES, llama_text_config
+from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
+from .grounding import GroundedRow, attention_loss, box_patches, object_words, readout_loss
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -112,22 +114,37 @@ class Conversations:
             out.extend([self.image_id] * NUM_PATCHES if i == self.image_id else [i])
         return out
 
-    def build(self, qa: Sequence[Tuple[str, ...]]) -> Tuple[List[int], List[int]]:
+    def build(self, qa: Sequence[tuple]) -> Tuple[List[int], List[int]]:
         """Turns are (question, answer) with the short-answer instruction, or (question, answer, "") without it."""
-        ids: List[int] = []
-        labels: List[int] = []
+        row = self.build_grounded(qa)
+        return row.ids, row.labels
+
+    def build_grounded(self, qa: Sequence[tuple], objects: Sequence = (), word_id=None) -> GroundedRow:
+        """As :meth:`build`, plus grounding targets: a turn's optional 4th item is the objects it is about;
+        with ``objects`` (and ``word_id``: word -> token id), every object patch's image token gets readout words."""
+        row = GroundedRow([], [])
+        image_start = None
         for turn, item in enumerate(qa):
             q, a = item[0], item[1]
             post = item[2] if len(item) > 2 else POST_PROMPT
+            about = item[3] if len(item) > 3 else ()
             if turn == 0:
                 prompt = self._ids(llava_v1_prompt(q + post, 1), bos=True)
+                if self.image_id in prompt:
+                    image_start = len(row.ids) + prompt.index(self.image_id)
                 prompt = [t for i in prompt for t in ([i] * NUM_PATCHES if i == self.image_id else [i])]
             else:
                 prompt = self._ids(f"USER: {q}{post} ASSISTANT:")
             ans = self._ids(a) + [self.tok.eos_token_id]
-            ids += prompt + ans
-            labels += [-100] * len(prompt) + ans
-        return ids, labels
+            row.ids += prompt
+            row.labels += [-100] * len(prompt)
+            if about and image_start is not None:
+                row.targets.append((len(row.ids) - 1, [image_start + p for o in about for p in box_patches(o)]))
+            row.ids += ans
+            row.labels += ans
+        if objects and image_start is not None:
+            row.readouts = [(image_start + p, w) for p, ws in object_words(objects, word_id).items() for w in ws]
+        return row
 
 
 @torch.no_grad()
@@ -169,13 +186,44 @@ def _batch(rows: List[Tuple[List[int], List[int]]], pad_id: int):
     return ids, labels, att
 
 
-def _loss(model, ids, labels, att, feats, image_id):
+def _loss(model, ids, labels, att, feats, image_id, with_hidden: bool = False):
     emb = _embed(model, ids, feats, image_id)
     out = model.model.language_model(inputs_embeds=emb, attention_mask=att)
     logits = model.lm_head(out.last_hidden_state[:, :-1])
     tgt = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+    if with_hidden:
+        return loss, logits, tgt, out.last_hidden_state
     return loss, logits, tgt
+
+
+def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float):
+    """Answer loss + the grounding losses (grounding.py) of one batch; returns (total, parts for the log)."""
+    ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
+    queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
+    layers = list(range(1, model.config.text_config.num_hidden_layers))
+    parts: Dict[str, float] = {}
+    if grounding_weight > 0 and queries and layers:
+        b = torch.tensor([j for j, _, _ in queries])
+        q = torch.tensor([q for _, q, _ in queries])
+        masks = torch.zeros(len(queries), ids.shape[1])
+        for n, (_, _, tg) in enumerate(queries):
+            masks[n, tg] = 1.0
+        with AttentionRows(model.model.language_model, layers, b, q) as captured:
+            loss, _, _, hidden = _loss(model, ids, labels, att, feats, image_id, with_hidden=True)
+        ground = attention_loss(captured.rows, masks)
+        parts["ground"] = ground.item()
+        total = loss + grounding_weight * ground
+    else:
+        loss, _, _, hidden = _loss(model, ids, labels, att, feats, image_id, with_hidden=True)
+        total = loss
+    readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
+    if readout_weight > 0 and readouts:
+        ro = readout_loss(model.lm_head, hidden, readouts)
+        parts["readout"] = ro.item()
+        total = total + readout_weight * ro
+    parts["answer"] = loss.item()
+    return total, parts
 
 
 @torch.inference_mode()
@@ -217,6 +265,8 @@ def train_llava(
     per_family: int = 2,
     whiten: bool = True,
     curriculum: Sequence[Tuple[int, int]] = (),
+    grounding_weight: float = 0.0,
+    readout_weight: float = 0.0,
     cache_dir: Optional[Path] = None,
     init_from: Optional[Path] = None,
     data_seed: Optional[int] = None,
@@ -235,6 +285,7 @@ def train_llava(
     ``max_shapes`` shapes. Why: with one object, any look at the image answers "What colour is the star?", so
     the LLM first learns to read object features; selecting the named object among many comes after. Without
     it the LLM sat on the answer prior for 900+ steps.
+    ``grounding_weight`` / ``readout_weight``: the auxiliary losses of grounding.py (0 = answers only).
     """
 
     log = log or Log()
@@ -251,6 +302,7 @@ def train_llava(
         del prev
     model.model.vision_tower.requires_grad_(False)
     conv = Conversations(tok)
+    word_id = lambda w: conv._ids(w)[0]  # noqa: E731 - the answer's first token ("red" -> "▁red")
 
     cache = Path(cache_dir) / f"features_{n_scenes}_{n_val}_{tower_fingerprint(model)}.pt" if cache_dir else None
     if cache is not None and cache.exists():
@@ -302,20 +354,22 @@ def train_llava(
         rows = []
         for i in rows_idx:
             scene = sample_scene("train", i)
-            turns = [(q.question, q.answer) for q in scene_questions(scene, rng, per_family=per_family)]
+            turns = [(q.question, q.answer, POST_PROMPT, q.about) for q in scene_questions(scene, rng, per_family=per_family)]
             if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
                 turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
             rng.shuffle(turns)
-            rows.append(conv.build(turns))
-        ids, labels, att = _batch(rows, tok.pad_token_id)
-        loss, _, _ = _loss(model, ids, labels, att, train_feats[rows_idx], conv.image_id)
+            rows.append(conv.build_grounded(turns, scene.objects if readout_weight > 0 else (), word_id))
+        total, parts = _grounded_step(model, rows, train_feats[rows_idx], conv.image_id, tok.pad_token_id,
+                                      grounding_weight, readout_weight)
+        loss = total
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
-            log(f"llava step {step}/{steps} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e}")
+            log(f"llava step {step}/{steps} loss {loss.item():.4f} ({' '.join(f'{k} {v:.3f}' for k, v in parts.items())}) "
+                f"lr {sched.get_last_lr()[0]:.2e}")
         if (step + 1) % 300 == 0 or step == last - 1:
             acc = first_turn_accuracy(model, conv, val_feats, val_items)
             log("val first-turn exact match: " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))

@@ -2,7 +2,7 @@
 
 1. CLIP pre-training (clip_pretrain.py) from scratch: global InfoNCE on captions + NegCLIP hard negatives + the
    dense per-patch region loss, FLIP (half the patches) then all 576 -> ``<out>/clip_fp32``
-2. projector + LLM on the frozen ViT's cached features (llava_train.py) -> ``<out>/llava_fp32``
+2. projector + LLM on the frozen ViT's cached features (llava_train.py), answers + grounding losses -> ``<out>/llava_fp32``
 3. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
    (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--install`` copies them to
    ``lmms_tokprune/assets/`` where ``pretrained=demo`` / ``text_encoder=demo`` find them.
@@ -40,11 +40,15 @@ class Recipe:
     llava_steps: int = 1800
     llava_batch: int = 8
     llava_lr: float = 1e-3
-    llava_projector_lr: float = 3e-3
+    llava_projector_lr: float = 1e-3
     llava_per_family: int = 2
     caption_prob: float = 0.3
-    # (until step, at most this many shapes per scene): one object first, then a few, then all
-    llava_curriculum: Tuple[Tuple[int, int], ...] = ((300, 1), (700, 3))
+    # (until step, at most this many shapes per scene); empty: all scenes from the start
+    llava_curriculum: Tuple[Tuple[int, int], ...] = ()
+    # auxiliary losses (grounding.py): the answer position attends to the named objects; object tokens read out
+    # their words. Without them the from-scratch LLM stayed at the answer prior.
+    grounding_weight: float = 1.0
+    readout_weight: float = 0.5
     seed: int = 0
 
     @property
@@ -98,6 +102,7 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
                                  epochs=recipe.llava_epochs, batch_size=recipe.llava_batch, lr=recipe.llava_lr,
                                  projector_lr=recipe.llava_projector_lr, per_family=recipe.llava_per_family, seed=recipe.seed,
                                  caption_prob=recipe.caption_prob, curriculum=recipe.llava_curriculum, cache_dir=out / "cache",
+                                 grounding_weight=recipe.grounding_weight, readout_weight=recipe.readout_weight,
                                  save_every=300, log=log)
     llava_s = time.time() - t1
     log(f"LLaVA training done in {llava_s:.0f}s")
