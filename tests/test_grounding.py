@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmms_tokprune.shapes import sample_scene, scene_questions
-from lmms_tokprune.train.grounding import attention_loss, box_patches, object_words
+from lmms_tokprune.shapes.generator import box_patches
+from lmms_tokprune.train.grounding import attention_loss, object_words
 
 
 def _tiny_llama():

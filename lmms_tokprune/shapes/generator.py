@@ -259,6 +259,14 @@ def patch_coverage(obj: Obj, patch: int = 14) -> List[Tuple[int, float]]:
     return out
 
 
+def box_patches(obj: Obj, patch: int = 14) -> List[int]:
+    """Patch indices (row-major) of the object's box: shapes and words sit on the patch grid, so these are
+    the image tokens that show the object (shapes may leave corner patches empty: see :func:`patch_coverage`)."""
+    x0, y0, x1, y1 = obj.box
+    grid = IMAGE_SIZE // patch
+    return [r * grid + c for r in range(y0 // patch, (y1 - 1) // patch + 1) for c in range(x0 // patch, (x1 - 1) // patch + 1)]
+
+
 # ------------------------------------------------------------------------------------------------ questions
 @dataclass
 class Question:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..shapes import caption, sample_scene
-from ..shapes.generator import COLOURS, SHAPES, WORDS, patch_coverage
+from ..shapes.generator import COLOURS, SHAPES, WORDS, box_patches, patch_coverage
 from .common import Log, Sizes, clip_tokenizer, image_processor, scene_pixels, vision_config, vit_blocks
 
 
@@ -88,14 +88,6 @@ def image_embeds(model, pix: torch.Tensor, keep: Optional[int], return_tokens: b
     return (pooled, h[:, 1:], idx, penultimate[:, 1:]) if return_tokens else pooled
 
 
-def _object_patches(obj) -> torch.Tensor:
-    """Indices (0..575) of the 14-px patches an object's box covers."""
-    x0, y0, x1, y1 = obj.box
-    rows = torch.arange(y0 // 14, (y1 - 1) // 14 + 1)
-    cols = torch.arange(x0 // 14, (x1 - 1) // 14 + 1)
-    return (rows[:, None] * 24 + cols[None, :]).reshape(-1)
-
-
 SHAPE_PHRASES = tuple(f"{'an' if c[0] in 'aeiou' else 'a'} {c} {k}" for c in COLOURS for k in SHAPES)
 WORD_PHRASES = tuple(f'the word "{w}"' for w in WORDS)
 
@@ -108,7 +100,7 @@ def patch_targets(scenes, min_cover: float = 0.2):
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             if o.kind == "text":
-                words.append((b, _object_patches(o), WORDS.index(o.word)))
+                words.append((b, torch.tensor(box_patches(o)), WORDS.index(o.word)))
                 continue
             cov = patch_coverage(o)
             best = max(c for _, c in cov)

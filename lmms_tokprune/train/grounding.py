@@ -22,16 +22,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..shapes.generator import Obj
-
-GRID = 24
-PATCH = 14
-
-
-def box_patches(obj: Obj) -> List[int]:
-    """Patch indices (row-major on the 24x24 grid) of the object's box: shapes and words sit on the grid."""
-    x0, y0, x1, y1 = obj.box
-    return [r * GRID + c for r in range(y0 // PATCH, (y1 - 1) // PATCH + 1) for c in range(x0 // PATCH, (x1 - 1) // PATCH + 1)]
+from ..shapes.generator import Obj, box_patches
 
 
 @dataclass

@@ -25,7 +25,8 @@ from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
 from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
-from .grounding import GroundedRow, attention_loss, box_patches, object_words, readout_loss
+from ..shapes.generator import box_patches
+from .grounding import GroundedRow, attention_loss, object_words, readout_loss
 
 
 CAPTION_PROMPT = "Describe the image briefly."
