@@ -137,11 +137,14 @@ def _train_demo(args: argparse.Namespace) -> int:
     from .train.common import Sizes
     from .train.recipe import Recipe, train_demo
 
-    sizes = Sizes(llm_width=args.llm_width, llm_layers=args.llm_layers, llm_heads=args.llm_heads, llm_intermediate=args.llm_intermediate)
-    recipe = Recipe(sizes=sizes, clip_steps=args.clip_steps, clip_full_steps=args.clip_full_steps, clip_batch=args.clip_batch,
-                    llava_scenes=args.scenes, llava_val=args.val, llava_steps=args.llava_steps,
-                    llava_batch=args.batch_size, grounding_weight=args.grounding_weight, readout_weight=args.readout_weight,
-                    seed=args.seed)
+    def given(**names: str) -> dict:  # options left at None keep the recipe's defaults (one place for them)
+        return {field: getattr(args, opt) for field, opt in names.items() if getattr(args, opt) is not None}
+
+    sizes = Sizes(**given(llm_width="llm_width", llm_layers="llm_layers", llm_heads="llm_heads", llm_intermediate="llm_intermediate"))
+    recipe = Recipe(sizes=sizes, **given(clip_steps="clip_steps", clip_full_steps="clip_full_steps", clip_batch="clip_batch",
+                                         llava_scenes="scenes", llava_val="val", llava_steps="llava_steps",
+                                         llava_batch="batch_size", grounding_weight="grounding_weight",
+                                         readout_weight="readout_weight", seed="seed"))
     meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
     print(json.dumps(meta, indent=1))
     return 0
@@ -243,20 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="demo_train", help="work folder (checkpoints, feature cache, train.log)")
     train.add_argument("--install", action="store_true", help="copy the fp16 checkpoints into lmms_tokprune/assets/ (pretrained=demo)")
     train.add_argument("--threads", type=int, default=2)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--clip-steps", type=int, default=1400, help="CLIP steps with half the patches (FLIP)")
-    train.add_argument("--clip-full-steps", type=int, default=100, help="CLIP steps with all 576 patches, after those")
-    train.add_argument("--clip-batch", type=int, default=24)
-    train.add_argument("--scenes", type=int, default=6000, help="training scenes for the LLaVA stage (features cached once)")
-    train.add_argument("--val", type=int, default=100, help="validation scenes (first-turn exact match is logged)")
-    train.add_argument("--llava-steps", type=int, default=1800, help="projector + LLM steps of --batch-size conversations")
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--grounding-weight", type=float, default=1.0, help="answer-to-object attention loss (0: answers only)")
-    train.add_argument("--readout-weight", type=float, default=0.5, help="object tokens predict their words (0: off)")
-    train.add_argument("--llm-width", type=int, default=160)
-    train.add_argument("--llm-layers", type=int, default=3)
-    train.add_argument("--llm-heads", type=int, default=5)
-    train.add_argument("--llm-intermediate", type=int, default=432)
+    # defaults: None = the recipe's value (lmms_tokprune/train/recipe.py, the shipped checkpoint's recipe)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--clip-steps", type=int, default=None, help="CLIP steps with half the patches (FLIP)")
+    train.add_argument("--clip-full-steps", type=int, default=None, help="CLIP steps with all 576 patches, after those")
+    train.add_argument("--clip-batch", type=int, default=None)
+    train.add_argument("--scenes", type=int, default=None, help="training scenes for the LLaVA stage (features cached once)")
+    train.add_argument("--val", type=int, default=None, help="validation scenes (first-turn exact match is logged)")
+    train.add_argument("--llava-steps", type=int, default=None, help="projector + LLM steps of --batch-size conversations")
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--grounding-weight", type=float, default=None, help="answer-to-object attention loss (0: answers only)")
+    train.add_argument("--readout-weight", type=float, default=None, help="object tokens predict their words (0: off)")
+    train.add_argument("--llm-width", type=int, default=None)
+    train.add_argument("--llm-layers", type=int, default=None)
+    train.add_argument("--llm-heads", type=int, default=None)
+    train.add_argument("--llm-intermediate", type=int, default=None)
     train.set_defaults(func=_train_demo)
 
     ev = sub.add_parser("eval-demo", help="accuracy of a demo checkpoint on the whole shapes_vqa test split, every method x budget")

@@ -9,7 +9,7 @@ import torch
 
 from lmms_tokprune.shapes import sample_scene, scene_questions
 from lmms_tokprune.shapes.generator import box_patches
-from lmms_tokprune.train.grounding import attention_loss, object_words
+from lmms_tokprune.train.grounding import SINK, attention_groups, attention_loss, object_words, readout_loss
 
 
 def _tiny_llama():
@@ -46,12 +46,48 @@ def test_attention_rows_equal_eager_attention(explicit_positions):
     assert captured.rows[0][3, :, 4:].abs().max() == 0  # causal: nothing after the query
 
 
-def test_attention_loss_pushes_only_the_best_head():
-    rows = torch.full((1, 2, 4), 0.25)
-    rows[0, 1] = torch.tensor([0.1, 0.7, 0.1, 0.1])  # head 1 looks at the target
-    masks = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
-    loss = attention_loss({1: rows}, masks)
-    assert loss.item() == pytest.approx(-torch.log(torch.tensor(0.7)).item(), rel=1e-5)
+def test_attention_loss_supervises_head_g_on_group_g():
+    rows = torch.full((2, 3, 4), 0.25)
+    rows[0, 0] = torch.tensor([0.1, 0.8, 0.05, 0.05])  # head 0 of query 0 on token 1
+    rows[0, 1] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # head 1 of query 0 on token 2
+    rows[0, 2] = torch.tensor([0.1, 0.1, 0.7, 0.1])  # head 2 is free: ignored
+    masks = torch.zeros(2, 2, 4)
+    masks[0, 0, 1] = 1.0  # group 0 of query 0: token 1 -> head 0
+    masks[0, 1, 2] = 1.0  # group 1 of query 0: token 2 -> head 1
+    masks[1, 0, 3] = 1.0  # query 1: one group only (its all-zero second group does not count)
+    logs = torch.tensor([0.8, 0.6, 0.25]).log()
+    second = rows.clone()
+    second[1, 0] = torch.tensor([0.1, 0.1, 0.1, 0.7])
+    assert attention_loss({1: rows}, masks).item() == pytest.approx(-logs.mean().item(), rel=1e-5)
+    # mean over layers; [N, T] masks = one group
+    assert attention_loss({1: rows, 2: second}, masks).item() == pytest.approx(
+        0.5 * (-logs.mean() - (logs[0] + logs[1] + torch.tensor(0.7).log()) / 3).item(), rel=1e-5)
+    assert attention_loss({1: rows[1:]}, masks[1:, 0]).item() == pytest.approx(-logs[2].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="4 target groups but only 3 heads"):
+        attention_loss({1: rows}, torch.ones(2, 4, 4))
+
+
+def test_readout_loss_averages_the_layers_through_the_norm():
+    torch.manual_seed(0)
+    head, norm = torch.nn.Linear(8, 5, bias=False), torch.nn.LayerNorm(8)
+    hiddens = [torch.randn(2, 6, 8) for _ in range(3)]
+    readouts = [(0, 1, 3), (1, 4, 2)]
+    ce = [torch.nn.functional.cross_entropy(head(norm(h[[0, 1], [1, 4]])), torch.tensor([3, 2])) for h in hiddens]
+    assert readout_loss(head, hiddens, readouts, norm=norm).item() == pytest.approx(torch.stack(ce).mean().item(), rel=1e-5)
+    assert readout_loss(head, hiddens[0], readouts).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(head(hiddens[0][[0, 1], [1, 4]]), torch.tensor([3, 2])).item(), rel=1e-5)
+
+
+def test_attention_groups():
+    scene = next(s for s in (sample_scene("train", i) for i in range(80)) if len(s.shapes) >= 3)
+    for q in scene_questions(scene, random.Random(1), per_family=3):
+        groups = attention_groups(q)
+        if not q.about:
+            assert groups == (SINK,)
+        elif q.family == "relation":
+            assert groups == tuple((o,) for o in q.about) and len(groups) == 2
+        else:
+            assert groups == (tuple(q.about),)
 
 
 def test_grounded_rows_point_at_the_named_objects_image_tokens():
@@ -63,17 +99,23 @@ def test_grounded_rows_point_at_the_named_objects_image_tokens():
     conv = Conversations(tok)
     scene = next(s for s in (sample_scene("train", i) for i in range(50)) if len(s.shapes) >= 3 and s.text is not None)
     qs = scene_questions(scene, random.Random(0), per_family=2)
-    turns = [(q.question, q.answer, "\nAnswer the question using a single word or phrase.", q.about) for q in qs]
+    turns = [(q.question, q.answer, "\nAnswer the question using a single word or phrase.", attention_groups(q)) for q in qs]
     word_id = lambda w: conv._ids(w)[0]  # noqa: E731
     row = conv.build_grounded(turns, scene.objects, word_id)
     assert (row.ids, row.labels) == conv.build([t[:3] for t in turns])
     image_start = row.ids.index(conv.image_id)
-    about = [q.about for q in qs if q.about]
-    assert len(row.targets) == len(about)
-    for (query, targets), objs in zip(row.targets, about):
+    assert len(row.targets) == len(qs)
+    assert any(q.family == "relation" for q in qs) and any(not q.about for q in qs)  # both special cases are covered
+    for (query, groups), q in zip(row.targets, qs):
         assert row.labels[query] == -100 and row.labels[query + 1] != -100  # the position that predicts the answer
-        assert sorted(targets) == sorted(image_start + p for o in objs for p in box_patches(o))
-        assert all(row.ids[t] == conv.image_id for t in targets)
+        if not q.about:  # nothing to look at: the sink
+            assert groups == [[0]] and row.ids[0] == tok.bos_token_id
+            continue
+        objs = [(o,) for o in q.about] if q.family == "relation" else [q.about]
+        assert len(groups) == len(objs)
+        for tokens, group in zip(groups, objs):
+            assert sorted(tokens) == sorted(image_start + p for o in group for p in box_patches(o))
+            assert all(row.ids[t] == conv.image_id for t in tokens)
     words = object_words(scene.objects, word_id)
     assert len(row.readouts) == sum(len(w) for w in words.values())
     for index, word in row.readouts:

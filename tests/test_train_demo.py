@@ -96,3 +96,17 @@ def test_train_demo_end_to_end_at_toy_length(tmp_path):
     meta = json.loads((out / "demo_llava" / "TRAINING.json").read_text())
     assert meta["recipe"]["llava_steps"] == 2 and meta["recipe"]["clip_steps"] == 2
     assert 0.0 <= meta["val_first_turn_exact_match"]["mean"] <= 1.0
+
+
+def test_train_demo_options_left_out_keep_the_recipe_defaults(monkeypatch, tmp_path):
+    """One place for the recipe's numbers: the CLI only overrides what it is given."""
+    import lmms_tokprune.train.recipe as recipe_mod
+    from lmms_tokprune.cli import main
+    from lmms_tokprune.train.recipe import Recipe
+
+    seen = {}
+    monkeypatch.setattr(recipe_mod, "train_demo", lambda out, recipe, threads, install: seen.setdefault("r", recipe) and {})
+    assert main(["train-demo", "--out", str(tmp_path), "--llava-steps", "7", "--llm-heads", "2"]) == 0
+    want = Recipe()
+    want.llava_steps, want.sizes.llm_heads = 7, 2
+    assert seen["r"] == want

@@ -8,9 +8,18 @@ piece is the two-hop circuit (read the question, then find the named object amon
 pretrained LLM brings to LLaVA. Two auxiliary losses supervise it directly, from the scene's ground truth:
 
 - ``attention``: at the position that predicts each answer, some head of layers 1.. puts its attention on
-  the image tokens of the objects the question is about (``-log`` of the best head's mass, per layer);
-- ``readout``: the LLM's output at an object's image tokens predicts that object's words (colour and
-  shape, or the written word) through ``lm_head``, so an attended object token already "says" its answer.
+  the image tokens of the objects the question is about (``-log`` of head 0's mass, per layer). A
+  relation question names two objects: heads 0 and 1 take one each (so the answer position sees which
+  object is where, not their blend). A question about nothing in the image (existence "no",
+  counting "0") attends to the attention sink, ``<s>``: "no match" then reads as a distinct value.
+- ``readout``: every layer's output at an object's image tokens predicts that object's words (colour and
+  shape, or the written word) through the final norm and ``lm_head``, so the value an answer head fetches
+  from an object token at any layer already "says" its answer.
+
+Measured (issue 5): with the first version (one best head on the union of the objects, sink-less, readout
+at the last layer only) the best head put 0.95 of its attention on the right object in right *and* wrong
+answers alike; the misses were in turning the fetched value into the answer, and existence/relation stayed
+at chance.
 
 Both are training-only; the checkpoint is a standard LlavaForConditionalGeneration.
 """
@@ -25,14 +34,26 @@ import torch
 from ..shapes.generator import Obj, box_patches
 
 
+SINK = ()  # the empty object group: attend to the attention sink (<s>)
+
+
+def attention_groups(question) -> Tuple[Tuple[Obj, ...], ...]:
+    """The object groups the answer to ``question`` (a shapes ``Question``) should attend to, one head each."""
+    if not question.about:
+        return (SINK,)
+    if question.family == "relation":
+        return tuple((o,) for o in question.about)
+    return (tuple(question.about),)
+
+
 @dataclass
 class GroundedRow:
     """One training conversation: token ids, labels, and where its answers should look."""
 
     ids: List[int]
     labels: List[int]
-    # (index of the position that predicts the answer, indices of the image tokens it should attend to)
-    targets: List[Tuple[int, List[int]]] = field(default_factory=list)
+    # (index of the position that predicts the answer, [token indices one head should attend to, per head])
+    targets: List[Tuple[int, List[List[int]]]] = field(default_factory=list)
     # (index of an image token, token id of a word it should read out as)
     readouts: List[Tuple[int, int]] = field(default_factory=list)
 
@@ -48,17 +69,38 @@ def object_words(objects: Sequence[Obj], word_id: Callable[[str], int]) -> Dict[
 
 
 def attention_loss(rows: Dict[int, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of ``-log`` (best head's attention mass on the target tokens), averaged over queries.
+    """Mean over layers, queries and target groups of ``-log`` (attention mass of head ``g`` on group ``g``).
 
-    ``rows[layer]``: [N, H, T] attention of the N answer positions; ``masks``: [N, T] 1 on their targets.
-    The best head (not all heads) is pushed, so the other heads stay free for everything else.
+    ``rows[layer]``: [N, H, T] attention of the N answer positions; ``masks``: [N, T] (one target group) or
+    [N, G, T] with G <= H groups (an all-zero group = none). Heads G.. stay free for everything else.
+
+    Why fixed heads, not the best head per query: with "the best head" an idle head that rests on ``<s>``
+    satisfied every sink target for free, the head that found the object in "yes" questions was another one,
+    and the answer never saw the difference (existence "yes" 0/100 on val, issue 5 notes). One head per role
+    makes its output *the* signal: object value = found, ``<s>`` value = not there.
     """
-    terms = [-(r * masks[:, None, :]).sum(-1).amax(-1).clamp_min(1e-6).log().mean() for r in rows.values()]
+    if masks.dim() == 2:
+        masks = masks[:, None]
+    groups = masks.shape[1]
+    valid = masks.any(-1).float()  # [N, G]
+    terms = []
+    for r in rows.values():
+        if groups > r.shape[1]:
+            raise ValueError(f"attention_loss: {groups} target groups but only {r.shape[1]} heads")
+        mass = (r[:, :groups] * masks).sum(-1)  # [N, G]: head g on group g
+        terms.append(-(mass.clamp_min(1e-6).log() * valid).sum() / valid.sum())
     return torch.stack(terms).mean()
 
 
-def readout_loss(lm_head, hidden: torch.Tensor, readouts: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
-    """Cross-entropy of ``lm_head`` at object image tokens against their words; ``readouts``: (row, index, word id)."""
-    b, t, w = (torch.tensor(v, device=hidden.device) for v in zip(*readouts))
-    logp = lm_head(hidden[b, t]).log_softmax(-1)
-    return -logp.gather(1, w[:, None]).mean()
+def readout_loss(lm_head, hiddens: Sequence[torch.Tensor], readouts: Sequence[Tuple[int, int, int]], norm=None) -> torch.Tensor:
+    """Cross-entropy of ``lm_head(norm(h))`` at object image tokens against their words, mean over the layer
+    outputs ``hiddens`` (a single tensor: already normed, e.g. the last hidden state); ``readouts``: (row, index, word id)."""
+    if isinstance(hiddens, torch.Tensor):
+        hiddens, norm = [hiddens], None
+    b, t, w = (torch.tensor(v, device=hiddens[0].device) for v in zip(*readouts))
+    terms = []
+    for h in hiddens:
+        x = h[b, t]
+        logp = lm_head(norm(x) if norm is not None else x).log_softmax(-1)
+        terms.append(-logp.gather(1, w[:, None]).mean())
+    return torch.stack(terms).mean()

@@ -26,7 +26,7 @@ from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
 from ..shapes.generator import box_patches
-from .grounding import GroundedRow, attention_loss, object_words, readout_loss
+from .grounding import GroundedRow, attention_groups, attention_loss, object_words, readout_loss
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -121,14 +121,15 @@ class Conversations:
         return row.ids, row.labels
 
     def build_grounded(self, qa: Sequence[tuple], objects: Sequence = (), word_id=None) -> GroundedRow:
-        """As :meth:`build`, plus grounding targets: a turn's optional 4th item is the objects it is about;
+        """As :meth:`build`, plus grounding targets: a turn's optional 4th item is the object groups its answer
+        should attend to (:func:`grounding.attention_groups`; an empty group = the sink ``<s>``, position 0);
         with ``objects`` (and ``word_id``: word -> token id), every object patch's image token gets readout words."""
         row = GroundedRow([], [])
         image_start = None
         for turn, item in enumerate(qa):
             q, a = item[0], item[1]
             post = item[2] if len(item) > 2 else POST_PROMPT
-            about = item[3] if len(item) > 3 else ()
+            groups = item[3] if len(item) > 3 else ()
             if turn == 0:
                 prompt = self._ids(llava_v1_prompt(q + post, 1), bos=True)
                 if self.image_id in prompt:
@@ -139,8 +140,9 @@ class Conversations:
             ans = self._ids(a) + [self.tok.eos_token_id]
             row.ids += prompt
             row.labels += [-100] * len(prompt)
-            if about and image_start is not None:
-                row.targets.append((len(row.ids) - 1, [image_start + p for o in about for p in box_patches(o)]))
+            if groups and image_start is not None:
+                tokens = [[image_start + p for o in g for p in box_patches(o)] if g else [0] for g in groups]
+                row.targets.append((len(row.ids) - 1, tokens))
             row.ids += ans
             row.labels += ans
         if objects and image_start is not None:
@@ -187,40 +189,67 @@ def _batch(rows: List[Tuple[List[int], List[int]]], pad_id: int):
     return ids, labels, att
 
 
-def _loss(model, ids, labels, att, feats, image_id, with_hidden: bool = False):
+def _loss(model, ids, labels, att, feats, image_id):
     emb = _embed(model, ids, feats, image_id)
     out = model.model.language_model(inputs_embeds=emb, attention_mask=att)
     logits = model.lm_head(out.last_hidden_state[:, :-1])
     tgt = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-    if with_hidden:
-        return loss, logits, tgt, out.last_hidden_state
     return loss, logits, tgt
+
+
+class LayerOutputs:
+    """Context manager: ``outputs[i]`` = the output hidden states of decoder layer ``i`` (for the readout loss)."""
+
+    def __init__(self, language_model):
+        self.layers = language_model.layers
+        self.outputs: List[torch.Tensor] = []
+        self._handles: List = []
+
+    def __enter__(self) -> "LayerOutputs":
+        def hook(module, args, output):
+            self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+        self._handles = [layer.register_forward_hook(hook) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float):
     """Answer loss + the grounding losses (grounding.py) of one batch; returns (total, parts for the log)."""
+    import contextlib
+
     ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
     queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
+    lm = model.model.language_model
     layers = list(range(1, model.config.text_config.num_hidden_layers))
+    readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
+    ground_on = grounding_weight > 0 and bool(queries) and bool(layers)
     parts: Dict[str, float] = {}
-    if grounding_weight > 0 and queries and layers:
-        b = torch.tensor([j for j, _, _ in queries])
-        q = torch.tensor([q for _, q, _ in queries])
-        masks = torch.zeros(len(queries), ids.shape[1])
-        for n, (_, _, tg) in enumerate(queries):
-            masks[n, tg] = 1.0
-        with AttentionRows(model.model.language_model, layers, b, q) as captured:
-            loss, _, _, hidden = _loss(model, ids, labels, att, feats, image_id, with_hidden=True)
+    with contextlib.ExitStack() as stack:
+        captured = outputs = None
+        if ground_on:
+            b = torch.tensor([j for j, _, _ in queries])
+            q = torch.tensor([q for _, q, _ in queries])
+            groups = max(len(tg) for _, _, tg in queries)
+            masks = torch.zeros(len(queries), groups, ids.shape[1])
+            for n, (_, _, tg) in enumerate(queries):
+                for g, tokens in enumerate(tg):
+                    masks[n, g, tokens] = 1.0
+            captured = stack.enter_context(AttentionRows(lm, layers, b, q))
+        if readout_weight > 0 and readouts:
+            outputs = stack.enter_context(LayerOutputs(lm))
+        loss, _, _ = _loss(model, ids, labels, att, feats, image_id)
+    total = loss
+    if captured is not None:
         ground = attention_loss(captured.rows, masks)
         parts["ground"] = ground.item()
-        total = loss + grounding_weight * ground
-    else:
-        loss, _, _, hidden = _loss(model, ids, labels, att, feats, image_id, with_hidden=True)
-        total = loss
-    readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
-    if readout_weight > 0 and readouts:
-        ro = readout_loss(model.lm_head, hidden, readouts)
+        total = total + grounding_weight * ground
+    if outputs is not None:
+        ro = readout_loss(model.lm_head, outputs.outputs, readouts, norm=lm.norm)
         parts["readout"] = ro.item()
         total = total + readout_weight * ro
     parts["answer"] = loss.item()
@@ -355,7 +384,7 @@ def train_llava(
         rows = []
         for i in rows_idx:
             scene = sample_scene("train", i)
-            turns = [(q.question, q.answer, POST_PROMPT, q.about) for q in scene_questions(scene, rng, per_family=per_family)]
+            turns = [(q.question, q.answer, POST_PROMPT, attention_groups(q)) for q in scene_questions(scene, rng, per_family=per_family)]
             if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
                 turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
             rng.shuffle(turns)

@@ -37,7 +37,7 @@ class Recipe:
     patch_weight: float = 1.0
     llava_scenes: int = 6000
     llava_val: int = 100
-    llava_steps: int = 1800
+    llava_steps: int = 4000
     llava_batch: int = 8
     llava_lr: float = 1e-3
     llava_projector_lr: float = 1e-3
