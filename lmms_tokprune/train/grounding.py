@@ -7,7 +7,7 @@ the task ("there is a red star ... What colour is the star?") was not learned in
 piece is the two-hop circuit (read the question, then find the named object among 576 tokens) that a
 pretrained LLM brings to LLaVA. Two auxiliary losses supervise it directly, from the scene's ground truth:
 
-- ``attention``: at the position that predicts each answer, some head of layers 1.. puts its attention on
+- ``attention``: at the position that predicts each answer, head 0 of layers 1.. puts its attention on
   the image tokens of the objects the question is about (``-log`` of head 0's mass, per layer). A
   relation question names two objects: heads 0 and 1 take one each (so the answer position sees which
   object is where, not their blend). A question about nothing in the image (existence "no",
@@ -92,15 +92,9 @@ def attention_loss(rows: Dict[int, torch.Tensor], masks: torch.Tensor) -> torch.
     return torch.stack(terms).mean()
 
 
-def readout_loss(lm_head, hiddens: Sequence[torch.Tensor], readouts: Sequence[Tuple[int, int, int]], norm=None) -> torch.Tensor:
+def readout_loss(lm_head, norm, hiddens: Sequence[torch.Tensor], readouts: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
     """Cross-entropy of ``lm_head(norm(h))`` at object image tokens against their words, mean over the layer
-    outputs ``hiddens`` (a single tensor: already normed, e.g. the last hidden state); ``readouts``: (row, index, word id)."""
-    if isinstance(hiddens, torch.Tensor):
-        hiddens, norm = [hiddens], None
+    outputs ``hiddens``; ``readouts``: (row, index, word id)."""
     b, t, w = (torch.tensor(v, device=hiddens[0].device) for v in zip(*readouts))
-    terms = []
-    for h in hiddens:
-        x = h[b, t]
-        logp = lm_head(norm(x) if norm is not None else x).log_softmax(-1)
-        terms.append(-logp.gather(1, w[:, None]).mean())
+    terms = [-lm_head(norm(h[b, t])).log_softmax(-1).gather(1, w[:, None]).mean() for h in hiddens]
     return torch.stack(terms).mean()

@@ -12,6 +12,7 @@ The first turn is token-for-token what ``prompt_style=llava_v1`` sends at evalua
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from pathlib import Path
@@ -220,8 +221,6 @@ class LayerOutputs:
 
 def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float):
     """Answer loss + the grounding losses (grounding.py) of one batch; returns (total, parts for the log)."""
-    import contextlib
-
     ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
     queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
     lm = model.model.language_model
@@ -249,7 +248,7 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
         parts["ground"] = ground.item()
         total = total + grounding_weight * ground
     if outputs is not None:
-        ro = readout_loss(model.lm_head, outputs.outputs, readouts, norm=lm.norm)
+        ro = readout_loss(model.lm_head, lm.norm, outputs.outputs, readouts)
         parts["readout"] = ro.item()
         total = total + readout_weight * ro
     parts["answer"] = loss.item()
