@@ -140,3 +140,78 @@ def test_every_question_but_a_negative_names_its_objects():
             else:
                 assert q.about, q
                 assert all(o in scene.objects for o in q.about)
+
+
+def test_canonical_relation_answers_left_of_or_above_whatever_the_wording():
+    from lmms_tokprune.train.grounding import canonical_relation
+
+    seen = set()
+    for i in range(40):
+        scene = sample_scene("train", i)
+        for q in scene_questions(scene, random.Random(i), per_family=4):
+            word = canonical_relation(q)
+            if q.family != "relation":
+                assert word is None
+                continue
+            first, second = q.about
+            horizontal = "left of" in q.question or "right of" in q.question
+            k = 0 if horizontal else 1
+            assert word == ("yes" if first.centre[k] < second.centre[k] else "no")
+            # the question's own answer is the canonical one, flipped for "right of" / "below"
+            flipped = "right of" in q.question or "below" in q.question
+            assert q.answer == (word if not flipped else {"yes": "no", "no": "yes"}[word])
+            seen.add((horizontal, flipped, word))
+    assert len(seen) == 8  # both axes, both wordings, both orders
+
+
+def test_grounded_rows_carry_the_comparison_at_the_answer_position():
+    from lmms_tokprune.train.common import llama_tokenizer
+    from lmms_tokprune.train.grounding import canonical_relation
+    from lmms_tokprune.train.llava_train import Conversations
+
+    conv = Conversations(llama_tokenizer())
+    scene = next(s for s in (sample_scene("train", i) for i in range(50))
+                 if any(q.family == "relation" for q in scene_questions(s, random.Random(0), per_family=2)))
+    qs = scene_questions(scene, random.Random(0), per_family=2)
+    turns = [(q.question, q.answer, "\nAnswer the question using a single word or phrase.", attention_groups(q), canonical_relation(q))
+             for q in qs]
+    row = conv.build_grounded(turns)
+    relation = [(t, q) for (t, _), q in zip(row.targets, qs) if q.family == "relation"]
+    assert [t for t, _ in row.comparisons] == [t for t, _ in relation]
+    assert [w for _, w in row.comparisons] == [conv._ids(canonical_relation(q))[0] for _, q in relation]
+
+
+def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
+    """compare = cross-entropy of the middle layers' logit lens at the relation answer positions; 0 weight = off."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from lmms_tokprune.train.common import Sizes, llama_tokenizer, vision_config
+    from lmms_tokprune.train.grounding import canonical_relation
+    from lmms_tokprune.train.llava_train import Conversations, LayerOutputs, _batch, _embed, _grounded_step, build_llava
+
+    sizes = Sizes(vit_width=32, vit_layers=1, vit_heads=2, llm_width=32, llm_layers=3, llm_heads=2, llm_intermediate=64)
+    tok = llama_tokenizer()
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=vision_config(sizes), text_config={"hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=16))
+    model = build_llava(sizes, tok, clip)
+    conv = Conversations(tok)
+    scene = next(s for s in (sample_scene("train", i) for i in range(50))
+                 if any(q.family == "relation" for q in scene_questions(s, random.Random(0), per_family=2)))
+    qs = scene_questions(scene, random.Random(0), per_family=2)
+    turns = [(q.question, q.answer, "\nAnswer the question using a single word or phrase.", attention_groups(q), canonical_relation(q))
+             for q in qs]
+    rows = [conv.build_grounded(turns)]
+    feats = torch.randn(1, 576, 32)
+    _, parts = _grounded_step(model, rows, feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 1.0)
+    ids, labels, att = _batch([(rows[0].ids, rows[0].labels)], tok.pad_token_id)
+    lm = model.model.language_model
+    with torch.no_grad(), LayerOutputs(lm) as outs:
+        lm(inputs_embeds=_embed(model, ids, feats, conv.image_id), attention_mask=att)
+    t = torch.tensor([i for i, _ in rows[0].comparisons])
+    w = torch.tensor([x for _, x in rows[0].comparisons])
+    middle = outs.outputs[1]  # 3 layers: the one after the grounded heads' first layer, before the answer layer
+    want = -model.lm_head(lm.norm(middle[0, t])).log_softmax(-1).gather(1, w[:, None]).mean()
+    assert parts["compare"] == pytest.approx(want.item(), rel=1e-4)
+    _, off = _grounded_step(model, rows, feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 0.0)
+    assert "compare" not in off

@@ -84,7 +84,7 @@ def test_train_demo_end_to_end_at_toy_length(tmp_path):
     out = tmp_path / "demo_train"
     code = main(["train-demo", "--out", str(out), "--clip-steps", "2", "--clip-full-steps", "1", "--clip-batch", "4",
                  "--scenes", "16", "--llava-steps", "2", "--batch-size", "2", "--llm-width", "32", "--llm-layers", "1",
-                 "--llm-heads", "2", "--llm-intermediate", "64", "--val", "4"])
+                 "--llm-heads", "2", "--llm-intermediate", "64", "--val", "4", "--llava2-steps", "2"])
     assert code == 0
     llava = LlavaForConditionalGeneration.from_pretrained(out / "demo_llava")
     clip = CLIPModel.from_pretrained(out / "demo_clip")
@@ -93,8 +93,17 @@ def test_train_demo_end_to_end_at_toy_length(tmp_path):
     tower = getattr(tower, "vision_model", tower)
     for (name, p), (_, q) in zip(tower.state_dict().items(), clip.vision_model.state_dict().items()):
         assert torch.equal(p, q), name
+    # stage 2 ran on the positioned tower: only the position embedding moved, by alpha * the sin-cos table
+    from lmms_tokprune.train.positions import sincos_2d
+
+    before = CLIPModel.from_pretrained(out / "clip_fp32").vision_model.state_dict()
+    after = CLIPModel.from_pretrained(out / "clip_pos_fp32").vision_model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved == ["embeddings.position_embedding.weight"]
+    torch.testing.assert_close(after[moved[0]] - before[moved[0]], 1.0 * sincos_2d(before[moved[0]].shape[1], 24))
     meta = json.loads((out / "demo_llava" / "TRAINING.json").read_text())
-    assert meta["recipe"]["llava_steps"] == 2 and meta["recipe"]["clip_steps"] == 2
+    assert meta["recipe"]["llava_steps"] == 2 and meta["recipe"]["clip_steps"] == 2 and meta["recipe"]["llava2_steps"] == 2
+    assert meta["llava2_wall_s"] > 0
     assert 0.0 <= meta["val_first_turn_exact_match"]["mean"] <= 1.0
 
 

@@ -14,7 +14,7 @@ position, and sample 0's text for the whole batch.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from loguru import logger

@@ -172,7 +172,7 @@ def pretrain_clip(
     ``patch_weight`` > 0 adds :func:`patch_loss` (on the kept patches); ``init_from`` continues an earlier run (fresh schedule) on
     scenes from ``first_scene`` on.
     """
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     log = log or Log()
     torch.manual_seed(seed)

@@ -27,7 +27,7 @@ from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
 from ..shapes.generator import box_patches
-from .grounding import GroundedRow, attention_groups, attention_loss, object_words, readout_loss
+from .grounding import GroundedRow, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -123,7 +123,8 @@ class Conversations:
 
     def build_grounded(self, qa: Sequence[tuple], objects: Sequence = (), word_id=None) -> GroundedRow:
         """As :meth:`build`, plus grounding targets: a turn's optional 4th item is the object groups its answer
-        should attend to (:func:`grounding.attention_groups`; an empty group = the sink ``<s>``, position 0);
+        should attend to (:func:`grounding.attention_groups`; an empty group = the sink ``<s>``, position 0),
+        its optional 5th the word its answer position's middle layers should say (:func:`grounding.canonical_relation`);
         with ``objects`` (and ``word_id``: word -> token id), every object patch's image token gets readout words."""
         row = GroundedRow([], [])
         image_start = None
@@ -131,6 +132,7 @@ class Conversations:
             q, a = item[0], item[1]
             post = item[2] if len(item) > 2 else POST_PROMPT
             groups = item[3] if len(item) > 3 else ()
+            comparison = item[4] if len(item) > 4 else None
             if turn == 0:
                 prompt = self._ids(llava_v1_prompt(q + post, 1), bos=True)
                 if self.image_id in prompt:
@@ -144,6 +146,8 @@ class Conversations:
             if groups and image_start is not None:
                 tokens = [[image_start + p for o in g for p in box_patches(o)] if g else [0] for g in groups]
                 row.targets.append((len(row.ids) - 1, tokens))
+            if comparison is not None:
+                row.comparisons.append((len(row.ids) - 1, self._ids(comparison)[0]))
             row.ids += ans
             row.labels += ans
         if objects and image_start is not None:
@@ -219,13 +223,17 @@ class LayerOutputs:
             h.remove()
 
 
-def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float):
+def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float,
+                   comparison_weight: float = 0.0):
     """Answer loss + the grounding losses (grounding.py) of one batch; returns (total, parts for the log)."""
     ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
     queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
     lm = model.model.language_model
     layers = list(range(1, model.config.text_config.num_hidden_layers))
     readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
+    comparisons = [(j, t, w) for j, r in enumerate(rows) for t, w in r.comparisons]
+    middle = slice(1, model.config.text_config.num_hidden_layers - 1)  # after the grounded heads, before the answer layer
+    compare_on = comparison_weight > 0 and bool(comparisons) and model.config.text_config.num_hidden_layers > 2
     ground_on = grounding_weight > 0 and bool(queries) and bool(layers)
     parts: Dict[str, float] = {}
     with contextlib.ExitStack() as stack:
@@ -239,7 +247,7 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
                 for g, tokens in enumerate(tg):
                     masks[n, g, tokens] = 1.0
             captured = stack.enter_context(AttentionRows(lm, layers, b, q))
-        if readout_weight > 0 and readouts:
+        if (readout_weight > 0 and readouts) or compare_on:
             outputs = stack.enter_context(LayerOutputs(lm))
         loss, _, _ = _loss(model, ids, labels, att, feats, image_id)
     total = loss
@@ -247,10 +255,14 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
         ground = attention_loss(captured.rows, masks)
         parts["ground"] = ground.item()
         total = total + grounding_weight * ground
-    if outputs is not None:
+    if outputs is not None and readout_weight > 0 and readouts:
         ro = readout_loss(model.lm_head, lm.norm, outputs.outputs, readouts)
         parts["readout"] = ro.item()
         total = total + readout_weight * ro
+    if outputs is not None and compare_on:
+        cmp = readout_loss(model.lm_head, lm.norm, outputs.outputs[middle], comparisons)
+        parts["compare"] = cmp.item()
+        total = total + comparison_weight * cmp
     parts["answer"] = loss.item()
     return total, parts
 
@@ -296,6 +308,7 @@ def train_llava(
     curriculum: Sequence[Tuple[int, int]] = (),
     grounding_weight: float = 0.0,
     readout_weight: float = 0.0,
+    comparison_weight: float = 0.0,
     cache_dir: Optional[Path] = None,
     init_from: Optional[Path] = None,
     data_seed: Optional[int] = None,
@@ -306,6 +319,7 @@ def train_llava(
     """Train projector + LLM on cached features; save the LLaVA checkpoint + processor to ``out_dir``.
 
     ``init_from``: continue from an earlier run's LLaVA folder (same sizes and tokenizer) with a fresh schedule;
+    its projector and LLM are loaded, the vision tower stays ``clip_model``'s (which may differ: positions.py);
     ``data_seed`` (default ``seed``) then gives that continuation its own question order.
     ``stop_after``: end after this many steps of the (longer) schedule.
     ``projector_lr``: the projector's own learning rate (LLaVA trains it at a higher rate than the LLM);
@@ -314,7 +328,8 @@ def train_llava(
     ``max_shapes`` shapes. Why: with one object, any look at the image answers "What colour is the star?", so
     the LLM first learns to read object features; selecting the named object among many comes after. Without
     it the LLM sat on the answer prior for 900+ steps.
-    ``grounding_weight`` / ``readout_weight``: the auxiliary losses of grounding.py (0 = answers only).
+    ``grounding_weight`` / ``readout_weight`` / ``comparison_weight``: the auxiliary losses of grounding.py
+    (0 = answers only).
     """
 
     log = log or Log()
@@ -326,7 +341,10 @@ def train_llava(
         from transformers import LlavaForConditionalGeneration
 
         prev = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32)
-        model.load_state_dict(prev.state_dict())
+        state = {k: v for k, v in prev.state_dict().items() if ".vision_tower." not in f".{k}"}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if ".vision_tower." not in f".{m}"]:
+            raise RuntimeError(f"init_from {init_from}: missing={missing} unexpected={unexpected}")
         log(f"initialised from {init_from}")
         del prev
     model.model.vision_tower.requires_grad_(False)
@@ -383,13 +401,14 @@ def train_llava(
         rows = []
         for i in rows_idx:
             scene = sample_scene("train", i)
-            turns = [(q.question, q.answer, POST_PROMPT, attention_groups(q)) for q in scene_questions(scene, rng, per_family=per_family)]
+            turns = [(q.question, q.answer, POST_PROMPT, attention_groups(q), canonical_relation(q) if comparison_weight > 0 else None)
+                     for q in scene_questions(scene, rng, per_family=per_family)]
             if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
                 turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
             rng.shuffle(turns)
             rows.append(conv.build_grounded(turns, scene.objects if readout_weight > 0 else (), word_id))
         total, parts = _grounded_step(model, rows, train_feats[rows_idx], conv.image_id, tok.pad_token_id,
-                                      grounding_weight, readout_weight)
+                                      grounding_weight, readout_weight, comparison_weight)
         loss = total
         opt.zero_grad(set_to_none=True)
         total.backward()

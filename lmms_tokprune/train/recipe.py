@@ -3,7 +3,12 @@
 1. CLIP pre-training (clip_pretrain.py) from scratch: global InfoNCE on captions + NegCLIP hard negatives + the
    dense per-patch region loss, FLIP (half the patches) then all 576 -> ``<out>/clip_fp32``
 2. projector + LLM on the frozen ViT's cached features (llava_train.py), answers + grounding losses -> ``<out>/llava_fp32``
-3. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
+3. grid positions: a fixed 2-D sin-cos table added to the ViT's position embedding (positions.py: the CLIP
+   captions never needed position, so the features had none) -> ``<out>/clip_pos_fp32``; then stage 2 continues
+   from ``llava_fp32`` on that tower's features with a fresh schedule, plus the relation comparison loss ->
+   ``<out>/llava2_fp32``. (Stage 2 starts from stage 1 rather than from scratch because that is the run the
+   shipped weights come from: the position problem was found after stage 1.)
+4. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
    (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--install`` copies them to
    ``lmms_tokprune/assets/`` where ``pretrained=demo`` / ``text_encoder=demo`` find them.
 
@@ -49,11 +54,20 @@ class Recipe:
     # their words. Without them the from-scratch LLM stayed at the answer prior.
     grounding_weight: float = 1.0
     readout_weight: float = 0.5
+    # stage 2: the tower with grid positions (0 = no stage 2), continued from stage 1
+    position_alpha: float = 1.0
+    llava2_steps: int = 3000
+    llava2_lr: float = 5e-4
+    comparison_weight: float = 1.0
     seed: int = 0
 
     @property
     def llava_epochs(self) -> float:
         return self.llava_steps * self.llava_batch / self.llava_scenes
+
+    @property
+    def llava2_epochs(self) -> float:
+        return self.llava2_steps * self.llava_batch / self.llava_scenes
 
 
 def export_fp16(src: Path, dst: Path, kind: str) -> Path:
@@ -69,11 +83,55 @@ def export_fp16(src: Path, dst: Path, kind: str) -> Path:
     return dst
 
 
+def _llava_stage(llava_dir: Path, clip_model, recipe: Recipe, log: Log, **schedule) -> Optional[dict]:
+    """Train one LLaVA stage into ``llava_dir`` (the recipe's data and losses, ``schedule`` = this stage's own
+    arguments of ``train_llava``) unless a finished one is there; its validation accuracy, None when reused."""
+    from .llava_train import train_llava
+
+    if (llava_dir / "config.json").exists():
+        log(f"reusing {llava_dir}")
+        return None
+    _, val_acc = train_llava(clip_model, llava_dir, recipe.sizes, n_scenes=recipe.llava_scenes, n_val=recipe.llava_val,
+                             batch_size=recipe.llava_batch, per_family=recipe.llava_per_family, seed=recipe.seed,
+                             caption_prob=recipe.caption_prob, cache_dir=llava_dir.parent / "cache",
+                             grounding_weight=recipe.grounding_weight, readout_weight=recipe.readout_weight,
+                             save_every=300, log=log, **schedule)
+    return val_acc
+
+
+def _stage2(out: Path, recipe: Recipe, clip_model, llava1_dir: Path, log: Log):
+    """Grid positions on the tower, then continue the LLaVA stage from ``llava1_dir``; returns the new folders,
+    the validation accuracy (None when reused) and the wall time."""
+    import copy
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    from .positions import add_grid_positions
+
+    t0 = time.time()
+    clip_dir = out / "clip_pos_fp32"
+    if (clip_dir / "config.json").exists():
+        log(f"reusing {clip_dir}")
+        clip_pos = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+    else:
+        clip_pos = copy.deepcopy(clip_model)
+        add_grid_positions(clip_pos, recipe.position_alpha)
+        clip_pos.save_pretrained(clip_dir, safe_serialization=True)
+        CLIPProcessor.from_pretrained(out / "clip_fp32").save_pretrained(clip_dir)
+        log(f"grid positions (alpha {recipe.position_alpha}) -> {clip_dir}")
+    llava_dir = out / "llava2_fp32"
+    val_acc = _llava_stage(llava_dir, clip_pos, recipe, log, epochs=recipe.llava2_epochs, lr=recipe.llava2_lr,
+                           projector_lr=recipe.llava2_lr, data_seed=recipe.seed + 1,
+                           comparison_weight=recipe.comparison_weight, init_from=llava1_dir)
+    wall = time.time() - t0
+    log(f"LLaVA stage 2 done in {wall:.0f}s")
+    return clip_dir, llava_dir, val_acc, wall
+
+
 def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: int = 2, install: bool = False, log: Optional[Log] = None) -> dict:
     from transformers import CLIPModel
 
     from .clip_pretrain import pretrain_clip
-    from .llava_train import train_llava
 
     recipe = recipe or Recipe()
     out = Path(out_dir)
@@ -94,25 +152,21 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
         log(f"CLIP pre-training done in {clip_s:.0f}s")
     t1 = time.time()
     llava_dir = out / "llava_fp32"
-    val_acc = None
-    if (llava_dir / "config.json").exists():
-        log(f"reusing {llava_dir}")
-    else:
-        _, val_acc = train_llava(clip_model, llava_dir, recipe.sizes, n_scenes=recipe.llava_scenes, n_val=recipe.llava_val,
-                                 epochs=recipe.llava_epochs, batch_size=recipe.llava_batch, lr=recipe.llava_lr,
-                                 projector_lr=recipe.llava_projector_lr, per_family=recipe.llava_per_family, seed=recipe.seed,
-                                 caption_prob=recipe.caption_prob, curriculum=recipe.llava_curriculum, cache_dir=out / "cache",
-                                 grounding_weight=recipe.grounding_weight, readout_weight=recipe.readout_weight,
-                                 save_every=300, log=log)
+    val_acc = _llava_stage(llava_dir, clip_model, recipe, log, epochs=recipe.llava_epochs, lr=recipe.llava_lr,
+                           projector_lr=recipe.llava_projector_lr, curriculum=recipe.llava_curriculum)
     llava_s = time.time() - t1
     log(f"LLaVA training done in {llava_s:.0f}s")
-    demo_llava = export_fp16(out / "llava_fp32", out / "demo_llava", "llava")
+    llava2_s = None
+    if recipe.llava2_steps > 0:
+        clip_dir, llava_dir, val_acc, llava2_s = _stage2(out, recipe, clip_model, llava_dir, log)
+    demo_llava = export_fp16(llava_dir, out / "demo_llava", "llava")
     demo_clip = export_fp16(clip_dir, out / "demo_clip", "clip")
     meta = {
         "recipe": {k: (v.as_dict() if isinstance(v, Sizes) else v) for k, v in recipe.__dict__.items()} | {"llava_epochs": recipe.llava_epochs},
         "threads": threads,
         "clip_wall_s": clip_s,
         "llava_wall_s": llava_s,
+        "llava2_wall_s": llava2_s,
         "val_first_turn_exact_match": val_acc,
         "torch": torch.__version__,
     }
