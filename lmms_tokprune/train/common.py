@@ -73,6 +73,11 @@ def vit_blocks(layers, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def penultimate_tokens(vision_model, pix: torch.Tensor) -> torch.Tensor:
+    """[B, 1 + 576, D]: the output of the second-to-last ViT block (LLaVA's ``vision_feature_layer=-2``), CLS first."""
+    return vit_blocks(vision_model.encoder.layers[:-1], vision_model.pre_layrnorm(vision_model.embeddings(pix)))
+
+
 class Log:
     def __init__(self, path=None):
         self.t0 = time.time()

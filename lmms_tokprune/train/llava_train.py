@@ -25,7 +25,7 @@ from ..llava.prompts import llava_v1_prompt
 from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
 from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
-from .common import Log, Sizes, llama_tokenizer, scene_pixels, vision_config, vit_blocks
+from .common import Log, Sizes, llama_tokenizer, penultimate_tokens, scene_pixels, vision_config
 from ..shapes.generator import box_patches
 from .grounding import GroundedRow, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
 
@@ -69,8 +69,7 @@ def penultimate_features(model, pix: torch.Tensor) -> torch.Tensor:
     """[B, 576, D] = LLaVA's image features before the projector (penultimate block, CLS dropped)."""
     tower = model.model.vision_tower
     vm = getattr(tower, "vision_model", tower)
-    # hidden_states[-2] = output of the second-to-last block
-    return vit_blocks(vm.encoder.layers[:-1], vm.pre_layrnorm(vm.embeddings(pix)))[:, 1:]
+    return penultimate_tokens(vm, pix)[:, 1:]
 
 
 def tower_fingerprint(model) -> str:
@@ -231,6 +230,7 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
     lm = model.model.language_model
     layers = list(range(1, model.config.text_config.num_hidden_layers))
     readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
+    readout_on = readout_weight > 0 and bool(readouts)
     comparisons = [(j, t, w) for j, r in enumerate(rows) for t, w in r.comparisons]
     middle = slice(1, model.config.text_config.num_hidden_layers - 1)  # after the grounded heads, before the answer layer
     compare_on = comparison_weight > 0 and bool(comparisons) and model.config.text_config.num_hidden_layers > 2
@@ -247,7 +247,7 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
                 for g, tokens in enumerate(tg):
                     masks[n, g, tokens] = 1.0
             captured = stack.enter_context(AttentionRows(lm, layers, b, q))
-        if (readout_weight > 0 and readouts) or compare_on:
+        if readout_on or compare_on:
             outputs = stack.enter_context(LayerOutputs(lm))
         loss, _, _ = _loss(model, ids, labels, att, feats, image_id)
     total = loss
@@ -255,11 +255,11 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
         ground = attention_loss(captured.rows, masks)
         parts["ground"] = ground.item()
         total = total + grounding_weight * ground
-    if outputs is not None and readout_weight > 0 and readouts:
+    if readout_on:
         ro = readout_loss(model.lm_head, lm.norm, outputs.outputs, readouts)
         parts["readout"] = ro.item()
         total = total + readout_weight * ro
-    if outputs is not None and compare_on:
+    if compare_on:
         cmp = readout_loss(model.lm_head, lm.norm, outputs.outputs[middle], comparisons)
         parts["compare"] = cmp.item()
         total = total + comparison_weight * cmp

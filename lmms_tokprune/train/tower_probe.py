@@ -20,7 +20,7 @@ import torch
 
 from ..shapes import sample_scene
 from ..shapes.generator import box_patches
-from .common import clip_tokenizer, scene_pixels, vit_blocks
+from .common import clip_tokenizer, penultimate_tokens, scene_pixels, vit_blocks
 
 
 @torch.inference_mode()
@@ -30,7 +30,7 @@ def tower_report(clip_model, n_probe: int = 240, n_val: int = 100) -> Dict[str, 
 
     vm = clip_model.vision_model
     scenes = [sample_scene("train", i) for i in range(n_probe)]
-    feats = vit_blocks(vm.encoder.layers[:-1], vm.pre_layrnorm(vm.embeddings(scene_pixels(scenes))))[:, 1:]
+    feats = penultimate_tokens(vm, scene_pixels(scenes))[:, 1:]
     x, y = [], []
     for i, scene in enumerate(scenes):
         for o in scene.shapes:
@@ -42,8 +42,7 @@ def tower_report(clip_model, n_probe: int = 240, n_val: int = 100) -> Dict[str, 
     r2 = [RidgeCV(alphas=(0.1, 1.0, 10.0)).fit(x[:cut], y[:cut, k]).score(x[cut:], y[cut:, k]) for k in (0, 1)]
 
     scenes = [sample_scene("val", i) for i in range(n_val)]
-    hidden = vm.pre_layrnorm(vm.embeddings(scene_pixels(scenes)))
-    hidden = vit_blocks(vm.encoder.layers[:-1], hidden)
+    hidden = penultimate_tokens(vm, scene_pixels(scenes))
     last = vm.encoder.layers[-1]
     # the last block's CLS attention row, computed from its own q/k (no eager-attention switch needed)
     attn = last.self_attn
