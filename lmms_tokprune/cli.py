@@ -145,7 +145,8 @@ def _train_demo(args: argparse.Namespace) -> int:
                                          llava_scenes="scenes", llava_val="val", llava_steps="llava_steps",
                                          llava_batch="batch_size", grounding_weight="grounding_weight",
                                          readout_weight="readout_weight", position_alpha="position_alpha",
-                                         llava2_steps="llava2_steps", comparison_weight="comparison_weight", seed="seed"))
+                                         llava2_steps="llava2_steps", comparison_weight="comparison_weight",
+                                         llava3_steps="llava3_steps", query_weight="query_weight", seed="seed"))
     meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
     print(json.dumps(meta, indent=1))
     return 0
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--position-alpha", type=float, default=None, help="scale of the 2-D sin-cos grid positions added to the ViT before stage 2")
     train.add_argument("--llava2-steps", type=int, default=None, help="stage-2 steps on the positioned tower, continued from stage 1 (0: no stage 2)")
     train.add_argument("--comparison-weight", type=float, default=None, help="stage 2: relation answers' middle layers say the canonical order (0: off)")
+    train.add_argument("--llava3-steps", type=int, default=None, help="stage-3 steps continued from the last stage with the query loss (0: no stage 3)")
+    train.add_argument("--query-weight", type=float, default=None, help="stage 3: answer positions say the colour/shape words their question names (0: off)")
     train.add_argument("--llm-width", type=int, default=None)
     train.add_argument("--llm-layers", type=int, default=None)
     train.add_argument("--llm-heads", type=int, default=None)

@@ -21,6 +21,32 @@ def _tiny_llama():
     return LlamaModel(cfg).eval()
 
 
+def _tiny_llava():
+    """(LLaVA with a 3-layer Llama, its tokenizer, Conversations): enough layers for first / middle / answer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from lmms_tokprune.train.common import Sizes, llama_tokenizer, vision_config
+    from lmms_tokprune.train.llava_train import Conversations, build_llava
+
+    sizes = Sizes(vit_width=32, vit_layers=1, vit_heads=2, llm_width=32, llm_layers=3, llm_heads=2, llm_intermediate=64)
+    tok = llama_tokenizer()
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(vision_config=vision_config(sizes), text_config={"hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=16))
+    return build_llava(sizes, tok, clip), tok, Conversations(tok)
+
+
+def _layer_outputs(model, row, feats, image_id: int, pad_id: int):
+    """(every decoder layer's output for one grounded row, the language model)."""
+    from lmms_tokprune.train.llava_train import LayerOutputs, _batch, _embed
+
+    ids, labels, att = _batch([(row.ids, row.labels)], pad_id)
+    lm = model.model.language_model
+    with torch.no_grad(), LayerOutputs(lm) as outs:
+        lm(inputs_embeds=_embed(model, ids, feats, image_id), attention_mask=att)
+    return outs.outputs, lm
+
+
 @pytest.mark.parametrize("explicit_positions", [False, True])
 def test_attention_rows_equal_eager_attention(explicit_positions):
     from lmms_tokprune.train.attention_rows import AttentionRows
@@ -183,19 +209,10 @@ def test_grounded_rows_carry_the_comparison_at_the_answer_position():
 
 def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
     """compare = cross-entropy of the middle layers' logit lens at the relation answer positions; 0 weight = off."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from lmms_tokprune.train.common import Sizes, llama_tokenizer, vision_config
     from lmms_tokprune.train.grounding import canonical_relation
-    from lmms_tokprune.train.llava_train import Conversations, LayerOutputs, _batch, _embed, _grounded_step, build_llava
+    from lmms_tokprune.train.llava_train import _grounded_step
 
-    sizes = Sizes(vit_width=32, vit_layers=1, vit_heads=2, llm_width=32, llm_layers=3, llm_heads=2, llm_intermediate=64)
-    tok = llama_tokenizer()
-    torch.manual_seed(0)
-    clip = CLIPModel(CLIPConfig(vision_config=vision_config(sizes), text_config={"hidden_size": 32, "intermediate_size": 64,
-                                "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=16))
-    model = build_llava(sizes, tok, clip)
-    conv = Conversations(tok)
+    model, tok, conv = _tiny_llava()
     scene = next(s for s in (sample_scene("train", i) for i in range(50))
                  if any(q.family == "relation" for q in scene_questions(s, random.Random(0), per_family=2)))
     qs = scene_questions(scene, random.Random(0), per_family=2)
@@ -204,14 +221,54 @@ def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
     rows = [conv.build_grounded(turns)]
     feats = torch.randn(1, 576, 32)
     _, parts = _grounded_step(model, rows, feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 1.0)
-    ids, labels, att = _batch([(rows[0].ids, rows[0].labels)], tok.pad_token_id)
-    lm = model.model.language_model
-    with torch.no_grad(), LayerOutputs(lm) as outs:
-        lm(inputs_embeds=_embed(model, ids, feats, conv.image_id), attention_mask=att)
+    outs, lm = _layer_outputs(model, rows[0], feats, conv.image_id, tok.pad_token_id)
     t = torch.tensor([i for i, _ in rows[0].comparisons])
     w = torch.tensor([x for _, x in rows[0].comparisons])
-    middle = outs.outputs[1]  # 3 layers: the one after the grounded heads' first layer, before the answer layer
+    middle = outs[1]  # 3 layers: the one after the grounded heads' first layer, before the answer layer
     want = -model.lm_head(lm.norm(middle[0, t])).log_softmax(-1).gather(1, w[:, None]).mean()
     assert parts["compare"] == pytest.approx(want.item(), rel=1e-4)
     _, off = _grounded_step(model, rows, feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 0.0)
     assert "compare" not in off
+
+
+def test_asked_words_are_the_colour_and_shape_a_question_names():
+    from lmms_tokprune.shapes.generator import Question
+    from lmms_tokprune.train.grounding import asked_words
+
+    def q(family: str, text: str) -> Question:
+        return Question(family, text, "x", ())
+
+    assert asked_words(q("attribute", "What colour is the star?")) == ("star",)
+    assert asked_words(q("attribute", "What shape is the green object?")) == ("green",)
+    assert asked_words(q("counting", "How many diamonds are there?")) == ("diamond",)
+    assert asked_words(q("counting", "How many orange objects are there?")) == ("orange",)
+    assert asked_words(q("counting", "How many shapes are there?")) == ()
+    assert asked_words(q("existence", "Is there an orange triangle in the image?")) == ("orange", "triangle")
+    assert asked_words(q("relation", "Is the red star above the blue circle?")) == ()  # two objects, two heads
+    assert asked_words(q("reading", "What word is written in the image?")) == ()
+
+
+def test_grounded_step_adds_the_query_loss_of_the_layers_before_the_answer():
+    """query = cross-entropy of the logit lens of every layer but the last at each answer position against the
+    words its question names; rows carry them at the answer positions; 0 weight = off."""
+    from lmms_tokprune.train.grounding import asked_words
+    from lmms_tokprune.train.llava_train import _grounded_step
+
+    model, tok, conv = _tiny_llava()
+    scene = sample_scene("train", 3)
+    qs = scene_questions(scene, random.Random(0), per_family=2)
+    turns = [(q.question, q.answer, "\nAnswer the question using a single word or phrase.", attention_groups(q), None,
+              asked_words(q)) for q in qs]
+    row = conv.build_grounded(turns)
+    answer_pos = {q.question: t for (t, _), q in zip(row.targets, qs)}
+    want_pairs = [(answer_pos[q.question], conv._ids(w)[0]) for q in qs for w in asked_words(q)]
+    assert row.asked == want_pairs and len({t for t, _ in want_pairs}) >= 3
+    feats = torch.randn(1, 576, 32)
+    _, parts = _grounded_step(model, [row], feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 0.0, 1.0)
+    outs, lm = _layer_outputs(model, row, feats, conv.image_id, tok.pad_token_id)
+    t = torch.tensor([i for i, _ in row.asked])
+    w = torch.tensor([x for _, x in row.asked])
+    want = torch.stack([-model.lm_head(lm.norm(h[0, t])).log_softmax(-1).gather(1, w[:, None]).mean() for h in outs[:2]]).mean()
+    assert parts["query"] == pytest.approx(want.item(), rel=1e-4)
+    _, off = _grounded_step(model, [row], feats, conv.image_id, tok.pad_token_id, 0.0, 0.0, 0.0, 0.0)
+    assert "query" not in off

@@ -84,7 +84,7 @@ def test_train_demo_end_to_end_at_toy_length(tmp_path):
     out = tmp_path / "demo_train"
     code = main(["train-demo", "--out", str(out), "--clip-steps", "2", "--clip-full-steps", "1", "--clip-batch", "4",
                  "--scenes", "16", "--llava-steps", "2", "--batch-size", "2", "--llm-width", "32", "--llm-layers", "1",
-                 "--llm-heads", "2", "--llm-intermediate", "64", "--val", "4", "--llava2-steps", "2"])
+                 "--llm-heads", "2", "--llm-intermediate", "64", "--val", "4", "--llava2-steps", "2", "--llava3-steps", "2"])
     assert code == 0
     llava = LlavaForConditionalGeneration.from_pretrained(out / "demo_llava")
     clip = CLIPModel.from_pretrained(out / "demo_clip")
@@ -103,7 +103,8 @@ def test_train_demo_end_to_end_at_toy_length(tmp_path):
     torch.testing.assert_close(after[moved[0]] - before[moved[0]], 1.0 * sincos_2d(before[moved[0]].shape[1], 24))
     meta = json.loads((out / "demo_llava" / "TRAINING.json").read_text())
     assert meta["recipe"]["llava_steps"] == 2 and meta["recipe"]["clip_steps"] == 2 and meta["recipe"]["llava2_steps"] == 2
-    assert meta["llava2_wall_s"] > 0
+    assert meta["llava2_wall_s"] > 0 and meta["llava3_wall_s"] > 0 and meta["recipe"]["llava3_steps"] == 2
+    assert (out / "llava3_fp32" / "config.json").exists()
     assert 0.0 <= meta["val_first_turn_exact_match"]["mean"] <= 1.0
 
 
@@ -115,7 +116,7 @@ def test_train_demo_options_left_out_keep_the_recipe_defaults(monkeypatch, tmp_p
 
     seen = {}
     monkeypatch.setattr(recipe_mod, "train_demo", lambda out, recipe, threads, install: seen.setdefault("r", recipe) and {})
-    assert main(["train-demo", "--out", str(tmp_path), "--llava-steps", "7", "--llm-heads", "2"]) == 0
+    assert main(["train-demo", "--out", str(tmp_path), "--llava-steps", "7", "--llm-heads", "2", "--query-weight", "0.25"]) == 0
     want = Recipe()
-    want.llava_steps, want.sizes.llm_heads = 7, 2
+    want.llava_steps, want.sizes.llm_heads, want.query_weight = 7, 2, 0.25
     assert seen["r"] == want

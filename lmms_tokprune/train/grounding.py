@@ -20,6 +20,12 @@ pretrained LLM brings to LLaVA. Two auxiliary losses supervise it directly, from
   :func:`canonical_relation`); the last layer then only has to flip it for "right of" / "below". Why:
   after heads 0 and 1 fetched the two objects, the answer is an XOR of their order and the question's
   wording, and with the answer loss alone relation stayed at chance for 4000 steps (issue 5).
+- ``query`` (attribute, counting, existence): the answer position's outputs of the layers before the answer
+  layer predict the colour and shape words the question names (:func:`asked_words`) -- the query side of
+  the head-0 lookup, as ``readout`` is its key side. Why: after stage 2 the asked colour was linearly
+  decodable from the answer position at 0.66 only (6 colours; logistic probe, issue 5 notes), and every
+  attribute and existence miss on the test split was a colour confusion (a red or orange star found for
+  "a green star?", the yellow object for "the green object").
 
 Measured (issue 5): with the first version (one best head on the union of the objects, sink-less, readout
 at the last layer only) the best head put 0.95 of its attention on the right object in right *and* wrong
@@ -36,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..shapes.generator import Obj, box_patches
+from ..shapes.generator import COLOURS, PLURALS, SHAPES, Obj, box_patches
 
 
 SINK = ()  # the empty object group: attend to the attention sink (<s>)
@@ -62,6 +68,19 @@ def canonical_relation(question) -> Optional[str]:
     return "yes" if first.centre[k] < second.centre[k] else "no"
 
 
+_SINGULAR = {PLURALS[s]: s for s in SHAPES}
+QUERY_FAMILIES = ("attribute", "counting", "existence")
+
+
+def asked_words(question) -> Tuple[str, ...]:
+    """The colour and shape words (plurals made singular) an attribute / counting / existence question names:
+    what its answer position looks for. Relation questions name two objects for two heads, reading none: ()."""
+    if question.family not in QUERY_FAMILIES:
+        return ()
+    words = [_SINGULAR.get(w, w) for w in question.question.lower().rstrip("?").split()]
+    return tuple(w for w in words if w in COLOURS or w in SHAPES)
+
+
 @dataclass
 class GroundedRow:
     """One training conversation: token ids, labels, and where its answers should look."""
@@ -74,6 +93,8 @@ class GroundedRow:
     readouts: List[Tuple[int, int]] = field(default_factory=list)
     # (index of the position that predicts a relation answer, token id of its canonical_relation word)
     comparisons: List[Tuple[int, int]] = field(default_factory=list)
+    # (index of the position that predicts an answer, token id of a word its question names: asked_words)
+    asked: List[Tuple[int, int]] = field(default_factory=list)
 
 
 def object_words(objects: Sequence[Obj], word_id: Callable[[str], int]) -> Dict[int, List[int]]:

@@ -27,7 +27,7 @@ from ..testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, penultimate_tokens, scene_pixels, vision_config
 from ..shapes.generator import box_patches
-from .grounding import GroundedRow, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
+from .grounding import GroundedRow, asked_words, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
 
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -123,7 +123,8 @@ class Conversations:
     def build_grounded(self, qa: Sequence[tuple], objects: Sequence = (), word_id=None) -> GroundedRow:
         """As :meth:`build`, plus grounding targets: a turn's optional 4th item is the object groups its answer
         should attend to (:func:`grounding.attention_groups`; an empty group = the sink ``<s>``, position 0),
-        its optional 5th the word its answer position's middle layers should say (:func:`grounding.canonical_relation`);
+        its optional 5th the word its answer position's middle layers should say (:func:`grounding.canonical_relation`),
+        its optional 6th the words its answer position's layers before the last should say (:func:`grounding.asked_words`);
         with ``objects`` (and ``word_id``: word -> token id), every object patch's image token gets readout words."""
         row = GroundedRow([], [])
         image_start = None
@@ -132,6 +133,7 @@ class Conversations:
             post = item[2] if len(item) > 2 else POST_PROMPT
             groups = item[3] if len(item) > 3 else ()
             comparison = item[4] if len(item) > 4 else None
+            asked = item[5] if len(item) > 5 else ()
             if turn == 0:
                 prompt = self._ids(llava_v1_prompt(q + post, 1), bos=True)
                 if self.image_id in prompt:
@@ -147,6 +149,7 @@ class Conversations:
                 row.targets.append((len(row.ids) - 1, tokens))
             if comparison is not None:
                 row.comparisons.append((len(row.ids) - 1, self._ids(comparison)[0]))
+            row.asked += [(len(row.ids) - 1, self._ids(w)[0]) for w in asked]
             row.ids += ans
             row.labels += ans
         if objects and image_start is not None:
@@ -223,7 +226,7 @@ class LayerOutputs:
 
 
 def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grounding_weight: float, readout_weight: float,
-                   comparison_weight: float = 0.0):
+                   comparison_weight: float = 0.0, query_weight: float = 0.0):
     """Answer loss + the grounding losses (grounding.py) of one batch; returns (total, parts for the log)."""
     ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
     queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
@@ -235,6 +238,9 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
     middle = slice(1, model.config.text_config.num_hidden_layers - 1)  # after the grounded heads, before the answer layer
     compare_on = comparison_weight > 0 and bool(comparisons) and model.config.text_config.num_hidden_layers > 2
     ground_on = grounding_weight > 0 and bool(queries) and bool(layers)
+    asked = [(j, t, w) for j, r in enumerate(rows) for t, w in r.asked]
+    before_answer = slice(0, model.config.text_config.num_hidden_layers - 1)  # the layers whose outputs form head 0's queries
+    query_on = query_weight > 0 and bool(asked) and model.config.text_config.num_hidden_layers > 1
     parts: Dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         captured = outputs = None
@@ -247,7 +253,7 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
                 for g, tokens in enumerate(tg):
                     masks[n, g, tokens] = 1.0
             captured = stack.enter_context(AttentionRows(lm, layers, b, q))
-        if readout_on or compare_on:
+        if readout_on or compare_on or query_on:
             outputs = stack.enter_context(LayerOutputs(lm))
         loss, _, _ = _loss(model, ids, labels, att, feats, image_id)
     total = loss
@@ -263,6 +269,10 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
         cmp = readout_loss(model.lm_head, lm.norm, outputs.outputs[middle], comparisons)
         parts["compare"] = cmp.item()
         total = total + comparison_weight * cmp
+    if query_on:
+        qry = readout_loss(model.lm_head, lm.norm, outputs.outputs[before_answer], asked)
+        parts["query"] = qry.item()
+        total = total + query_weight * qry
     parts["answer"] = loss.item()
     return total, parts
 
@@ -309,6 +319,7 @@ def train_llava(
     grounding_weight: float = 0.0,
     readout_weight: float = 0.0,
     comparison_weight: float = 0.0,
+    query_weight: float = 0.0,
     cache_dir: Optional[Path] = None,
     init_from: Optional[Path] = None,
     data_seed: Optional[int] = None,
@@ -328,7 +339,7 @@ def train_llava(
     ``max_shapes`` shapes. Why: with one object, any look at the image answers "What colour is the star?", so
     the LLM first learns to read object features; selecting the named object among many comes after. Without
     it the LLM sat on the answer prior for 900+ steps.
-    ``grounding_weight`` / ``readout_weight`` / ``comparison_weight``: the auxiliary losses of grounding.py
+    ``grounding_weight`` / ``readout_weight`` / ``comparison_weight`` / ``query_weight``: the auxiliary losses of grounding.py
     (0 = answers only).
     """
 
@@ -401,14 +412,15 @@ def train_llava(
         rows = []
         for i in rows_idx:
             scene = sample_scene("train", i)
-            turns = [(q.question, q.answer, POST_PROMPT, attention_groups(q), canonical_relation(q) if comparison_weight > 0 else None)
+            turns = [(q.question, q.answer, POST_PROMPT, attention_groups(q), canonical_relation(q) if comparison_weight > 0 else None,
+                      asked_words(q) if query_weight > 0 else ())
                      for q in scene_questions(scene, rng, per_family=per_family)]
             if rng.random() < caption_prob:  # a description turn (LLaVA's detail data in miniature): dense grounding signal
                 turns.append((CAPTION_PROMPT, caption(scene, rng), ""))
             rng.shuffle(turns)
             rows.append(conv.build_grounded(turns, scene.objects if readout_weight > 0 else (), word_id))
         total, parts = _grounded_step(model, rows, train_feats[rows_idx], conv.image_id, tok.pad_token_id,
-                                      grounding_weight, readout_weight, comparison_weight)
+                                      grounding_weight, readout_weight, comparison_weight, query_weight)
         loss = total
         opt.zero_grad(set_to_none=True)
         total.backward()

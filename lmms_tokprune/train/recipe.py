@@ -8,7 +8,10 @@
    from ``llava_fp32`` on that tower's features with a fresh schedule, plus the relation comparison loss ->
    ``<out>/llava2_fp32``. (Stage 2 starts from stage 1 rather than from scratch because that is the run the
    shipped weights come from: the position problem was found after stage 1.)
-4. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
+4. stage 3: continues from ``llava2_fp32`` on the same tower with the query loss added (grounding.py: the
+   answer position says the colour/shape words its question names) -> ``<out>/llava3_fp32``. (Also a
+   continuation for the same reason: the weak colour query was found after stage 2.)
+5. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
    (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--install`` copies them to
    ``lmms_tokprune/assets/`` where ``pretrained=demo`` / ``text_encoder=demo`` find them.
 
@@ -59,6 +62,10 @@ class Recipe:
     llava2_steps: int = 3000
     llava2_lr: float = 5e-4
     comparison_weight: float = 1.0
+    # stage 3: continued from stage 2 on the same tower with the query loss (0 steps = no stage 3)
+    llava3_steps: int = 1500
+    llava3_lr: float = 5e-4
+    query_weight: float = 1.0
     seed: int = 0
 
     @property
@@ -68,6 +75,10 @@ class Recipe:
     @property
     def llava2_epochs(self) -> float:
         return self.llava2_steps * self.llava_batch / self.llava_scenes
+
+    @property
+    def llava3_epochs(self) -> float:
+        return self.llava3_steps * self.llava_batch / self.llava_scenes
 
 
 def export_fp16(src: Path, dst: Path, kind: str) -> Path:
@@ -101,7 +112,7 @@ def _llava_stage(llava_dir: Path, clip_model, recipe: Recipe, log: Log, **schedu
 
 def _stage2(out: Path, recipe: Recipe, clip_model, llava1_dir: Path, log: Log):
     """Grid positions on the tower, then continue the LLaVA stage from ``llava1_dir``; returns the new folders,
-    the validation accuracy (None when reused) and the wall time."""
+    the validation accuracy and the wall time (both None when reused)."""
     import copy
 
     from transformers import CLIPModel, CLIPProcessor
@@ -123,9 +134,24 @@ def _stage2(out: Path, recipe: Recipe, clip_model, llava1_dir: Path, log: Log):
     val_acc = _llava_stage(llava_dir, clip_pos, recipe, log, epochs=recipe.llava2_epochs, lr=recipe.llava2_lr,
                            projector_lr=recipe.llava2_lr, data_seed=recipe.seed + 1,
                            comparison_weight=recipe.comparison_weight, init_from=llava1_dir)
-    wall = time.time() - t0
-    log(f"LLaVA stage 2 done in {wall:.0f}s")
+    wall = None if val_acc is None else time.time() - t0  # a reused stage has no time of its own
+    if wall is not None:
+        log(f"LLaVA stage 2 done in {wall:.0f}s")
     return clip_dir, llava_dir, val_acc, wall
+
+
+def _stage3(out: Path, recipe: Recipe, clip_model, llava2_dir: Path, log: Log):
+    """Continue from ``llava2_dir`` on the same tower with the query loss; returns the folder, the validation
+    accuracy and the wall time (both None when reused)."""
+    t0 = time.time()
+    llava_dir = out / "llava3_fp32"
+    val_acc = _llava_stage(llava_dir, clip_model, recipe, log, epochs=recipe.llava3_epochs, lr=recipe.llava3_lr,
+                           projector_lr=recipe.llava3_lr, data_seed=recipe.seed + 2,
+                           comparison_weight=recipe.comparison_weight, query_weight=recipe.query_weight, init_from=llava2_dir)
+    wall = None if val_acc is None else time.time() - t0
+    if wall is not None:
+        log(f"LLaVA stage 3 done in {wall:.0f}s")
+    return llava_dir, val_acc, wall
 
 
 def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: int = 2, install: bool = False, log: Optional[Log] = None) -> dict:
@@ -154,11 +180,15 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
     llava_dir = out / "llava_fp32"
     val_acc = _llava_stage(llava_dir, clip_model, recipe, log, epochs=recipe.llava_epochs, lr=recipe.llava_lr,
                            projector_lr=recipe.llava_projector_lr, curriculum=recipe.llava_curriculum)
-    llava_s = time.time() - t1
-    log(f"LLaVA training done in {llava_s:.0f}s")
-    llava2_s = None
+    llava_s = None if val_acc is None else time.time() - t1
+    if llava_s is not None:
+        log(f"LLaVA training done in {llava_s:.0f}s")
+    llava2_s = llava3_s = None
     if recipe.llava2_steps > 0:
         clip_dir, llava_dir, val_acc, llava2_s = _stage2(out, recipe, clip_model, llava_dir, log)
+        clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+    if recipe.llava3_steps > 0:
+        llava_dir, val_acc, llava3_s = _stage3(out, recipe, clip_model, llava_dir, log)
     demo_llava = export_fp16(llava_dir, out / "demo_llava", "llava")
     demo_clip = export_fp16(clip_dir, out / "demo_clip", "clip")
     meta = {
@@ -167,6 +197,7 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
         "clip_wall_s": clip_s,
         "llava_wall_s": llava_s,
         "llava2_wall_s": llava2_s,
+        "llava3_wall_s": llava3_s,
         "val_first_turn_exact_match": val_acc,
         "torch": torch.__version__,
     }
