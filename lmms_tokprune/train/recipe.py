@@ -94,64 +94,44 @@ def export_fp16(src: Path, dst: Path, kind: str) -> Path:
     return dst
 
 
-def _llava_stage(llava_dir: Path, clip_model, recipe: Recipe, log: Log, **schedule) -> Optional[dict]:
+def _llava_stage(name: str, llava_dir: Path, clip_model, recipe: Recipe, log: Log, **schedule) -> Tuple[Optional[dict], Optional[float]]:
     """Train one LLaVA stage into ``llava_dir`` (the recipe's data and losses, ``schedule`` = this stage's own
-    arguments of ``train_llava``) unless a finished one is there; its validation accuracy, None when reused."""
+    arguments of ``train_llava``) unless a finished one is there; its validation accuracy and wall time, both
+    None when reused (a reused stage has no numbers of its own: they are in the run that made it)."""
     from .llava_train import train_llava
 
     if (llava_dir / "config.json").exists():
         log(f"reusing {llava_dir}")
-        return None
+        return None, None
+    t0 = time.time()
     _, val_acc = train_llava(clip_model, llava_dir, recipe.sizes, n_scenes=recipe.llava_scenes, n_val=recipe.llava_val,
                              batch_size=recipe.llava_batch, per_family=recipe.llava_per_family, seed=recipe.seed,
                              caption_prob=recipe.caption_prob, cache_dir=llava_dir.parent / "cache",
                              grounding_weight=recipe.grounding_weight, readout_weight=recipe.readout_weight,
                              save_every=300, log=log, **schedule)
-    return val_acc
+    wall = time.time() - t0
+    log(f"LLaVA {name} done in {wall:.0f}s")
+    return val_acc, wall
 
 
-def _stage2(out: Path, recipe: Recipe, clip_model, llava1_dir: Path, log: Log):
-    """Grid positions on the tower, then continue the LLaVA stage from ``llava1_dir``; returns the new folders,
-    the validation accuracy and the wall time (both None when reused)."""
+def _positioned_tower(out: Path, recipe: Recipe, clip_model, log: Log):
+    """(folder, model) of the CLIP with grid positions (positions.py) added to a copy of ``clip_model``; made once."""
     import copy
 
     from transformers import CLIPModel, CLIPProcessor
 
     from .positions import add_grid_positions
 
-    t0 = time.time()
     clip_dir = out / "clip_pos_fp32"
     if (clip_dir / "config.json").exists():
         log(f"reusing {clip_dir}")
-        clip_pos = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
-    else:
-        clip_pos = copy.deepcopy(clip_model)
-        add_grid_positions(clip_pos, recipe.position_alpha)
-        clip_pos.save_pretrained(clip_dir, safe_serialization=True)
-        CLIPProcessor.from_pretrained(out / "clip_fp32").save_pretrained(clip_dir)
-        log(f"grid positions (alpha {recipe.position_alpha}) -> {clip_dir}")
-    llava_dir = out / "llava2_fp32"
-    val_acc = _llava_stage(llava_dir, clip_pos, recipe, log, epochs=recipe.llava2_epochs, lr=recipe.llava2_lr,
-                           projector_lr=recipe.llava2_lr, data_seed=recipe.seed + 1,
-                           comparison_weight=recipe.comparison_weight, init_from=llava1_dir)
-    wall = None if val_acc is None else time.time() - t0  # a reused stage has no time of its own
-    if wall is not None:
-        log(f"LLaVA stage 2 done in {wall:.0f}s")
-    return clip_dir, llava_dir, val_acc, wall
-
-
-def _stage3(out: Path, recipe: Recipe, clip_model, llava2_dir: Path, log: Log):
-    """Continue from ``llava2_dir`` on the same tower with the query loss; returns the folder, the validation
-    accuracy and the wall time (both None when reused)."""
-    t0 = time.time()
-    llava_dir = out / "llava3_fp32"
-    val_acc = _llava_stage(llava_dir, clip_model, recipe, log, epochs=recipe.llava3_epochs, lr=recipe.llava3_lr,
-                           projector_lr=recipe.llava3_lr, data_seed=recipe.seed + 2,
-                           comparison_weight=recipe.comparison_weight, query_weight=recipe.query_weight, init_from=llava2_dir)
-    wall = None if val_acc is None else time.time() - t0
-    if wall is not None:
-        log(f"LLaVA stage 3 done in {wall:.0f}s")
-    return llava_dir, val_acc, wall
+        return clip_dir, CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+    clip_pos = copy.deepcopy(clip_model)
+    add_grid_positions(clip_pos, recipe.position_alpha)
+    clip_pos.save_pretrained(clip_dir, safe_serialization=True)
+    CLIPProcessor.from_pretrained(out / "clip_fp32").save_pretrained(clip_dir)
+    log(f"grid positions (alpha {recipe.position_alpha}) -> {clip_dir}")
+    return clip_dir, clip_pos
 
 
 def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: int = 2, install: bool = False, log: Optional[Log] = None) -> dict:
@@ -176,19 +156,22 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
                                    patch_weight=recipe.patch_weight, save_every=250, log=log)
         clip_s = time.time() - t0
         log(f"CLIP pre-training done in {clip_s:.0f}s")
-    t1 = time.time()
     llava_dir = out / "llava_fp32"
-    val_acc = _llava_stage(llava_dir, clip_model, recipe, log, epochs=recipe.llava_epochs, lr=recipe.llava_lr,
-                           projector_lr=recipe.llava_projector_lr, curriculum=recipe.llava_curriculum)
-    llava_s = None if val_acc is None else time.time() - t1
-    if llava_s is not None:
-        log(f"LLaVA training done in {llava_s:.0f}s")
+    val_acc, llava_s = _llava_stage("stage 1", llava_dir, clip_model, recipe, log, epochs=recipe.llava_epochs, lr=recipe.llava_lr,
+                                    projector_lr=recipe.llava_projector_lr, curriculum=recipe.llava_curriculum)
     llava2_s = llava3_s = None
-    if recipe.llava2_steps > 0:
-        clip_dir, llava_dir, val_acc, llava2_s = _stage2(out, recipe, clip_model, llava_dir, log)
-        clip_model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
-    if recipe.llava3_steps > 0:
-        llava_dir, val_acc, llava3_s = _stage3(out, recipe, clip_model, llava_dir, log)
+    if recipe.llava2_steps > 0:  # continued from stage 1 on the positioned tower, relation comparison loss on
+        clip_dir, clip_model = _positioned_tower(out, recipe, clip_model, log)
+        llava_dir, previous = out / "llava2_fp32", llava_dir
+        val_acc, llava2_s = _llava_stage("stage 2", llava_dir, clip_model, recipe, log, epochs=recipe.llava2_epochs,
+                                         lr=recipe.llava2_lr, projector_lr=recipe.llava2_lr, data_seed=recipe.seed + 1,
+                                         comparison_weight=recipe.comparison_weight, init_from=previous)
+    if recipe.llava3_steps > 0:  # continued from the last stage on the same tower, query loss on
+        llava_dir, previous = out / "llava3_fp32", llava_dir
+        val_acc, llava3_s = _llava_stage("stage 3", llava_dir, clip_model, recipe, log, epochs=recipe.llava3_epochs,
+                                         lr=recipe.llava3_lr, projector_lr=recipe.llava3_lr, data_seed=recipe.seed + 2,
+                                         comparison_weight=recipe.comparison_weight, query_weight=recipe.query_weight,
+                                         init_from=previous)
     demo_llava = export_fp16(llava_dir, out / "demo_llava", "llava")
     demo_clip = export_fp16(clip_dir, out / "demo_clip", "clip")
     meta = {
