@@ -231,16 +231,17 @@ def _grounded_step(model, rows: List[GroundedRow], feats, image_id, pad_id, grou
     ids, labels, att = _batch([(r.ids, r.labels) for r in rows], pad_id)
     queries = [(j, q, tg) for j, r in enumerate(rows) for q, tg in r.targets]
     lm = model.model.language_model
-    layers = list(range(1, model.config.text_config.num_hidden_layers))
+    n_layers = model.config.text_config.num_hidden_layers
+    layers = list(range(1, n_layers))
     readouts = [(j, t, w) for j, r in enumerate(rows) for t, w in r.readouts]
     readout_on = readout_weight > 0 and bool(readouts)
     comparisons = [(j, t, w) for j, r in enumerate(rows) for t, w in r.comparisons]
-    middle = slice(1, model.config.text_config.num_hidden_layers - 1)  # after the grounded heads, before the answer layer
-    compare_on = comparison_weight > 0 and bool(comparisons) and model.config.text_config.num_hidden_layers > 2
+    middle = slice(1, n_layers - 1)  # after the grounded heads' first layer, before the answer layer
+    compare_on = comparison_weight > 0 and bool(comparisons) and n_layers > 2
     ground_on = grounding_weight > 0 and bool(queries) and bool(layers)
     asked = [(j, t, w) for j, r in enumerate(rows) for t, w in r.asked]
-    before_answer = slice(0, model.config.text_config.num_hidden_layers - 1)  # the layers whose outputs form head 0's queries
-    query_on = query_weight > 0 and bool(asked) and model.config.text_config.num_hidden_layers > 1
+    before_answer = slice(0, n_layers - 1)  # the layers whose outputs form head 0's queries
+    query_on = query_weight > 0 and bool(asked) and n_layers > 1
     parts: Dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         captured = outputs = None
