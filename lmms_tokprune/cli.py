@@ -99,12 +99,12 @@ def _method_params(items: List[str]) -> dict:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .efficiency.bench import format_rows, rows_as_json, run_bench
+    from .bench.llava_bench import format_rows, rows_as_json, run_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     params = _method_params(args.param)
     if args.compress_only:
-        from .efficiency.compress_bench import compress_rows_as_json, format_compress_rows, run_compress_bench
+        from .bench.compress_bench import compress_rows_as_json, format_compress_rows, run_compress_bench
 
         if args.budget is not None:
             for m in methods:

@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_tokprune.llava.engine import CompressedLlava, MethodConfig, Sample, clean_generation_kwargs
+from lmms_tokprune.llava.batch import Sample
+from lmms_tokprune.llava.engine import CompressedLlava, clean_generation_kwargs
 from lmms_tokprune.llava.images import background_colour, expand_to_square, to_rgb
 from lmms_tokprune.llava.loading import load_llava
 from lmms_tokprune.llava.prompts import VICUNA_SYSTEM, build_prompt, question_text
+from lmms_tokprune.methods import bind
 
 QUESTIONS = ["What colour is the square?", "How many circles are there in the picture?", "Is there a red triangle?", "What shape is it?"]
 
@@ -36,7 +38,7 @@ def test_none_is_token_identical_to_plain_transformers(loaded, tiny_llava):
 
     model, processor, backend = loaded
     plain_processor = AutoProcessor.from_pretrained(str(tiny_llava), backend=backend)
-    engine = CompressedLlava(model, processor, MethodConfig("none"), prompt_style="chat_template", pad_to_square=False)
+    engine = CompressedLlava(model, processor, bind("none"), prompt_style="chat_template", pad_to_square=False)
     for image, question in zip(_images(), QUESTIONS):
         prompt = plain_processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
@@ -53,7 +55,7 @@ def test_none_is_token_identical_to_plain_transformers(loaded, tiny_llava):
 @pytest.mark.parametrize("method,params", [("none", {}), ("topk_cls", {"ratio": 0.1}), ("random", {"budget": 64}), ("spatial", {"budget": 100})])
 def test_batch_equals_single(loaded, method, params):
     model, processor, _ = loaded
-    engine = CompressedLlava(model, processor, MethodConfig(method, params=params))
+    engine = CompressedLlava(model, processor, bind(method, **params))
     samples = [Sample(q, [im], [i]) for i, (im, q) in enumerate(zip(_images(), QUESTIONS))]
     singles = [engine.generate([s], {"max_new_tokens": 8})[0][0] for s in samples]
     batched, stats = engine.generate(samples, {"max_new_tokens": 8})
@@ -65,7 +67,7 @@ def test_batch_equals_single(loaded, method, params):
 def test_variable_lengths_and_several_images(loaded):
     """Samples with different visual counts (1 vs 2 images) share a batch and match batch-1 runs."""
     model, processor, _ = loaded
-    engine = CompressedLlava(model, processor, MethodConfig("topk_cls", params={"budget": 32}))
+    engine = CompressedLlava(model, processor, bind("topk_cls", budget=32))
     imgs = _images()
     samples = [Sample("Compare these.", imgs[:2], [0, 1]), Sample(QUESTIONS[0], [imgs[2]], [2])]
     batched, stats = engine.generate(samples, {"max_new_tokens": 6})
@@ -116,7 +118,7 @@ def test_prefill_flops_and_latency_measurement(loaded):
     from lmms_tokprune.efficiency.flops import from_llava_config, llm_prefill_flops
 
     model, processor, _ = loaded
-    engine = CompressedLlava(model, processor, MethodConfig("spatial", params={"budget": 64}))
+    engine = CompressedLlava(model, processor, bind("spatial", budget=64))
     engine.measure_latency = True
     _, stats = engine.generate([Sample(QUESTIONS[0], [_images()[0]])], {"max_new_tokens": 4})
     st = stats[0]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lmms_tokprune.llava.engine import MethodConfig, Sample, build_engine, clean_generation_kwargs
+from lmms_tokprune.llava.batch import Sample
+from lmms_tokprune.llava.engine import clean_generation_kwargs
 from lmms_tokprune.llava.llm_pruning import (
     accumulated_attention,
     attention_scores,
@@ -22,8 +23,10 @@ from lmms_tokprune.llava.llm_pruning import (
 )
 from lmms_tokprune.llava.loading import load_llava
 from lmms_tokprune.llava.longtail_engine import LongtailLlava
+from lmms_tokprune.llava.opener import open_engine
+from lmms_tokprune.llava.options import engine_options
 from lmms_tokprune.llava.vision import capture_outputs, clip_parts, run_clip
-from lmms_tokprune.methods import VisionInputs, compress, get_method
+from lmms_tokprune.methods import VisionInputs, bind, compress, get_method
 from lmms_tokprune.methods.longtail import longtail_counts, scaled_count, split_objective, split_point
 from lmms_tokprune.methods.registry import STAGE_IN_CLIP_AND_LLM
 
@@ -55,7 +58,7 @@ def loaded(tiny4):
 
 def _engine(loaded, **params):
     model, processor = loaded
-    return build_engine(model, processor, MethodConfig("longtail", params=params))
+    return open_engine(engine_options({"method": "longtail", **params}), torch.device("cpu"), model, processor)
 
 
 def _qk_for(weights: torch.Tensor):
@@ -179,7 +182,7 @@ def test_fewer_clip_tokens_are_processed_and_stage1_is_the_pure_function(loaded)
     handle = layers[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     try:
         pixels = engine.images.prepare(_images(1))
-        comp = engine.compress_images(pixels, [0], [])
+        comp = engine.compress_images(pixels, [0], []).images
     finally:
         handle.remove()
     n_kept = comp[0].num_tokens
@@ -197,18 +200,18 @@ def test_fewer_clip_tokens_are_processed_and_stage1_is_the_pure_function(loaded)
 
 def test_budget_and_ratio_through_the_engine(loaded):
     engine = _engine(loaded, clip_layer=2, budget=32)
-    engine.generate(_samples()[:2], {"max_new_tokens": 2})
-    assert [d.stage1_counts for d in engine.last_details] == [[32], [32]]
+    stats = engine.generate(_samples()[:2], {"max_new_tokens": 2}).stats
+    assert [s.details.stage1_counts for s in stats] == [[32], [32]]
     engine = _engine(loaded, ratio=0.125)
-    engine.generate(_samples()[:1], {"max_new_tokens": 1})
-    assert engine.last_details[0].stage1_counts == [72]
+    stats = engine.generate(_samples()[:1], {"max_new_tokens": 1}).stats
+    assert stats[0].details.stage1_counts == [72]
     model, processor = loaded
     with pytest.raises(ValueError, match="clip_layer=4 must be within 1..3"):
-        LongtailLlava(model, processor, MethodConfig("longtail", params={"clip_layer": 4}))
+        LongtailLlava(model, processor, bind("longtail", clip_layer=4))
     with pytest.raises(ValueError, match="llm_layer=4 is outside"):
-        LongtailLlava(model, processor, MethodConfig("longtail", params={"llm_layer": 4}))
+        LongtailLlava(model, processor, bind("longtail", llm_layer=4))
     with pytest.raises(ValueError, match="budget_base"):
-        LongtailLlava(model, processor, MethodConfig("longtail", params={"budget_base": "text"}))
+        LongtailLlava(model, processor, bind("longtail", budget_base="text"))
 
 
 # ------------------------------------------------------------------------------------------------ H2O
@@ -282,7 +285,7 @@ def test_no_pruning_is_token_identical_to_generate(loaded):
         toks, stats = engine.generate(samples, {"max_new_tokens": 8, "temperature": 0})
         assert toks == ref
         assert [s.llm_prefill_tokens for s in stats] == [float(n) for n in batch.llm.lengths]
-        assert [d.evicted_in_decode for d in engine.last_details] == [0] * len(samples)
+        assert [s.details.evicted_in_decode for s in stats] == [0] * len(samples)
 
 
 @pytest.mark.parametrize("params", [{"clip_layer": 2}, {"clip_layer": 1, "llm_layer": 2}])
@@ -290,12 +293,12 @@ def test_batch_equals_single_with_pruning(loaded, params):
     engine = _engine(loaded, **params)
     samples = _samples()
     batched, stats = engine.generate(samples, {"max_new_tokens": 6})
-    details = engine.last_details
+    details = [st.details for st in stats]
     for s, toks, st, det in zip(samples, batched, stats, details):
         single, single_stats = engine.generate([s], {"max_new_tokens": 6})
         assert single[0] == toks
         assert single_stats[0].layer_lengths == st.layer_lengths and single_stats[0].visual_tokens_kept == st.visual_tokens_kept
-        assert torch.equal(engine.last_details[0].llm_kept_positions, det.llm_kept_positions)
+        assert torch.equal(single_stats[0].details.llm_kept_positions, det.llm_kept_positions)
     k = params.get("llm_layer", 0)
     for st, det in zip(stats, details):
         kept = det.llm_kept_positions.numel()
@@ -340,7 +343,7 @@ def test_positions_and_kv_eviction_match_a_no_cache_recomputation(loaded, k_laye
     engine = _engine(loaded, clip_layer=2, llm_layer=k_layer, decode_eviction=False)
     samples = _samples()[1:2]
     batch = engine.prepare(samples)
-    plan = engine.plan(batch, batch.image_mask)
+    plan = engine.plan(batch)
     out = generate_with_pruning(model, batch.llm.inputs_embeds, batch.llm.attention_mask, plan, {"max_new_tokens": 6}, None, engine.pad_token_id, keep_logits=True)
     kept = out.kept_positions[0]
     assert kept.numel() < out.prompt_lengths[0]
@@ -356,7 +359,7 @@ def test_decode_eviction_holds_the_budget(loaded):
     engine = _engine(loaded, clip_layer=2)
     samples = _samples()[:2]
     batch = engine.prepare(samples)
-    plan = engine.plan(batch, batch.image_mask)
+    plan = engine.plan(batch)
     out = generate_with_pruning(model, batch.llm.inputs_embeds, batch.llm.attention_mask, plan, {"max_new_tokens": 7}, None, engine.pad_token_id)
     assert out.evicted_in_decode == [6, 6]  # every fed token pushes the span over M + N once
     span = plan.prunable.sum(dim=1).tolist()
@@ -394,16 +397,16 @@ def test_exempt_prefix_and_no_image_samples(loaded):
     engine = _engine(loaded, clip_layer=2)
     samples = [_samples()[0], Sample("No picture here, what is a square?", [], [])]
     _, stats = engine.generate(samples, {"max_new_tokens": 3})
-    with_image, text_only = engine.last_details
-    prefix = engine.prepare(samples).image_mask[0]
+    with_image, text_only = [st.details for st in stats]
+    prefix = engine.prepare(samples).llm.image_mask[0]
     pad = prefix.shape[0] - with_image.llm_prompt_length
     first_image = int(prefix[pad:].float().argmax())
     assert torch.equal(with_image.llm_kept_positions[:first_image], torch.arange(first_image))  # system prompt untouched
     assert text_only.llm_kept_positions.numel() == text_only.llm_prompt_length  # nothing to prune without an image
     assert stats[1].visual_tokens_in == 0 and stats[1].visual_tokens_kept == 0
     off = _engine(loaded, clip_layer=2, exempt_system_prompt=False)
-    off.generate(samples[:1], {"max_new_tokens": 1})
-    assert off.last_details[0].llm_kept_positions.numel() <= off.last_details[0].heavy + off.last_details[0].recent
+    det = off.generate(samples[:1], {"max_new_tokens": 1}).stats[0].details
+    assert det.llm_kept_positions.numel() <= det.heavy + det.recent
 
 
 @pytest.mark.slow

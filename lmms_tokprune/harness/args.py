@@ -1,91 +1,72 @@
-"""model_args for the lmms-eval wrappers: coercion, validation and `config=` YAML files.
+"""model_args for the lmms-eval wrappers -> one frozen `EvalConfig`, validated once at load time.
 
-lmms-eval type-guesses values (`1` -> int, `-1` -> float, `true` -> bool, the rest str), so every
-value is coerced to its declared type here; a typo in a key is an error listing the valid keys.
+lmms-eval type-guesses values (`1` -> int, `-1` -> float, `true` -> bool, the rest str); `config=` names a
+model_configs YAML whose model_args fill in what is not given. Engine options and method parameters are
+resolved by `llava.options.engine_options` (the one validation step); the harness adds its own options.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import yaml
 
-from ..llava.loading import ATTN_IMPLEMENTATIONS, IMAGE_BACKENDS
-from ..llava.prompts import PROMPT_STYLES
-from ..methods import get_method, method_names, resolve_params
-from ..methods.registry import VARIANTS
+from ..catalog import model_ids
+from ..llava.options import DEFAULT_PRETRAINED, DEFAULT_TEXT_ENCODER, TEXT_SOURCES, EngineOptions, Option, engine_options, resolve_options
 
-DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
-DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14-336"
-TEXT_SOURCES = ("question", "reference")
+__all__ = ["DEFAULT_PRETRAINED", "DEFAULT_TEXT_ENCODER", "TEXT_SOURCES", "MODEL_IDS", "EvalConfig", "parse_model_args", "load_config_model_args"]
 
-# model id -> preset method (None: generic, method= required or 'none')
-MODEL_IDS: Dict[str, Optional[str]] = {
-    "llava_tokprune": None,
-    "llava_recover": "recover",
-    "llava_prumerge": "prumerge",
-    "llava_prumerge_plus": "prumerge_plus",
-    "llava_longtail": "longtail",
-}
+# model id -> preset method (None: generic, method= required or 'none'); derived from the catalog
+MODEL_IDS: Dict[str, Optional[str]] = model_ids()
 
 
-@dataclass
-class ModelArgs:
-    """Common options of every wrapper (method hyper-parameters are kept apart in `method_params`)."""
-
-    pretrained: str = DEFAULT_PRETRAINED
-    method: str = "none"
-    variant: str = "fixed"
-    prompt_style: str = "llava_v1"
-    pad_to_square: bool = True
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_source: str = "question"
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    image_backend: str = "pil"
-    device: Optional[str] = None
-    batch_size: int = 1
-    max_new_tokens: Optional[int] = None
-    measure_latency: bool = False
-    config: Optional[str] = None
-    method_params: Dict[str, Any] = field(default_factory=dict)
+def _batch_size_check(value: Any) -> Optional[str]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "batch_size=auto is not supported; give an integer batch size"
+    return None
 
 
-_BOOL_KEYS = {"pad_to_square", "measure_latency"}
-_INT_KEYS = {"batch_size", "max_new_tokens"}
-_CHOICES = {
-    "variant": VARIANTS,
-    "prompt_style": PROMPT_STYLES,
-    "attn_implementation": ATTN_IMPLEMENTATIONS,
-    "image_backend": IMAGE_BACKENDS,
-    "text_source": TEXT_SOURCES,
-}
+HARNESS_OPTIONS = (
+    Option("batch_size", int, 1, check=_batch_size_check),
+    Option("max_new_tokens", int, None),
+    Option("config", str, None),
+)
 # lmms-eval passes these from its own CLI; accepted and ignored where meaningless for us.
 _HARNESS_KEYS = {"max_batch_size", "device_map"}
 
 
-def _coerce_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    raise ValueError(f"model_args {key}={value!r} must be true or false")
+@dataclass(frozen=True)
+class EvalConfig:
+    """One wrapper's resolved configuration: the engine's options plus what the harness itself uses."""
 
+    model_id: str
+    engine: EngineOptions
+    batch_size: int = 1
+    max_new_tokens: Optional[int] = None
+    config: Optional[str] = None
 
-def _coerce_int(key: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().lower() == "auto" and key == "batch_size":
-        raise ValueError("batch_size=auto is not supported; give an integer batch size")
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"model_args {key}={value!r} must be an integer") from None
-    if not as_float.is_integer() or as_float < 1:
-        raise ValueError(f"model_args {key}={value!r} must be an integer >= 1")
-    return int(as_float)
+    @property
+    def method(self) -> str:
+        return self.engine.method.name
+
+    @property
+    def variant(self) -> str:
+        return self.engine.method.variant
+
+    @property
+    def method_params(self) -> Dict[str, Any]:
+        """The method parameters the user set (coerced); defaults are in `engine.method.params`."""
+        return self.engine.method.given_params
+
+    @property
+    def pretrained(self) -> str:
+        return self.engine.pretrained
+
+    @property
+    def pad_to_square(self) -> bool:
+        return self.engine.pad_to_square
 
 
 def load_config_model_args(path: str) -> Dict[str, Any]:
@@ -109,8 +90,8 @@ def load_config_model_args(path: str) -> Dict[str, Any]:
     return args
 
 
-def parse_model_args(model_id: str, raw: Mapping[str, Any]) -> ModelArgs:
-    """Validate and coerce lmms-eval model_args for the wrapper `model_id`."""
+def parse_model_args(model_id: str, raw: Mapping[str, Any]) -> EvalConfig:
+    """Validate and coerce lmms-eval model_args for the wrapper `model_id` (every error at load time)."""
     raw = {k: v for k, v in raw.items() if k not in _HARNESS_KEYS}
     preset = MODEL_IDS.get(model_id)
     if "config" in raw and raw["config"] is not None:
@@ -119,32 +100,7 @@ def parse_model_args(model_id: str, raw: Mapping[str, Any]) -> ModelArgs:
         if file_model is not None and file_model != model_id and MODEL_IDS.get(file_model) != preset:
             raise ValueError(f"config {raw['config']!r} is for model {file_model!r}, not {model_id!r}")
         raw = {**from_file, **raw}  # explicit model_args win over the file
-    args = ModelArgs()
-    common = {f.name for f in fields(ModelArgs)} - {"method_params"}
-    method = raw.get("method", preset or "none")
-    if preset is not None and method != preset:
-        raise ValueError(f"{model_id} runs method {preset!r}; use --model llava_tokprune with method={method} instead")
-    if method not in method_names():
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(method_names())}")
-    spec = get_method(method)
-    method_params: Dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in common:
-            if key in _BOOL_KEYS:
-                value = _coerce_bool(key, value)
-            elif key in _INT_KEYS:
-                value = None if value is None else _coerce_int(key, value)
-            elif value is not None:
-                value = str(value)
-            if key in _CHOICES and value not in _CHOICES[key]:
-                raise ValueError(f"model_args {key}={value!r} is not valid; choose one of {', '.join(_CHOICES[key])}")
-            setattr(args, key, value)
-        elif key in spec.params:
-            method_params[key] = value
-        else:
-            valid = sorted(common) + sorted(spec.params)
-            raise ValueError(f"unknown model_args key {key!r} for {model_id} (method {method}); valid keys: {', '.join(valid)}")
-    args.method = method
-    # Validate now (at load time, not mid-run): types, ranges, budget vs ratio.
-    args.method_params = {k: v for k, v in resolve_params(method, args.variant, **method_params).items() if k in method_params}
-    return args
+    harness_keys = {opt.name for opt in HARNESS_OPTIONS}
+    engine = engine_options({k: v for k, v in raw.items() if k not in harness_keys}, preset, model_id, other_keys=harness_keys)
+    own = resolve_options(HARNESS_OPTIONS, {k: v for k, v in raw.items() if k in harness_keys})
+    return EvalConfig(model_id=model_id, engine=engine, **own)

@@ -1,41 +1,26 @@
-"""Entry points of the `lmms_eval.models` group.
+"""The `lmms_eval.models` entry point: one callable returning a manifest per model id of the catalog.
 
-These callables must not import lmms_eval at module top level: lmms_eval.models imports this
-module while it is itself being initialised, and a circular import silently drops the plugin.
+It must not import lmms_eval at module top level: lmms_eval.models imports this module while it is itself
+being initialised, and a circular import silently drops the plugin. lmms-eval 0.7.3 accepts an entry point
+that returns a list of manifests, so pyproject.toml names this one function and the ids come from
+`lmms_tokprune.catalog` (adding a method with a preset id adds its manifest).
 """
 
 from __future__ import annotations
 
-CLASS_PATHS = {
-    "llava_tokprune": "lmms_tokprune.harness.model.LlavaTokPrune",
-    "llava_recover": "lmms_tokprune.harness.model.LlavaRecover",
-    "llava_prumerge": "lmms_tokprune.harness.model.LlavaPrumerge",
-    "llava_prumerge_plus": "lmms_tokprune.harness.model.LlavaPrumergePlus",
-    "llava_longtail": "lmms_tokprune.harness.model.LlavaLongtail",
-}
+from typing import Dict, List
+
+from ..catalog import class_name, model_ids
+
+MODEL_CLASS_MODULE = "lmms_tokprune.harness.model"
 
 
-def _manifest(model_id: str):
+def class_paths() -> Dict[str, str]:
+    """model id -> the dotted path of its harness class."""
+    return {mid: f"{MODEL_CLASS_MODULE}.{class_name(mid)}" for mid in model_ids()}
+
+
+def manifests() -> List[object]:
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=model_id, simple_class_path=CLASS_PATHS[model_id])
-
-
-def llava_tokprune():
-    return _manifest("llava_tokprune")
-
-
-def llava_recover():
-    return _manifest("llava_recover")
-
-
-def llava_prumerge():
-    return _manifest("llava_prumerge")
-
-
-def llava_prumerge_plus():
-    return _manifest("llava_prumerge_plus")
-
-
-def llava_longtail():
-    return _manifest("llava_longtail")
+    return [ModelManifest(model_id=mid, simple_class_path=path) for mid, path in class_paths().items()]

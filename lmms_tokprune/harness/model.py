@@ -19,10 +19,10 @@ from tqdm import tqdm
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from ..llava.engine import MethodConfig, Sample, build_engine
-from ..llava.loading import load_llava
-from ..methods.registry import check_budget
-from .args import MODEL_IDS, ModelArgs, parse_model_args
+from ..catalog import class_name, model_ids
+from ..llava.batch import Sample
+from ..llava.opener import open_engine
+from .args import EvalConfig, parse_model_args
 from .counts import SampleRecord, TokPruneTokenCounts, run_means
 
 
@@ -60,39 +60,21 @@ class LlavaTokPrune(lmms):
 
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        args: ModelArgs = parse_model_args(self.MODEL_ID, model_args)
+        args: EvalConfig = parse_model_args(self.MODEL_ID, model_args)
         self.args = args
         accelerator = Accelerator()
         self.accelerator = accelerator
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
-        if args.device is not None:
-            device = torch.device(args.device)
+        if args.engine.device is not None:
+            device = torch.device(args.engine.device)
         elif torch.cuda.is_available():
             device = torch.device(f"cuda:{accelerator.local_process_index}")
         else:
             device = torch.device("cpu")
         self._device = device
-        model, processor = load_llava(args.pretrained, device, args.dtype, args.attn_implementation, args.image_backend)
-        vc = model.config.vision_config
-        check_budget(args.method, args.method_params.get("budget"), (vc.image_size // vc.patch_size) ** 2)
-        text_guide = None
-        from ..methods import get_method
-
-        if "text" in get_method(args.method).needs:
-            from ..llava.text_guide import load_text_guide  # only the recover method needs CLIP text
-
-            text_guide = load_text_guide(args.text_encoder, model, device, args.text_source)
-        self.engine = build_engine(
-            model,
-            processor,
-            MethodConfig(args.method, args.variant, dict(args.method_params)),
-            prompt_style=args.prompt_style,
-            pad_to_square=args.pad_to_square,
-            text_guide=text_guide,
-        )
-        self.engine.measure_latency = args.measure_latency
-        self._model = model
+        self.engine = open_engine(args.engine, device)
+        self._model = self.engine.model
         self.batch_size_per_gpu = args.batch_size
         self._records: List[SampleRecord] = []
         if self._rank == 0:
@@ -143,7 +125,7 @@ class LlavaTokPrune(lmms):
         if self.args.max_new_tokens is not None:
             gen_kwargs["max_new_tokens"] = self.args.max_new_tokens
         started = time.perf_counter()
-        token_ids, stats = self.engine.generate(samples, gen_kwargs)
+        token_ids, stats = self.engine.generate(samples, gen_kwargs)  # BatchOutput
         seconds = (time.perf_counter() - started) / len(reqs)
         tokenizer = self.engine.tokenizer
         for req, slot, ids, st, (_, _, task) in zip(reqs, slots, token_ids, stats, prepared):
@@ -199,12 +181,12 @@ class LlavaTokPrune(lmms):
         super().clean()
 
 
-def _preset(model_id: str) -> type:
-    name = "".join(part.capitalize() for part in model_id.split("_"))
-    return type(name, (LlavaTokPrune,), {"MODEL_ID": model_id, "__module__": __name__, "__doc__": f"{model_id}: LLaVA-1.5 with method {MODEL_IDS[model_id]!r}."})
+def _preset(model_id: str, method: str) -> type:
+    """The class lmms-eval instantiates for a preset id: LlavaTokPrune with MODEL_ID set, nothing else."""
+    doc = f"{model_id}: LLaVA-1.5 with method {method!r}."
+    return type(class_name(model_id), (LlavaTokPrune,), {"MODEL_ID": model_id, "__module__": __name__, "__doc__": doc})
 
 
-LlavaRecover = _preset("llava_recover")
-LlavaPrumerge = _preset("llava_prumerge")
-LlavaPrumergePlus = _preset("llava_prumerge_plus")
-LlavaLongtail = _preset("llava_longtail")
+# One class per preset model id of the catalog (LlavaRecover, LlavaPrumerge, ...); manifests point at them.
+PRESET_CLASSES: Dict[str, type] = {mid: _preset(mid, method) for mid, method in model_ids().items() if method is not None}
+globals().update({cls.__name__: cls for cls in PRESET_CLASSES.values()})

@@ -7,17 +7,11 @@ projected features are scattered into the image positions in order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
 
-
-@dataclass
-class LLMInputs:
-    inputs_embeds: torch.Tensor  # [B, T, H]
-    attention_mask: torch.Tensor  # [B, T] long, 0 on the left padding
-    lengths: List[int]  # real (unpadded) length per sample
+from .batch import LLMInputs
 
 
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> List[int]:
@@ -57,9 +51,9 @@ def build_llm_inputs(
         mask[b, width - len(row):] = 1
     ids, mask = ids.to(device), mask.to(device)
     embeds = embed_tokens(ids)
+    image_mask = (ids == image_token_id) & mask.bool()
     flat = [f for feats in image_features for f in feats]
     if flat:
-        image_mask = (ids == image_token_id) & mask.bool()
         feats = torch.cat(flat, dim=0).to(embeds.device, embeds.dtype)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(embeds), feats)
-    return LLMInputs(inputs_embeds=embeds, attention_mask=mask, lengths=lengths)
+    return LLMInputs(inputs_embeds=embeds, attention_mask=mask, image_mask=image_mask, lengths=lengths)

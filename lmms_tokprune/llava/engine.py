@@ -7,55 +7,20 @@ left-padded LLM prefill + generate. Nothing here is specific to lmms-eval.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..methods import CompressedImage, compress, get_method
-from ..methods.registry import STAGE_IN_CLIP_AND_LLM
-from .assemble import LLMInputs, build_llm_inputs
-from .images import ImagePreparer
-from .prompts import IMAGE_PLACEHOLDER, build_prompt
 from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
+from ..methods import BoundMethod, CompressedImage
+from .assemble import build_llm_inputs
+from .batch import BatchOutput, CompressResult, PreparedBatch, Sample, SampleStats
+from .images import ImagePreparer
+from .prompts import IMAGE_PLACEHOLDER, build_prompt
 from .vision import as_vision_inputs, run_clip
 
 GENERATION_KEYS = ("max_new_tokens", "temperature", "do_sample", "num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty")
-
-
-@dataclass
-class Sample:
-    """One request: the lmms-eval context (question), its images, and stable per-image keys."""
-
-    context: str
-    images: List[Any]
-    image_keys: List[int] = field(default_factory=list)
-
-
-@dataclass
-class SampleStats:
-    visual_tokens_in: int
-    visual_tokens_kept: int
-    llm_prefill_tokens: float  # layer-averaged when the LLM prunes inside
-    output_tokens: int = 0
-    layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
-    prefill_tflops: Optional[float] = None
-    latency: Dict[str, float] = field(default_factory=dict)  # filled when measuring (per batch)
-
-
-@dataclass
-class PreparedBatch:
-    llm: LLMInputs
-    stats: List[SampleStats]
-    compressed: List[List[CompressedImage]]  # per sample, per image
-
-
-@dataclass
-class MethodConfig:
-    method: str = "none"
-    variant: str = "fixed"
-    params: Dict[str, Any] = field(default_factory=dict)
 
 
 def clean_generation_kwargs(gen_kwargs: Dict[str, Any], default_max_new_tokens: int = 1024) -> Dict[str, Any]:
@@ -83,16 +48,17 @@ class CompressedLlava:
         self,
         model: torch.nn.Module,
         processor: Any,
-        method: MethodConfig,
+        method: BoundMethod,
         prompt_style: str = "llava_v1",
         pad_to_square: bool = True,
         text_guide: Optional[Any] = None,
+        measure_latency: bool = False,
     ) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.method = method
-        self.spec = get_method(method.method)
+        self.spec = method.spec
         self.prompt_style = prompt_style
         self.images = ImagePreparer(processor.image_processor, pad_to_square)
         self.text_guide = text_guide
@@ -104,8 +70,8 @@ class CompressedLlava:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else (getattr(cfg, "pad_token_id", None) or 0))
         self.flops_config = from_llava_config(cfg)
-        self.measure_latency = False  # set by the harness (model_args measure_latency=true)
-        self._compress_ms = 0.0
+        self.measure_latency = measure_latency  # model_args measure_latency=true
+        method.check_patches(self.num_patches)
 
     # -- parts of the HF model -------------------------------------------------------------
     @property
@@ -135,7 +101,7 @@ class CompressedLlava:
             raise ValueError(f"tokenized prompt holds {found} image tokens for {len(sample.images)} images ({IMAGE_PLACEHOLDER!r} must be one token)")
         return ids
 
-    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> List[CompressedImage]:
+    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
         """CLIP forward with capture, then the method on the captured states (float32)."""
         states = run_clip(
             self.vision_tower,
@@ -147,17 +113,17 @@ class CompressedLlava:
         text_embeds = vis_proj = None
         if "text" in self.spec.needs:
             if self.text_guide is None:
-                raise ValueError(f"method {self.method.method!r} needs a CLIP text encoder (model_args text_encoder=...)")
+                raise ValueError(f"method {self.method.name!r} needs a CLIP text encoder (model_args text_encoder=...)")
             text_embeds, vis_proj = self.text_guide.embed(texts)
         inputs = as_vision_inputs(states, text_embeds, vis_proj, list(keys))
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()
-        outs = compress(self.method.method, inputs, variant=self.method.variant, **self.method.params)
-        if clock is not None:
-            clock.mark()
-            self._compress_ms = clock.elapsed_ms()
-        return outs
+        outs = self.method(inputs)
+        if clock is None:
+            return CompressResult(outs)
+        clock.mark()
+        return CompressResult(outs, clock.elapsed_ms())
 
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Everything up to the LLM: prompts, images, compression, projection, padded embeddings."""
@@ -169,9 +135,10 @@ class CompressedLlava:
         if self.text_guide is not None:
             texts = self.text_guide.texts_for([s.context for s in samples for _ in s.images], [p for s, p in zip(samples, prompts) for _ in s.images])
         compressed: List[CompressedImage] = []
+        compress_ms = 0.0
         if all_images:
             pixel_values = self.images.prepare(all_images)
-            compressed = self.compress_images(pixel_values, keys, texts)
+            compressed, compress_ms = self.compress_images(pixel_values, keys, texts)
         dtype = self.embed_tokens.weight.dtype
         projected: List[torch.Tensor] = []
         if compressed:
@@ -191,7 +158,7 @@ class CompressedLlava:
         llm = build_llm_inputs(self.embed_tokens, ids, self.image_token_id, self.pad_token_id, per_sample_feats)
         for st, length in zip(stats, llm.lengths):
             st.llm_prefill_tokens = float(length)
-        return PreparedBatch(llm=llm, stats=stats, compressed=per_sample_comp)
+        return PreparedBatch(llm=llm, stats=stats, compressed=per_sample_comp, compress_ms=compress_ms)
 
     @property
     def num_patches(self) -> int:
@@ -216,7 +183,7 @@ class CompressedLlava:
         )
 
     @torch.inference_mode()
-    def generate(self, samples: Sequence[Sample], gen_kwargs: Dict[str, Any]) -> tuple[List[List[int]], List[SampleStats]]:
+    def generate(self, samples: Sequence[Sample], gen_kwargs: Dict[str, Any]) -> BatchOutput:
         """Greedy/sampled generation; returns the new token ids per sample (EOS and padding cut)."""
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
@@ -237,16 +204,16 @@ class CompressedLlava:
             st.output_tokens = len(row)
             st.prefill_tflops = self.prefill_tflops(st)
         if clock is not None:
-            latency = self.latency_of(clock)
+            latency = self.latency_of(clock, batch.compress_ms)
             for st in batch.stats:
                 st.latency = dict(latency)
-        return results, batch.stats
+        return BatchOutput(results, batch.stats)
 
-    def latency_of(self, clock: StepClock) -> Dict[str, float]:
+    def latency_of(self, clock: StepClock, compress_ms: float) -> Dict[str, float]:
         """Marks: [start, inputs ready, step 1, step 2, ...] -> per-batch latency figures (ms)."""
         steps = len(clock) - 2
         out = {
-            "compress_ms": self._compress_ms,
+            "compress_ms": compress_ms,
             "vision_and_compress_ms": clock.elapsed_ms(0, 1),
             "prefill_ms": clock.elapsed_ms(1, 2) if steps >= 1 else 0.0,
             "ttft_ms": clock.elapsed_ms(0, 2) if steps >= 1 else 0.0,
@@ -257,12 +224,3 @@ class CompressedLlava:
             out["peak_memory_mb"] = peak
         return out
 
-
-def build_engine(model: torch.nn.Module, processor: Any, method: MethodConfig, **kwargs: Any) -> CompressedLlava:
-    """The engine for a method's stage: pre-projector methods use CompressedLlava as is; methods that
-    also prune inside CLIP and the LLM (long-tail + H2O) use their engine subclass."""
-    if get_method(method.method).stage == STAGE_IN_CLIP_AND_LLM:
-        from .longtail_engine import LongtailLlava
-
-        return LongtailLlava(model, processor, method, **kwargs)
-    return CompressedLlava(model, processor, method, **kwargs)

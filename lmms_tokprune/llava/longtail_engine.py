@@ -17,7 +17,7 @@ Counts per sample (`SampleStats`):
   visual_tokens_kept  visual tokens that entered the LLM after stage 1 AND survived the prefill
                       pruning of stage 2 (the set the first answer token is decoded over; tokens
                       evicted later while generating, `decode_eviction`, are not subtracted --
-                      see `last_details[b].evicted_in_decode`);
+                      see `stats[b].details.evicted_in_decode`);
   layer_lengths       per decoder layer, the sequence length it processed at prefill (the full
                       prompt for layers < llm_layer, the kept tokens from llm_layer on);
   llm_prefill_tokens  mean of layer_lengths.
@@ -26,16 +26,15 @@ Counts per sample (`SampleStats`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from ..efficiency.timing import StepClock
-from ..methods import CompressedImage
+from ..methods import BoundMethod, CompressedImage
 from ..methods.longtail import stage1_keep
-from ..methods.registry import check_budget, resolve_params
-from .assemble import expand_image_tokens
-from .engine import CompressedLlava, MethodConfig, PreparedBatch, Sample
+from .batch import CompressResult, PreparedBatch
+from .engine import CompressedLlava
 from .llm_pruning import PrunePlan, decoder_parts, generate_with_pruning, h2o_budgets
 from .vision import clip_parts, resolve_layer, run_clip
 
@@ -71,10 +70,9 @@ class LongtailLlava(CompressedLlava):
     ragged = "auto"  # how later CLIP blocks run images with different token counts (see vision.run_clip)
     score_chunk = 256  # query rows per chunk when computing the stage-2 attention scores
 
-    def __init__(self, model: torch.nn.Module, processor: Any, method: MethodConfig, **kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, method: BoundMethod, **kwargs: Any) -> None:
         super().__init__(model, processor, method, **kwargs)
-        self.params: Dict[str, Any] = resolve_params(method.method, method.variant, **method.params)
-        check_budget(method.method, self.params.get("budget"), self.num_patches)
+        self.params: Mapping[str, Any] = method.params
         num_blocks = len(clip_parts(self.vision_tower)[2])
         feature_block = resolve_layer(self.feature_layer, num_blocks)
         if not 1 <= self.params["clip_layer"] <= feature_block:
@@ -85,10 +83,9 @@ class LongtailLlava(CompressedLlava):
         parts = decoder_parts(model)  # also checks the attention implementation takes 4-D masks
         if not 0 <= self.params["llm_layer"] < len(parts.layers):
             raise ValueError(f"longtail: llm_layer={self.params['llm_layer']} is outside the language model's layers 0..{len(parts.layers) - 1}")
-        self.last_details: List[LongtailDetails] = []
 
     # -- stage 1 ---------------------------------------------------------------------------
-    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> List[CompressedImage]:
+    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
         params = self.params
         clock = StepClock(self.device) if self.measure_latency else None
 
@@ -98,8 +95,7 @@ class LongtailLlava(CompressedLlava):
             _, kept = stage1_keep(q, k, **params)
             packed = pack_kept(kept, hidden.device)
             if clock is not None:
-                clock.mark()
-                self._compress_ms = clock.elapsed_ms()  # stage 1 only (the LLM stage is inside prefill)
+                clock.mark()  # stage 1 only (the LLM stage is inside prefill)
             return packed
 
         states = run_clip(
@@ -115,22 +111,12 @@ class LongtailLlava(CompressedLlava):
         for row in range(hidden.shape[0]):
             n = int(states.token_mask[row].sum()) if states.token_mask is not None else hidden.shape[1]
             out.append(CompressedImage(features=hidden[row, 1:n], index=states.kept_index[row, 1:n] - 1))
-        return out
+        return CompressResult(out, clock.elapsed_ms() if clock is not None else 0.0)
 
     # -- stage 2 ---------------------------------------------------------------------------
-    def image_mask(self, samples: Sequence[Sample], batch: PreparedBatch) -> torch.Tensor:
-        """[B, T] bool: the visual-token slots of the left-padded LLM input."""
-        mask = batch.llm.attention_mask
-        out = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-        for row, (sample, comp) in enumerate(zip(samples, batch.compressed)):
-            ids = self.prompt_ids(sample, self.prompt_text(sample))
-            expanded = expand_image_tokens(ids, self.image_token_id, [c.num_tokens for c in comp])
-            flags = torch.tensor([t == self.image_token_id for t in expanded], dtype=torch.bool, device=mask.device)
-            out[row, mask.shape[1] - len(expanded):] = flags
-        return out
-
-    def plan(self, batch: PreparedBatch, image_mask: torch.Tensor) -> PrunePlan:
+    def plan(self, batch: PreparedBatch) -> PrunePlan:
         p = self.params
+        image_mask = batch.llm.image_mask
         valid = batch.llm.attention_mask.bool()
         has_image = image_mask.any(dim=1)
         first_image = torch.where(has_image, image_mask.float().argmax(dim=1), torch.full_like(has_image, valid.shape[1], dtype=torch.long))
@@ -150,17 +136,10 @@ class LongtailLlava(CompressedLlava):
             recent.append(m)
         return PrunePlan(p["llm_layer"], prunable, heavy, recent, p["decode_eviction"])
 
-    def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
-        batch = super().prepare(samples)
-        batch.image_mask = self.image_mask(samples, batch)  # type: ignore[attr-defined]  # read by run_llm
-        return batch
-
     def run_llm(self, batch: PreparedBatch, kwargs: Dict[str, Any], clock: Optional[StepClock]) -> torch.Tensor:
         """Our prefill/decode loop with the H2O stage; fills the per-sample counts; returns new tokens [B, n]."""
-        images = getattr(batch, "image_mask", None)
-        if images is None:
-            raise ValueError("LongtailLlava.run_llm needs a batch from LongtailLlava.prepare (it marks the visual tokens)")
-        plan = self.plan(batch, images)
+        images = batch.llm.image_mask
+        plan = self.plan(batch)
         out = generate_with_pruning(
             self.model,
             batch.llm.inputs_embeds,
@@ -173,23 +152,19 @@ class LongtailLlava(CompressedLlava):
             on_step=clock.mark if clock is not None else None,
         )
         width = images.shape[1]
-        details = []
         for row, st in enumerate(batch.stats):
             real_images = images[row, width - out.prompt_lengths[row]:]
             visual_kept = int(real_images[out.kept_positions[row]].sum())
             st.visual_tokens_kept = visual_kept
             st.layer_lengths = out.layer_lengths[row]
             st.llm_prefill_tokens = float(sum(st.layer_lengths)) / len(st.layer_lengths)
-            details.append(
-                LongtailDetails(
-                    stage1_counts=[c.num_tokens for c in batch.compressed[row]],
-                    llm_prompt_length=out.prompt_lengths[row],
-                    llm_kept_positions=out.kept_positions[row],
-                    visual_kept=visual_kept,
-                    heavy=plan.heavy[row],
-                    recent=plan.recent[row],
-                    evicted_in_decode=out.evicted_in_decode[row],
-                )
+            st.details = LongtailDetails(
+                stage1_counts=[c.num_tokens for c in batch.compressed[row]],
+                llm_prompt_length=out.prompt_lengths[row],
+                llm_kept_positions=out.kept_positions[row],
+                visual_kept=visual_kept,
+                heavy=plan.heavy[row],
+                recent=plan.recent[row],
+                evicted_in_decode=out.evicted_in_decode[row],
             )
-        self.last_details = details
         return out.sequences

@@ -9,13 +9,15 @@ Contract (called by checks outside this repo)::
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_RECOVERED, CompressedImage, VisionInputs
 from .outliers import iqr_outliers, lof_fraction, lof_outliers
-from .registry import METHOD_MODULES, VARIANTS, MethodSpec, Param, compress, get_method, method_names, resolve_params
+from .registry import METHOD_MODULES, VARIANTS, BoundMethod, MethodSpec, Param, bind, compress, get_method, method_names, resolve_params
 from .signals import cls_attention
 
 __all__ = [
     "VisionInputs",
     "CompressedImage",
     "compress",
+    "bind",
+    "BoundMethod",
     "lof_outliers",
     "iqr_outliers",
     "lof_fraction",

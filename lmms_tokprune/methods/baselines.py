@@ -87,7 +87,7 @@ def _spatial(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[C
 
 _COMMON = {"budget": BUDGET, "ratio": RATIO}
 
-register(MethodSpec("none", _none, "all N visual tokens (the uncompressed baseline)", params={}, variants=("fixed", "reference")))
+register(MethodSpec("none", _none, "all N visual tokens (the uncompressed baseline)", params={}))
 register(
     MethodSpec(
         "random",

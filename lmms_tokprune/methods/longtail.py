@@ -54,7 +54,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .inputs import CompressedImage, VisionInputs
-from .registry import BUDGET, RATIO, STAGE_IN_CLIP_AND_LLM, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
 from .signals import cls_attention
 
 ALPHA_MODES = ("expand", "scale", "offset", "none")
@@ -236,7 +236,5 @@ register(
         "(re-implementation, no reference code)",
         params=PARAMS,
         needs=frozenset({"qk"}),
-        stage=STAGE_IN_CLIP_AND_LLM,
-        variants=("fixed",),
     )
 )

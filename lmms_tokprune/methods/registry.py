@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import importlib
 import math
+from types import MappingProxyType
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..catalog import BOTH_VARIANTS, METHODS, STAGE_IN_CLIP_AND_LLM, STAGE_PRE_PROJECTOR, method_entry  # noqa: F401 (re-exported stages)
+from ..coerce import is_none_word, to_kind
 from .inputs import CompressedImage, VisionInputs
 
-VARIANTS = ("fixed", "reference")
-STAGE_PRE_PROJECTOR = "pre_projector"  # acts on captured CLIP states, before the projector
-STAGE_IN_CLIP_AND_LLM = "in_clip_and_llm"  # also prunes inside CLIP and inside the LLM
-
-# All methods we know about, in the order users see them; module that implements each.
-METHOD_MODULES: Dict[str, str] = {
-    "none": "baselines",
-    "random": "baselines",
-    "topk_cls": "baselines",
-    "spatial": "baselines",
-    "prumerge": "prumerge",
-    "prumerge_plus": "prumerge",
-    "recover": "recover",
-    "longtail": "longtail",
-}
+VARIANTS = BOTH_VARIANTS
+# All methods we know about, in the order users see them; module that implements each (from the catalog).
+METHOD_MODULES: Dict[str, str] = {m.name: m.module for m in METHODS}
 
 
 def _no_check(value: Any) -> Optional[str]:
@@ -58,8 +49,15 @@ class MethodSpec:
     doc: str
     params: Mapping[str, Param] = field(default_factory=dict)
     needs: frozenset = frozenset()  # subset of {"qk", "last_hidden", "text"}
-    stage: str = STAGE_PRE_PROJECTOR
-    variants: Tuple[str, ...] = VARIANTS
+
+    @property
+    def stage(self) -> str:
+        """Where the method acts (the catalog says; the module only says what it computes)."""
+        return method_entry(self.name).stage
+
+    @property
+    def variants(self) -> Tuple[str, ...]:
+        return method_entry(self.name).variants
 
     @property
     def needs_qk(self) -> bool:
@@ -118,35 +116,12 @@ def get_method(name: str) -> MethodSpec:
 
 def coerce_param(method: str, key: str, param: Param, value: Any) -> Any:
     """Turn a string/number from model_args or YAML into the parameter's type, strictly."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if is_none_word(value):
         return None
-    kind = param.kind
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                out: Any = value
-            elif isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                out = value.lower() in ("true", "1", "yes")
-            elif isinstance(value, (int, float)) and value in (0, 1):
-                out = bool(value)
-            else:
-                raise ValueError
-        elif kind is int:
-            if isinstance(value, bool):
-                raise ValueError
-            as_float = float(value)
-            if not as_float.is_integer():
-                raise ValueError
-            out = int(as_float)
-        elif kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-        else:
-            out = kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{method}: parameter {key!r} must be of type {kind.__name__}, got {value!r}") from None
-    return out
+        return to_kind(param.kind, value)
+    except ValueError:
+        raise ValueError(f"{method}: parameter {key!r} must be of type {param.kind.__name__}, got {value!r}") from None
 
 
 def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[str, Any]:
@@ -229,16 +204,63 @@ def check_budget(method: str, budget: Optional[int], n: int) -> None:
         raise ValueError(f"{method}: budget={budget} is outside [1, {n}] (N = {n} patches)")
 
 
-def compress(method: str, inp: VisionInputs, variant: str = "fixed", **params: Any) -> List[CompressedImage]:
-    """Compress each image of `inp` with `method`; returns one CompressedImage per image."""
+@dataclass(frozen=True)
+class BoundMethod:
+    """A method with its variant and fully resolved parameters (defaults filled): validated once, at bind time.
+
+    Calling it compresses a batch: the input tensors are checked (shapes, NaN), the parameters are not
+    re-validated. ``given`` names the parameters the user set (labels and logs show those).
+    """
+
+    spec: MethodSpec
+    variant: str
+    params: Mapping[str, Any]
+    given: Tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def stage(self) -> str:
+        return self.spec.stage
+
+    @property
+    def needs(self) -> frozenset:
+        return self.spec.needs
+
+    @property
+    def budget(self) -> Optional[int]:
+        return self.params.get("budget")
+
+    @property
+    def given_params(self) -> Dict[str, Any]:
+        """The parameters the user set, coerced (what configs and labels carry)."""
+        return {k: self.params[k] for k in self.given}
+
+    def check_patches(self, n: int) -> None:
+        """The budget must fit the model's N patches (known once a checkpoint is opened)."""
+        check_budget(self.name, self.budget, n)
+
+    def __call__(self, inp: VisionInputs) -> List[CompressedImage]:
+        validate_inputs(self.spec, inp)
+        self.check_patches(inp.num_patches)
+        with torch.no_grad():
+            outs = self.spec.fn(inp, variant=self.variant, **self.params)
+        if self.budget is not None:
+            for out in outs:
+                if out.num_tokens != self.budget:  # a method bug, never user input
+                    raise RuntimeError(f"{self.name} returned {out.num_tokens} tokens for budget {self.budget}")
+        return outs
+
+
+def bind(method: str, variant: str = "fixed", **params: Any) -> BoundMethod:
+    """Validate a method, variant and parameters once; the result runs without re-validating them."""
     spec = get_method(method)
     resolved = resolve_params(method, variant, **params)
-    validate_inputs(spec, inp)
-    check_budget(method, resolved.get("budget"), inp.num_patches)
-    with torch.no_grad():
-        outs = spec.fn(inp, variant=variant, **resolved)
-    if resolved.get("budget") is not None:
-        for out in outs:
-            if out.num_tokens != resolved["budget"]:  # a method bug, never user input
-                raise RuntimeError(f"{method} returned {out.num_tokens} tokens for budget {resolved['budget']}")
-    return outs
+    return BoundMethod(spec, variant, MappingProxyType(resolved), tuple(k for k in spec.params if k in params))
+
+
+def compress(method: str, inp: VisionInputs, variant: str = "fixed", **params: Any) -> List[CompressedImage]:
+    """Compress each image of `inp` with `method`; returns one CompressedImage per image."""
+    return bind(method, variant, **params)(inp)

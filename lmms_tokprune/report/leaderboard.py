@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-# model id -> the method it presets (kept here so the report does not import the harness / torch)
-PRESET_METHODS = {"llava_recover": "recover", "llava_prumerge": "prumerge", "llava_prumerge_plus": "prumerge_plus",
-                  "llava_longtail": "longtail"}
-TOKPRUNE_MODELS = {"llava_tokprune", *PRESET_METHODS}
-VARIANT_METHODS = {"prumerge", "prumerge_plus", "recover", "longtail"}
+from ..catalog import FAMILY_BASELINE, GENERIC_MODEL_ID, METHODS, model_ids
+
+# model id -> the method it presets, from the torch-free catalog (the report imports neither the harness nor torch)
+PRESET_METHODS = {mid: method for mid, method in model_ids().items() if method is not None}
+TOKPRUNE_MODELS = set(model_ids())
+VARIANT_METHODS = {m.name for m in METHODS if m.family != FAMILY_BASELINE}  # the baselines have no variant worth naming
 BASELINE_METHOD = "none"
 
 # Headline metric of the benchmarks of the papers' tables (lmms-eval 0.7.3 task names).
@@ -218,7 +219,7 @@ def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics
     if "config" in args:
         from_file, _ = _config_file_args(args["config"])
         args = {**from_file, **args}
-    method = args.get("method") or PRESET_METHODS.get(model) or (BASELINE_METHOD if model == "llava_tokprune" else model)
+    method = args.get("method") or PRESET_METHODS.get(model) or (BASELINE_METHOD if model == GENERIC_MODEL_ID else model)
     if model not in TOKPRUNE_MODELS:
         variant = "-"
     elif "variant" in args:

@@ -64,30 +64,27 @@ def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: 
 def visualize(pretrained: str, image_path: str, question: str, methods: Sequence[str], out_dir: str,
               params: Optional[Dict[str, Dict[str, Any]]] = None, text_encoder: Optional[str] = None, variant: str = "fixed") -> List[Path]:
     """One PNG per method for `image_path` + `question`, using the checkpoint's own CLIP states."""
-    from ..llava.engine import MethodConfig, build_engine
     from ..llava.images import expand_to_square, to_rgb
-    from ..llava.loading import load_llava
+    from ..llava.opener import default_device, open_engine
+    from ..llava.options import engine_options
     from ..llava.prompts import llava_v1_prompt
-    from ..methods import get_method, resolve_params
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_llava(pretrained, device)
+    common = {"pretrained": pretrained, "variant": variant, **({"text_encoder": text_encoder} if text_encoder else {})}
+    configs = [engine_options({**common, "method": m, **(params or {}).get(m, {})}) for m in methods]  # all errors before loading
+    device = default_device(configs[0]) if configs else torch.device("cpu")
     image = to_rgb(Image.open(image_path))
-    shown = expand_to_square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
+    model = processor = guide = None
     outputs = []
-    for method in methods:
-        method_params = {k: v for k, v in resolve_params(method, variant, **(params or {}).get(method, {})).items() if k in (params or {}).get(method, {})}
-        guide = None
-        if "text" in get_method(method).needs:
-            from ..llava.text_guide import load_text_guide
-
-            guide = load_text_guide(text_encoder or "openai/clip-vit-large-patch14-336", model, device)
-        engine = build_engine(model, processor, MethodConfig(method, variant, method_params), text_guide=guide)
+    for options in configs:
+        engine = open_engine(options, device, model, processor, guide)
+        model, processor, guide = engine.model, engine.processor, engine.text_guide or guide
+        shown = expand_to_square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
         pixel_values = engine.images.prepare([image])
-        texts = guide.texts_for([question], [llava_v1_prompt(question, 1)]) if guide is not None else []
+        texts = guide.texts_for([question], [llava_v1_prompt(question, 1)]) if engine.text_guide is not None else []
         with torch.inference_mode():
-            out = engine.compress_images(pixel_values, [0], texts)[0]
+            out = engine.compress_images(pixel_values, [0], texts).images[0]
         roles = patch_roles(out.index, out.role, engine.num_patches)
-        label = method + (f" {method_params}" if method_params else "")
+        method, given = options.method.name, options.method.given_params
+        label = method + (f" {given}" if given else "")
         outputs.append(draw_token_map(shown, roles, label, Path(out_dir) / f"{method}.png", extra_tokens=int((out.index < 0).sum())))
     return outputs

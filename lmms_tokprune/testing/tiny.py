@@ -1,4 +1,5 @@
-"""Tiny, offline, LLaVA-1.5-shaped checkpoints for tests and demos.
+"""Tiny, offline, LLaVA-1.5-shaped checkpoints and their parts (public: tests, the bench, sweeps' ``@tiny``
+and the demo recipe build on them).
 
 Nothing here touches the network.  ``build_tiny_llava`` writes a folder that loads through exactly the path a
 real checkpoint takes::
@@ -16,6 +17,11 @@ text-guided step.
 
 ``tiny_llava_dir()`` / ``tiny_clip_dir()`` build once into a cache folder ($LMMS_TOKPRUNE_CACHE or
 ~/.cache/lmms_tokprune) and return it.
+
+The parts are public too: ``llama_tokenizer()`` / ``clip_tokenizer()`` (small local tokenizers trained on a
+built-in corpus, optionally with more sentences), ``image_processor()`` (== llava-hf/llava-1.5-7b-hf's CLIP
+preprocessing), ``llava_processor(tokenizer)``, and the config builders ``clip_vision_config`` /
+``llama_text_config``.
 """
 
 from __future__ import annotations
@@ -29,13 +35,22 @@ from pathlib import Path
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "IMAGE_SIZE",
     "LLAVA_CHAT_TEMPLATE",
     "LLAVA_SYSTEM_PROMPT",
+    "NUM_PATCHES",
+    "PATCH_SIZE",
     "TINY_HIDDEN",
     "TINY_VERSION",
     "build_tiny_clip_text_encoder",
     "build_tiny_llava",
     "cache_root",
+    "clip_tokenizer",
+    "clip_vision_config",
+    "image_processor",
+    "llama_text_config",
+    "llama_tokenizer",
+    "llava_processor",
     "tiny_clip_dir",
     "tiny_llava_dir",
 ]
@@ -116,7 +131,7 @@ def cache_root() -> Path:
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
-def _llama_tokenizer(vocab_size: int = 640, extra_corpus: tuple[str, ...] = ()):
+def llama_tokenizer(vocab_size: int = 640, extra_corpus: tuple[str, ...] = ()):
     """A Llama-style (SentencePiece-BPE, byte fallback, '▁' metaspace, BOS prepended) tokenizer.
 
     ``extra_corpus``: more training sentences (the trained demo checkpoint adds its benchmark's vocabulary).
@@ -158,7 +173,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _clip_tokenizer(vocab_size: int = 900, extra_corpus: tuple[str, ...] = ()):
+def clip_tokenizer(vocab_size: int = 900, extra_corpus: tuple[str, ...] = ()):
     """An OpenAI-CLIP-style tokenizer (byte-level BPE, '</w>' suffix, lowercase), max length 77."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
@@ -193,7 +208,7 @@ def _clip_tokenizer(vocab_size: int = 900, extra_corpus: tuple[str, ...] = ()):
     return CLIPTokenizer(vocab=vocab, merges=merges, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77)
 
 
-def _image_processor():
+def image_processor():
     from transformers import CLIPImageProcessor
 
     # == llava-hf/llava-1.5-7b-hf preprocessor_config.json
@@ -217,7 +232,7 @@ def llava_processor(tokenizer):
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
-        image_processor=_image_processor(),
+        image_processor=image_processor(),
         tokenizer=tokenizer,
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
@@ -301,7 +316,7 @@ def build_tiny_llava(
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     out = _prepare_out(out_dir, overwrite)
-    tok = _llama_tokenizer()
+    tok = llama_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
     text_config = llama_text_config(tok, TINY_HIDDEN, 2 * TINY_HIDDEN, text_layers, 4)
     config = LlavaConfig(
@@ -401,7 +416,7 @@ def build_tiny_clip_text_encoder(
         del llava
 
     out = _prepare_out(out_dir, overwrite)
-    tok = _clip_tokenizer()
+    tok = clip_tokenizer()
     vision = _vision_config_dict(vision_layers)
     vision.pop("model_type")
     text = {
@@ -427,7 +442,7 @@ def build_tiny_clip_text_encoder(
         if unexpected or [m for m in missing if "position_ids" not in m]:
             raise RuntimeError(f"vision tower mismatch: missing={missing} unexpected={unexpected}")
     model.save_pretrained(out, safe_serialization=True)
-    CLIPProcessor(image_processor=_image_processor(), tokenizer=tok).save_pretrained(out)
+    CLIPProcessor(image_processor=image_processor(), tokenizer=tok).save_pretrained(out)
     (out / "TINY_README.txt").write_text(
         f"lmms_tokprune tiny CLIP ({TINY_VERSION}), seed={seed}, vision from {'llava' if llava_dir else 'random'}; "
         "random weights, for tests only.\n"

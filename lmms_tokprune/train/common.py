@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..shapes import FAMILIES, corpus_sentences, render
-from ..testing.tiny import CLIP_MEAN, CLIP_STD, _clip_tokenizer, _image_processor, _llama_tokenizer, clip_vision_config
+from ..testing import tiny
+from ..testing.tiny import CLIP_MEAN, CLIP_STD, clip_vision_config
 
 
 @dataclass
@@ -40,15 +41,15 @@ def vision_config(s: Sizes) -> dict:
 
 
 def clip_tokenizer():
-    return _clip_tokenizer(vocab_size=900, extra_corpus=tuple(corpus_sentences()))
+    return tiny.clip_tokenizer(vocab_size=900, extra_corpus=tuple(corpus_sentences()))
 
 
 def llama_tokenizer():
-    return _llama_tokenizer(vocab_size=640, extra_corpus=tuple(corpus_sentences()))
+    return tiny.llama_tokenizer(vocab_size=640, extra_corpus=tuple(corpus_sentences()))
 
 
 def image_processor():
-    return _image_processor()
+    return tiny.image_processor()
 
 
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]

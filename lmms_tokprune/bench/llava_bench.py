@@ -1,9 +1,11 @@
 """`lmms-tokprune bench`: prefill cost per method on a full-width LLaVA-1.5 built from its config.
 
-Random weights (no download) at the real widths; `llm_layers` shortens the LLM so a CPU can run it
-(FLOPs are reported for the layers actually run). Every method sees the same images and the same
-text; per method we report visual tokens, analytic prefill TFLOPs, measured LLM prefill time, the
-compression's own time, the vision tower time and peak memory.
+Random weights (no download) at the real widths; `llm_layers` shortens the LLM so a CPU can run it (FLOPs
+are reported for the layers actually run). Each method runs through the real engine (`open_engine`, the
+path lmms-eval runs: images, CLIP with capture, the method, the projector, the LLM stage of in-LLM methods),
+one image per call, with latency measurement on; we report visual tokens, analytic prefill TFLOPs from
+the real per-layer lengths, the measured LLM prefill, the method's own time, the rest of the input
+preparation, and peak memory.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from ..methods import compress, get_method
-from .flops import from_llava_config, llm_prefill_flops
-from .timing import StepClock, peak_memory_mb, reset_peak_memory
+from ..efficiency.timing import reset_peak_memory
+from ..llava.batch import Sample
+from ..llava.options import engine_options
+from ..methods import get_method
 
 SYSTEM_PROMPT_TOKENS = 35  # the vicuna_v1 system prompt + "USER:" in the LLaVA tokenizer
 
@@ -28,24 +31,25 @@ PRESET_SHAPES = {
 }
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 CLIP_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+QUESTION_WORDS = "what colour is the large object on the left of the picture and how many small shapes are there".split()
 
 
 @dataclass
 class BenchRow:
     method: str
     visual_tokens: float
-    llm_seq_len: float
+    llm_seq_len: float  # layer-averaged when the method prunes inside the LLM
     prefill_tflops: float
     prefill_ms: float
     compress_ms: float
-    vision_ms: float
+    vision_ms: float  # image preprocessing, CLIP, projector and input assembly (the method's own time excluded)
     peak_memory_mb: Optional[float]
     speedup: float = 1.0  # full prefill time / this prefill time
     flops_ratio: float = 1.0  # full prefill FLOPs / this prefill FLOPs
     overhead_pct: float = 0.0  # compress_ms as % of the full prefill
 
 
-def hf_config(preset: str, llm_layers: Optional[int] = None):
+def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000):
     """A transformers LlavaConfig with LLaVA-1.5's shapes (CLIP ViT-L/14-336 + Vicuna)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -59,17 +63,24 @@ def hf_config(preset: str, llm_layers: Optional[int] = None):
     clip = CLIP_TINY if preset == "tiny" else CLIP_L_336
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, num_key_value_heads=shape["num_attention_heads"], **shape)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, projector_hidden_act="gelu",
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, projector_hidden_act="gelu",
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype):
+def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype, image_token_id: int = 32000):
     from transformers import LlavaForConditionalGeneration
 
-    cfg = hf_config(preset, llm_layers)
+    cfg = hf_config(preset, llm_layers, image_token_id)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.to(device).eval()
+
+
+def bench_processor():
+    """LLaVA-1.5's processor setup with the small local Llama tokenizer (no download)."""
+    from ..testing.tiny import llama_tokenizer, llava_processor
+
+    return llava_processor(llama_tokenizer())
 
 
 def bench_images(n: int) -> List[Any]:
@@ -82,87 +93,82 @@ def bench_images(n: int) -> List[Any]:
     return [Image.open(files[i % len(files)]).convert("RGB") for i in range(n)]
 
 
-class _TextTower:
-    """A random CLIP ViT-L/14-336-shaped text tower for recover (embeds random question ids)."""
+def bench_question(tokenizer: Any, text_tokens: int) -> str:
+    """A question whose llava_v1 prompt has about SYSTEM_PROMPT_TOKENS + text_tokens text tokens (image excluded)."""
+    from ..llava.prompts import llava_v1_prompt
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, vision_width: int) -> None:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    words: List[str] = []
+    while len(tokenizer(llava_v1_prompt(" ".join(words), 1))["input_ids"]) - 1 < SYSTEM_PROMPT_TOKENS + text_tokens:
+        words.append(QUESTION_WORDS[len(words) % len(QUESTION_WORDS)])
+    return " ".join(words)
 
-        cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
-        torch.manual_seed(1)
-        self.model = CLIPTextModelWithProjection(cfg).to(device, dtype).eval()
-        self.visual_projection = (torch.randn(768, vision_width) * vision_width**-0.5).to(device, dtype)
-        self.ids = torch.randint(0, cfg.vocab_size - 2, (1, 12), device=device)
 
-    def embed(self) -> torch.Tensor:
-        return self.model(input_ids=self.ids).text_embeds
+def random_text_guide(device: torch.device, dtype: torch.dtype, vision_width: int):
+    """A random CLIP ViT-L/14-336-shaped text tower + visual projection for text-guided methods."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from ..llava.text_guide import TextGuide
+    from ..testing.tiny import clip_tokenizer
+
+    cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+    torch.manual_seed(1)
+    text_model = CLIPTextModelWithProjection(cfg).to(device, dtype).eval()
+    projection = (torch.randn(768, vision_width) * vision_width**-0.5).to(device, dtype)
+    return TextGuide(text_model, clip_tokenizer(), projection, "question")
 
 
 @torch.inference_mode()
 def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), llm_layers: Optional[int] = None,
               images: int = 4, text_tokens: int = 60, repeats: int = 2, device: Optional[str] = None,
               dtype: Optional[str] = None, method_params: Optional[Dict[str, Dict[str, Any]]] = None, progress: bool = True) -> List[BenchRow]:
-    from ..llava.images import ImagePreparer
-    from ..llava.vision import as_vision_inputs, run_clip
-    from ..testing.tiny import _image_processor
+    from ..llava.opener import open_engine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype or ("float16" if dev.type == "cuda" else "float32")]
-    for m in methods:
-        get_method(m)  # unknown names fail before the model is built
-    model = build_model(preset, llm_layers, dev, torch_dtype)
-    flops_cfg = from_llava_config(model.config)
-    pixel_values = ImagePreparer(_image_processor(), pad_to_square=True).prepare(bench_images(images)).to(dev, torch_dtype)
-    lm = model.model.language_model
-    embed = model.get_input_embeddings()
-    text_ids = torch.randint(3, 31000, (1, SYSTEM_PROMPT_TOKENS + text_tokens), generator=torch.Generator().manual_seed(0)).to(dev)
-    tower = None
-    rows: List[BenchRow] = []
+    dtype_name = dtype or ("float16" if dev.type == "cuda" else "float32")
     params_of = method_params or {}
-    work = [(m, i, r) for m in methods for i in range(images) for r in range(repeats + 1)]
-    bar = tqdm(total=len(work), disable=not progress, desc="bench")
-    for method in methods:
-        spec = get_method(method)
-        if spec.stage != "pre_projector":
-            raise ValueError(f"bench measures pre-projector methods; {method!r} prunes inside the LLM (not supported by bench yet)")
-        if "text" in spec.needs and tower is None:
-            tower = _TextTower(dev, torch_dtype, model.config.vision_config.hidden_size)
+    configs = [engine_options({"method": m, "measure_latency": True, "dtype": dtype_name, **params_of.get(m, {})}) for m in methods]
+    processor = bench_processor()
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model = build_model(preset, llm_layers, dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name],
+                        image_token_id)
+    question = bench_question(processor.tokenizer, text_tokens)
+    samples = [Sample(question, [im], [i]) for i, im in enumerate(bench_images(images))]
+    guide = None
+    rows: List[BenchRow] = []
+    bar = tqdm(total=len(methods) * images * (repeats + 1), disable=not progress, desc="bench")
+    for options in configs:
+        if "text" in get_method(options.method.name).needs and guide is None:
+            guide = random_text_guide(dev, model.dtype, model.config.vision_config.hidden_size)
+        engine = open_engine(options, dev, model, processor, guide)
         times: Dict[str, List[float]] = {"prefill": [], "compress": [], "vision": []}
-        kept: List[int] = []
+        kept: List[float] = []
+        seq: List[float] = []
+        tflops: List[float] = []
+        peak: Optional[float] = None
         reset_peak_memory(dev)
-        for i in range(images):
+        for sample in samples:
             for r in range(repeats + 1):  # the first pass warms up
-                clock = StepClock(dev)
-                clock.mark()
-                states = run_clip(model.model.vision_tower, pixel_values[i:i + 1], need_qk=spec.needs_qk, need_last_block=spec.needs_last_block)
-                text_embeds = tower.embed() if "text" in spec.needs else None
-                clock.mark()
-                inp = as_vision_inputs(states, text_embeds, tower.visual_projection if text_embeds is not None else None, [i])
-                out = compress(method, inp, **params_of.get(method, {}))[0]
-                clock.mark()
-                visual = model.model.multi_modal_projector(out.features.to(dev, torch_dtype)).unsqueeze(0)
-                text = embed(text_ids)
-                seq = torch.cat([text[:, :SYSTEM_PROMPT_TOKENS], visual, text[:, SYSTEM_PROMPT_TOKENS:]], dim=1)
-                clock.mark()
-                hidden = lm(inputs_embeds=seq, use_cache=False).last_hidden_state
-                model.lm_head(hidden[:, -1:])
-                clock.mark()
-                if r > 0:
-                    times["vision"].append(clock.elapsed_ms(0, 1))
-                    times["compress"].append(clock.elapsed_ms(1, 2))
-                    times["prefill"].append(clock.elapsed_ms(3, 4))
-                    kept.append(out.num_tokens)
+                st = engine.generate([sample], {"max_new_tokens": 1}).stats[0]
                 bar.update(1)
-        seq_len = SYSTEM_PROMPT_TOKENS + text_tokens + statistics.mean(kept)
+                if r == 0:
+                    continue
+                lat = st.latency
+                times["prefill"].append(lat["prefill_ms"])
+                times["compress"].append(lat["compress_ms"])
+                times["vision"].append(lat["vision_and_compress_ms"] - lat["compress_ms"])
+                kept.append(st.visual_tokens_kept)
+                seq.append(st.llm_prefill_tokens)
+                tflops.append(st.prefill_tflops)
+                peak = lat.get("peak_memory_mb", peak)
         rows.append(BenchRow(
-            method=method,
+            method=options.method.name,
             visual_tokens=statistics.mean(kept),
-            llm_seq_len=seq_len,
-            prefill_tflops=statistics.mean(llm_prefill_flops(flops_cfg.text, SYSTEM_PROMPT_TOKENS + text_tokens + k) for k in kept) / 1e12,
+            llm_seq_len=statistics.mean(seq),
+            prefill_tflops=statistics.mean(tflops),
             prefill_ms=min(times["prefill"]),  # best of the timed passes: least disturbed by other load
             compress_ms=min(times["compress"]),
             vision_ms=min(times["vision"]),
-            peak_memory_mb=peak_memory_mb(dev),
+            peak_memory_mb=peak,
         ))
     bar.close()
     base = next((r for r in rows if r.method == "none"), rows[0])

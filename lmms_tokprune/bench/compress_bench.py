@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..methods import VisionInputs, compress, get_method
+from ..methods import VisionInputs, bind, get_method
 
 
 @dataclass
@@ -47,14 +47,14 @@ def time_compress(method: str, variant: str = "fixed", batch: int = 8, repeats: 
     inp = clip_like_inputs(batch, device=device)
     if "text" not in spec.needs:
         inp.text_embeds = inp.visual_projection = None
-    params = params or {}
-    outs = compress(method, inp, variant=variant, **params)  # warm-up
+    bound = bind(method, variant, **(params or {}))  # validated once, as the engine holds it
+    outs = bound(inp)  # warm-up
     times: List[float] = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        compress(method, inp, variant=variant, **params)
+        bound(inp)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000.0 / batch)

@@ -1,0 +1,79 @@
+"""The one table of methods and model ids (torch-free: the leaderboard, the entry points and the CLI read it
+without importing torch).
+
+Adding a method is one line in ``METHODS`` plus its module under ``lmms_tokprune/methods/``. Everything else
+is derived from this table: the registry's names, stages and variants, the lmms-eval model ids and their
+entry-point manifests, the preset model classes, the demo's default method list and the leaderboard's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+# Where a method acts (what it computes lives in its module).
+STAGE_PRE_PROJECTOR = "pre_projector"  # on captured CLIP states, before the projector
+STAGE_IN_CLIP_AND_LLM = "in_clip_and_llm"  # also prunes inside CLIP and inside the LLM
+STAGES = (STAGE_PRE_PROJECTOR, STAGE_IN_CLIP_AND_LLM)
+
+# What a method is to a comparison.
+FAMILY_BASELINE = "baseline"  # every comparison needs them in the same harness
+FAMILY_SEED = "seed"  # the three seed papers (shared/METHODS.md)
+FAMILIES = (FAMILY_BASELINE, FAMILY_SEED)
+
+BOTH_VARIANTS = ("fixed", "reference")
+GENERIC_MODEL_ID = "llava_tokprune"  # any method, chosen with method=
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method: its name, the module under ``methods/`` that implements it, where it acts, its family,
+    the variants it accepts (the first is the default) and the lmms-eval model id that presets it (if any)."""
+
+    name: str
+    module: str
+    stage: str = STAGE_PRE_PROJECTOR
+    family: str = FAMILY_BASELINE
+    variants: Tuple[str, ...] = BOTH_VARIANTS
+    model_id: Optional[str] = None
+
+
+METHODS: Tuple[MethodEntry, ...] = (
+    MethodEntry("none", "baselines"),
+    MethodEntry("random", "baselines"),
+    MethodEntry("topk_cls", "baselines"),
+    MethodEntry("spatial", "baselines"),
+    MethodEntry("prumerge", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge"),
+    MethodEntry("prumerge_plus", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge_plus"),
+    MethodEntry("recover", "recover", family=FAMILY_SEED, model_id="llava_recover"),
+    MethodEntry("longtail", "longtail", stage=STAGE_IN_CLIP_AND_LLM, family=FAMILY_SEED, variants=("fixed",), model_id="llava_longtail"),
+)
+
+BY_NAME: Dict[str, MethodEntry] = {m.name: m for m in METHODS}
+
+
+def method_entry(name: str) -> MethodEntry:
+    """The entry of a method; an unknown name is a ValueError listing the valid ones."""
+    if not isinstance(name, str) or name not in BY_NAME:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def model_ids() -> Dict[str, Optional[str]]:
+    """lmms-eval model id -> the method it presets (None: the generic id, method= picks it)."""
+    return {GENERIC_MODEL_ID: None, **{m.model_id: m.name for m in METHODS if m.model_id is not None}}
+
+
+def preset_method(model_id: str) -> Optional[str]:
+    return model_ids().get(model_id)
+
+
+def class_name(model_id: str) -> str:
+    """The harness class of a model id: llava_prumerge_plus -> LlavaPrumergePlus (the generic one: LlavaTokPrune)."""
+    if model_id == GENERIC_MODEL_ID:
+        return "LlavaTokPrune"
+    return "".join(part.capitalize() for part in model_id.split("_"))
+
+
+def methods_of(family: str) -> Tuple[str, ...]:
+    return tuple(m.name for m in METHODS if m.family == family)

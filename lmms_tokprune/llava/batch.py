@@ -1,0 +1,69 @@
+"""The data that flows through an engine call: requests in, prepared LLM inputs, per-sample results out.
+
+Kept apart from the engines so that every engine (and the harness) imports the same types and nothing is
+passed around by the side: what a call measured or decided comes back in its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import torch
+
+from ..methods import CompressedImage
+
+
+@dataclass
+class Sample:
+    """One request: the lmms-eval context (question), its images, and stable per-image keys."""
+
+    context: str
+    images: List[Any]
+    image_keys: List[int] = field(default_factory=list)
+
+
+@dataclass
+class SampleStats:
+    """What one sample cost: token counts, FLOPs, latency and the method's own details."""
+
+    visual_tokens_in: int
+    visual_tokens_kept: int
+    llm_prefill_tokens: float  # layer-averaged when the LLM prunes inside
+    output_tokens: int = 0
+    layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
+    prefill_tflops: Optional[float] = None
+    latency: Dict[str, float] = field(default_factory=dict)  # filled when measuring (per batch)
+    details: Optional[Any] = None  # what an in-CLIP / in-LLM stage did to this sample (e.g. LongtailDetails)
+
+
+@dataclass
+class LLMInputs:
+    """Left-padded LLM inputs of a batch with a different number of visual tokens per sample."""
+
+    inputs_embeds: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T] long, 0 on the left padding
+    image_mask: torch.Tensor  # [B, T] bool, the visual-token slots
+    lengths: List[int]  # real (unpadded) length per sample
+
+
+class CompressResult(NamedTuple):
+    """The compressed images of one CLIP + method call and the method's own time (ms, 0 when not measured)."""
+
+    images: List[CompressedImage]
+    compress_ms: float = 0.0
+
+
+@dataclass
+class PreparedBatch:
+    llm: LLMInputs
+    stats: List[SampleStats]
+    compressed: List[List[CompressedImage]]  # per sample, per image
+    compress_ms: float = 0.0
+
+
+class BatchOutput(NamedTuple):
+    """New token ids per sample (EOS and padding cut) and each sample's stats."""
+
+    tokens: List[List[int]]
+    stats: List[SampleStats]

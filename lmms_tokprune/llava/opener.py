@@ -1,0 +1,42 @@
+"""The one way to open a configured engine: validated options -> model, processor, text guide, engine.
+
+The harness, `visualize` and `bench` all call `open_engine`, so what they run (and measure) is the same
+path. The engine class follows the method's stage (the catalog): pre-projector methods use
+`CompressedLlava` as is; methods that also prune inside CLIP and the LLM use their subclass.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..catalog import STAGE_IN_CLIP_AND_LLM
+from .engine import CompressedLlava
+from .loading import load_llava
+from .longtail_engine import LongtailLlava
+from .options import EngineOptions
+
+ENGINES = {STAGE_IN_CLIP_AND_LLM: LongtailLlava}
+
+
+def default_device(options: EngineOptions) -> torch.device:
+    if options.device is not None:
+        return torch.device(options.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def open_engine(options: EngineOptions, device: Optional[torch.device] = None, model: Optional[torch.nn.Module] = None,
+                processor: Optional[Any] = None, text_guide: Optional[Any] = None) -> CompressedLlava:
+    """An engine for `options`. Pass `model` + `processor` (already on `device`) to reuse a loaded model, and
+    `text_guide` to reuse a CLIP text encoder; what is not given is loaded from the options."""
+    device = device or default_device(options)
+    if model is None or processor is None:
+        model, processor = load_llava(options.pretrained, device, options.dtype, options.attn_implementation, options.image_backend)
+    if text_guide is None and "text" in options.method.needs:
+        from .text_guide import load_text_guide  # only text-guided methods need the CLIP text tower
+
+        text_guide = load_text_guide(options.text_encoder, model, device, options.text_source)
+    engine_class = ENGINES.get(options.method.stage, CompressedLlava)
+    return engine_class(model, processor, options.method, prompt_style=options.prompt_style, pad_to_square=options.pad_to_square,
+                        text_guide=text_guide, measure_latency=options.measure_latency)
