@@ -17,7 +17,11 @@ def _demo(args: argparse.Namespace) -> int:
         budgets = [int(b) for b in str(args.budget).split(",") if b.strip()]
     except ValueError:
         raise SystemExit(f"--budget: expected visual-token counts separated by commas, got {args.budget!r}")
-    rows = run_demo(args.pretrained, methods, budgets, args.batch_size, args.limit or None, text_encoder=args.text_encoder)
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    rows = run_demo(args.pretrained, methods, budgets, args.batch_size, args.limit or None, text_encoder=args.text_encoder,
+                    progress=None if args.json else progress, verbose=args.verbose)
     if args.json:
         print(json.dumps(rows_as_json(rows)))
     else:
@@ -134,8 +138,11 @@ def _visualize(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    from .train.common import Sizes
-    from .train.recipe import Recipe, train_demo
+    from .paths import import_recipe
+
+    Sizes = import_recipe("recipes.demo_checkpoint.common").Sizes
+    recipe_module = import_recipe("recipes.demo_checkpoint.recipe")
+    Recipe, train_demo = recipe_module.Recipe, recipe_module.train_demo
 
     def given(**names: str) -> dict:  # options left at None keep the recipe's defaults (one place for them)
         return {field: getattr(args, opt) for field, opt in names.items() if getattr(args, opt) is not None}
@@ -147,13 +154,13 @@ def _train_demo(args: argparse.Namespace) -> int:
                                          readout_weight="readout_weight", position_alpha="position_alpha",
                                          llava2_steps="llava2_steps", comparison_weight="comparison_weight",
                                          llava3_steps="llava3_steps", query_weight="query_weight", seed="seed"))
-    meta = train_demo(args.out, recipe, threads=args.threads, install=args.install)
+    meta = train_demo(args.out, recipe, threads=args.threads, export_dir=args.export)
     print(json.dumps(meta, indent=1))
     return 0
 
 
 def _eval_demo(args: argparse.Namespace) -> int:
-    from .train.evaluate import evaluate_demo, markdown_table, pareto_plot
+    from .demo.evaluate import evaluate_demo, markdown_table, pareto_plot
 
     budgets = [int(b) for b in args.budgets.split(",") if b]
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
@@ -169,6 +176,16 @@ def _eval_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paths(args: argparse.Namespace) -> int:
+    from .paths import model_configs_dir, tasks_dir
+
+    if args.tasks:
+        print(tasks_dir())
+    else:
+        print(f"tasks: {tasks_dir()}\nmodel_configs: {model_configs_dir()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-tokprune", description="Visual-token compression for LLaVA-1.5 in lmms-eval")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=4)
     demo.add_argument("--limit", type=int, default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo.add_argument("--verbose", action="store_true", help="show lmms-eval's and transformers' progress bars and logs")
     demo.set_defaults(func=_demo)
+
+    paths = sub.add_parser("paths", help="where the shipped task YAMLs (for --include_path) and model_configs are")
+    paths.add_argument("--tasks", action="store_true", help="print only the tasks folder: --include_path $(lmms-tokprune paths --tasks)")
+    paths.set_defaults(func=_paths)
 
     flops = sub.add_parser("flops", help="analytic FLOPs of LLaVA-1.5 prefill/decode for given token counts")
     flops.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b (default) or llava-1.5-13b")
@@ -244,11 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run name of the uncompressed baseline (default: the method=none run of each sweep)")
     board.set_defaults(func=_leaderboard)
 
-    train = sub.add_parser("train-demo", help="train the shipped demo checkpoint (CLIP pre-training, then projector + LLM) on CPU")
-    train.add_argument("--out", default="demo_train", help="work folder (checkpoints, feature cache, train.log)")
-    train.add_argument("--install", action="store_true", help="copy the fp16 checkpoints into lmms_tokprune/assets/ (pretrained=demo)")
+    train = sub.add_parser("train-demo", help="train the shipped demo checkpoint (CLIP pre-training, then projector + LLM) on CPU; "
+                                              "runs from a source checkout (recipes/)")
+    train.add_argument("--out", default="demo_train", help="work folder (checkpoints, feature cache, train.log, the fp16 exports)")
+    train.add_argument("--export", default=None, metavar="DIR",
+                       help="also copy the fp16 demo_llava/ and demo_clip/ into DIR (in a checkout: lmms_tokprune/assets, where pretrained=demo finds them)")
     train.add_argument("--threads", type=int, default=2)
-    # defaults: None = the recipe's value (lmms_tokprune/train/recipe.py, the shipped checkpoint's recipe)
+    # defaults: None = the recipe's value (recipes/demo_checkpoint/recipe.py, the shipped checkpoint's recipe)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--clip-steps", type=int, default=None, help="CLIP steps with half the patches (FLIP)")
     train.add_argument("--clip-full-steps", type=int, default=None, help="CLIP steps with all 576 patches, after those")

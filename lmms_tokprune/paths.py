@@ -21,3 +21,17 @@ def tasks_dir() -> Path:
 
 def model_configs_dir() -> Path:
     return _first_existing(PACKAGE_DIR.parent / "model_configs", PACKAGE_DIR / "model_configs_data")
+
+
+def import_recipe(module: str):
+    """Import a build-time module from the checkout's top-level recipes/ folder (not part of an installed wheel)."""
+    import importlib
+    import sys
+
+    root = PACKAGE_DIR.parent
+    if not (root / "recipes" / "__init__.py").is_file():
+        raise ValueError("this command runs from a source checkout of lmms-tokprune (the recipes/ folder is not installed "
+                         "with the package): clone the repository, `pip install -e .` there and run it again")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(module)

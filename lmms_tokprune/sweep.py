@@ -6,7 +6,7 @@ Sweep file (every key is validated; unknown keys are an error)::
     model_args:                       # common model_args (mapping, or an "a=1,b=2" string)
       pretrained: ${LMMS_TOKPRUNE_PRETRAINED:-llava-hf/llava-1.5-7b-hf}
     tasks: [textvqa_val, pope]        # list or comma-separated string
-    include_path: ../../tasks         # optional; default: the shipped tasks/ folder
+    include_path: ../../tasks         # optional, a path or a list of paths; default: the shipped tasks/ folder
     output_dir: ../../logs/sweeps/x   # each run writes <output_dir>/<name>/
     batch_size: 8                     # optional: --batch_size
     limit: 100                        # optional: --limit
@@ -30,6 +30,9 @@ Each run is the real lmms-eval CLI in a subprocess::
 
     <launcher or python> -m lmms_eval --model M --model_args ... --tasks ... --output_path <output_dir>/<name>
         --log_samples [--include_path ...] [--batch_size ...] [--limit ...] [--gen_kwargs ...]
+
+(several include paths: the lmms-eval CLI takes one ``--include_path``, so the run gets ``--config
+<output_dir>/<name>/include_paths.yaml`` holding the list; lmms-eval's TaskManager takes a list there.)
 
 with its output in ``<output_dir>/<name>/run.log``. A run whose folder already holds a results JSON
 covering the requested tasks is finished and skipped. lmms-eval exits 0 on many failures, so a run
@@ -71,7 +74,7 @@ class RunSpec:
     model_args: Dict[str, Any]
     tasks: List[str]
     output_path: Path
-    include_path: Optional[Path] = None
+    include_paths: List[Path] = field(default_factory=list)
     batch_size: Optional[Any] = None
     limit: Optional[float] = None
     launcher: Optional[str] = None
@@ -81,12 +84,29 @@ class RunSpec:
     def model_args_string(self) -> str:
         return format_model_args(self.model_args)
 
+    @property
+    def include_path(self) -> Optional[Path]:
+        """The include path when there is one (several: see include_config)."""
+        return self.include_paths[0] if len(self.include_paths) == 1 else None
+
+    @property
+    def include_config(self) -> Path:
+        """The lmms-eval --config file that carries several include paths (written by run_one)."""
+        return self.output_path / "include_paths.yaml"
+
+    def write_include_config(self) -> None:
+        if len(self.include_paths) > 1:
+            self.output_path.mkdir(parents=True, exist_ok=True)
+            self.include_config.write_text(yaml.safe_dump({"include_path": [str(p) for p in self.include_paths]}))
+
     def command(self) -> List[str]:
         prefix = shlex.split(self.launcher) if self.launcher else [sys.executable]
         cmd = prefix + ["-m", "lmms_eval", "--model", self.model, "--model_args", self.model_args_string(),
                         "--tasks", ",".join(self.tasks), "--output_path", str(self.output_path), "--log_samples"]
-        if self.include_path is not None:
+        if len(self.include_paths) == 1:
             cmd += ["--include_path", str(self.include_path)]
+        elif self.include_paths:
+            cmd += ["--config", str(self.include_config)]
         if self.batch_size is not None:
             cmd += ["--batch_size", str(self.batch_size)]
         if self.limit is not None:
@@ -319,6 +339,8 @@ def load_sweep(path: os.PathLike, overrides: Sequence[str] = (), pretrained: Opt
         key = assignment.split("=", 1)[0].strip()
         if key in ("output_dir", "include_path") and isinstance(data.get(key), str):
             data[key] = str(Path(os.path.expanduser(data[key])).resolve())
+        elif key == "include_path" and isinstance(data.get(key), list):
+            data[key] = [str(Path(os.path.expanduser(str(p))).resolve()) for p in data[key]]
     data = expand_env(data)
 
     for key in ("runs", "tasks", "output_dir"):
@@ -327,13 +349,17 @@ def load_sweep(path: os.PathLike, overrides: Sequence[str] = (), pretrained: Opt
     base = path.resolve().parent
     out_dir = _resolve_dir(base, data["output_dir"], "output_dir")
     if data.get("include_path") is not None:
-        include_path: Optional[Path] = _resolve_dir(base, data["include_path"], "include_path")
-        if not include_path.exists():
-            raise ValueError(f"{where}: include_path {str(include_path)!r} does not exist")
+        given = data["include_path"] if isinstance(data["include_path"], list) else [data["include_path"]]
+        if not given:
+            raise ValueError(f"{where}: include_path is an empty list")
+        include_paths = [_resolve_dir(base, p, "include_path") for p in given]
+        for include_path in include_paths:
+            if not include_path.exists():
+                raise ValueError(f"{where}: include_path {str(include_path)!r} does not exist")
     else:
         from .paths import tasks_dir
 
-        include_path = tasks_dir()
+        include_paths = [tasks_dir()]
     common_args = _model_args_mapping(f"{where}: model_args", data.get("model_args"))
     tasks = _tasks(f"{where}: tasks", data["tasks"])
     default_model = data.get("model")
@@ -393,7 +419,7 @@ def load_sweep(path: os.PathLike, overrides: Sequence[str] = (), pretrained: Opt
             model_args=merged,
             tasks=_tasks(rwhere + ": tasks", raw["tasks"]) if raw.get("tasks") is not None else list(tasks),
             output_path=out_dir / name,
-            include_path=include_path,
+            include_paths=list(include_paths),
             batch_size=_batch_size(rwhere, raw["batch_size"]) if "batch_size" in raw else top["batch_size"],
             limit=_limit(rwhere, raw["limit"]) if "limit" in raw else top["limit"],
             launcher=_launcher(rwhere, raw["launcher"]) if "launcher" in raw else top["launcher"],
@@ -496,6 +522,7 @@ def _write_manifest(sweep: Sweep, outcomes: Mapping[str, RunOutcome]) -> None:
 def run_one(run: RunSpec, echo: Any = print) -> RunOutcome:
     """Launch lmms-eval for one run; its output goes to <output_path>/run.log."""
     run.output_path.mkdir(parents=True, exist_ok=True)
+    run.write_include_config()
     log_path = run.output_path / LOG_NAME
     cmd = run.command()
     started = time.time()

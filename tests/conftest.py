@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the build-time recipes/ folder beside the package (not installed)
+    sys.path.insert(0, str(REPO))
 TASKS_DIR = REPO / "tasks"
 
 

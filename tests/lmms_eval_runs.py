@@ -43,3 +43,37 @@ def read_run(out_dir: Path, proc: Optional[subprocess.CompletedProcess] = None) 
         samples[task] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     data["_samples"] = samples
     return data
+
+
+def smoke_docs() -> List[dict]:
+    """The tokprune_smoke documents in dataset order (doc_id = line number)."""
+    path = REPO / "tasks" / "tokprune_smoke" / "data" / "test.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replay_in_process(model_id: str, model_args: str, samples: List[dict], task: str = "tokprune_smoke") -> Dict[int, tuple]:
+    """What the engine computes in this process, one document at a time, for the samples of an lmms-eval run:
+    doc_id -> (answer text as the harness returns it, visual_tokens_kept, llm_prefill_tokens)."""
+    import importlib.util
+
+    import torch
+
+    from lmms_tokprune.harness.args import parse_model_args
+    from lmms_tokprune.harness.model import cut_at_stop, image_key
+    from lmms_tokprune.llava.batch import Sample
+    from lmms_tokprune.llava.opener import open_engine
+
+    spec = importlib.util.spec_from_file_location("smoke_utils", REPO / "tasks" / task / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    config = parse_model_args(model_id, dict(part.split("=", 1) for part in model_args.split(",")))
+    engine = open_engine(config.engine, torch.device("cpu"))
+    docs = smoke_docs()
+    out = {}
+    for s in samples:
+        images = utils.smoke_doc_to_visual(docs[s["doc_id"]])
+        keys = [image_key(task, "test", s["doc_id"], i) for i in range(len(images))]
+        tokens, stats = engine.generate([Sample(s["input"], images, keys)], {"max_new_tokens": 8, "temperature": 0})
+        text = cut_at_stop(engine.tokenizer.decode(tokens[0], skip_special_tokens=True), ["ASSISTANT:"]).strip()
+        out[s["doc_id"]] = (text, stats[0].visual_tokens_kept, stats[0].llm_prefill_tokens)
+    return out

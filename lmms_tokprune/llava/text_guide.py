@@ -14,7 +14,8 @@ position, and sample 0's text for the whole batch.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Sequence, Tuple
 
 import torch
 from loguru import logger
@@ -23,6 +24,19 @@ from .prompts import question_text
 
 REFERENCE_MAX_LENGTH = 20
 CLIP_MAX_LENGTH = 77
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off inside the block (errors still raise; missing weights are checked by us)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _load_visual_projection(path: str) -> torch.Tensor:
@@ -105,7 +119,8 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "model_type", None) != "clip":
             raise ValueError(f"it is a {getattr(config, 'model_type', 'unknown')!r} checkpoint, not a CLIPModel (text tower + projections)")
-        text_model, info = CLIPTextModelWithProjection.from_pretrained(path, output_loading_info=True)
+        with quiet_transformers():  # its LOAD REPORT lists the vision tower's keys, which a text model leaves out on purpose
+            text_model, info = CLIPTextModelWithProjection.from_pretrained(path, output_loading_info=True)
         if info.get("missing_keys"):  # never run a randomly initialised text tower
             raise ValueError(f"its weights lack {len(info['missing_keys'])} text-tower tensors (e.g. {sorted(info['missing_keys'])[0]})")
         tokenizer = AutoTokenizer.from_pretrained(path)

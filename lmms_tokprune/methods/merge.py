@@ -174,3 +174,23 @@ def weighted_sum(feats: torch.Tensor, nb_patch: torch.Tensor, weight: torch.Tens
             return (sparse @ rows_mat).view(b, m, d)
     dense = torch.zeros(b, m, n, dtype=feats.dtype, device=feats.device)
     return torch.bmm(dense.scatter_add_(2, nb_patch, weight), feats)
+
+
+def single_token(feats: torch.Tensor, attn: torch.Tensor, variant: str) -> list:
+    """budget=1 for the merging methods: the top-attention patch c with every other patch merged into it,
+    h_c + sum_{j != c} a_j h_j (the centre's merge and the extra token's sum in one token; roles: kept).
+
+    reference: torch.topk's tie order; fixed: ties to the lower patch index.
+    """
+    from .inputs import ROLE_KEPT, CompressedImage
+
+    if variant == "reference":
+        top = torch.topk(attn, 1, dim=1).indices[:, 0]
+    else:
+        top = torch.sort(attn, dim=1, descending=True, stable=True).indices[:, 0]
+    rows = torch.arange(attn.shape[0], device=attn.device)
+    weight = attn.clone()
+    weight[rows, top] = 0.0
+    merged = feats[rows, top] + torch.einsum("bn,bnd->bd", weight.to(feats.dtype), feats)
+    role = torch.full((1,), ROLE_KEPT, dtype=torch.long, device=attn.device)
+    return [CompressedImage(merged[b : b + 1], top[b : b + 1].clone(), role) for b in range(attn.shape[0])]

@@ -35,7 +35,8 @@ Matched budget (`budget=N`, both variants, replaces the adaptive / ratio rule):
                  attention patches outside the sample (so the top-k* are kept and the top
                  part grows). If no k* fits (M <= 3), all M centres are top-attention.
                  Plus the extra token: exactly N.
-  budget = 1 is a ValueError (at least one centre plus the extra token are needed).
+  budget = 1 (both): the top-attention patch with every other patch merged into it, h_c + sum_{j != c} a_j h_j
+                 (merge.single_token: no room for an extra token, so its sum joins the one centre).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
-from .merge import knn_merge, reference_complement
+from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
 from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
 from .signals import cls_attention
@@ -126,11 +127,6 @@ def _check_ratio_mode(method: str, adaptive: bool, ratio: float | None) -> None:
             f"{method}: ratio={ratio} applies only with adaptive=false (adaptive=true picks k by the IQR rule); "
             "pass adaptive=false with ratio, or budget=N for an exact token count"
         )
-
-
-def _check_budget(method: str, budget: int | None) -> None:
-    if budget is not None and budget < 2:
-        raise ValueError(f"{method}: budget={budget} is too small; it needs >= 2 tokens (one centre + the extra token)")
 
 
 def _check_neighbours(method: str, variant: str, n: int, num_neighbors: int) -> None:
@@ -263,10 +259,11 @@ def _prumerge(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge", adaptive, ratio)
-    _check_budget("prumerge", budget)
+    attn = cls_attention(inp.q, inp.k)
+    if budget == 1:
+        return single_token(inp.patches, attn, variant)
     n = inp.num_patches
     _check_neighbours("prumerge", variant, n, num_neighbors)
-    attn = cls_attention(inp.q, inp.k)
     if budget is not None:
         k = torch.full((inp.batch_size,), budget - 1, dtype=torch.long, device=attn.device)
     elif adaptive:
@@ -307,10 +304,11 @@ def _prumerge_plus(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge_plus", adaptive, ratio)
-    _check_budget("prumerge_plus", budget)
+    attn = cls_attention(inp.q, inp.k)
+    if budget == 1:
+        return single_token(inp.patches, attn, variant)
     n = inp.num_patches
     _check_neighbours("prumerge_plus", variant, n, num_neighbors)
-    attn = cls_attention(inp.q, inp.k)
     if budget is not None:
         sel = plus_budget_selection(attn, budget - 1, variant)
     elif variant == "reference" and adaptive:

@@ -30,7 +30,8 @@ Which text is encoded and how it is pooled (the released code: the system-prompt
 position without mask, max_length 20) is the model wrapper's business; compress only reads
 text_embeds.
 
-Matched budget (`budget=N`, N >= 2; budget = 1 is a ValueError): one extra token is always
+budget = 1: the top-attention patch with every other patch merged into it, h_c + sum_{j != c} a_j h_j
+(merge.single_token; the same single token as PruMerge's). Matched budget (`budget=N`, N >= 2): one extra token is always
 kept (it summarises every patch not emitted), the first block keeps its LOF sizes while they
 fit in N - 1, otherwise both shrink proportionally (n_v' = ceil(n_v (N-1) / (n_v + n_t)),
 n_t' = N - 1 - n_v'; T is still drawn with all of V masked), and the remaining
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 from . import outliers
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED, CompressedImage, VisionInputs
-from .merge import knn_merge, reference_complement
+from .merge import knn_merge, reference_complement, single_token
 from .registry import BUDGET, MethodSpec, Param, positive_int, register
 from .signals import cls_attention
 
@@ -253,8 +254,6 @@ def assemble(inp: VisionInputs, plan: Plan, merged: torch.Tensor, extra: torch.T
 
 
 def _check(variant: str, inp: VisionInputs, budget: int | None) -> None:
-    if budget is not None and budget < 2:
-        raise ValueError(f"recover: budget={budget} is too small; it needs >= 2 tokens (one visual token + the extra token)")
     if variant == "reference" and inp.batch_size > 1:
         raise ValueError("recover (reference): the released code only runs with batch size 1; use variant=fixed")
     if inp.text_embeds.shape[0] != inp.batch_size:
@@ -281,6 +280,8 @@ def _recover(
         "budget": budget,
     }
     attn = cls_attention(inp.q, inp.k)
+    if budget == 1:
+        return single_token(inp.patches, attn, variant)
     text = inp.text_embeds[:1] if variant == "reference" else inp.text_embeds
     sim = text_similarity(inp.last_hidden, text.to(inp.last_hidden.dtype), inp.visual_projection.to(inp.last_hidden.dtype))
     plan = (_plan_reference if variant == "reference" else _plan_fixed)(inp, attn, sim, p)

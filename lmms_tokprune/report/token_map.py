@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..methods.inputs import ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED
+from ..methods.inputs import ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_RECOVERED
 
 ROLE_COLOURS = {ROLE_KEPT: (0.10, 0.80, 0.20), ROLE_RECOVERED: (0.15, 0.45, 1.00), ROLE_MERGED: (1.00, 0.55, 0.00)}
 ROLE_LABELS = {ROLE_KEPT: "kept", ROLE_RECOVERED: "recovered (text-guided)", ROLE_MERGED: "merged centre / sampled"}
@@ -25,17 +26,11 @@ def patch_roles(index: torch.Tensor, role: torch.Tensor, num_patches: int) -> np
     return roles
 
 
-def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: Path, extra_tokens: int = 0) -> Path:
-    """Dim dropped patches, tint the others by role; save a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
+def role_overlay(image: Image.Image, roles: np.ndarray, size: int = 336) -> np.ndarray:
+    """[size, size, 3] floats in [0, 1]: dropped patches dimmed to 25 %, the others tinted 45 % with their role's colour."""
     side = int(round(len(roles) ** 0.5))
-    arr = np.asarray(image.convert("RGB").resize((336, 336), Image.BICUBIC)).astype(np.float32) / 255.0
-    cell = 336 / side
+    arr = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC)).astype(np.float32) / 255.0
+    cell = size / side
     overlay = arr.copy()
     for p, r in enumerate(roles):
         y0, x0 = int(p // side * cell), int(p % side * cell)
@@ -44,6 +39,18 @@ def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: 
             overlay[y0:y1, x0:x1] = overlay[y0:y1, x0:x1] * 0.25
         else:
             overlay[y0:y1, x0:x1] = 0.55 * overlay[y0:y1, x0:x1] + 0.45 * np.array(ROLE_COLOURS.get(int(r), (1, 1, 1)))
+    return overlay
+
+
+def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: Path, extra_tokens: int = 0) -> Path:
+    """The role overlay with a title and legend, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    overlay = role_overlay(image, roles)
     fig, ax = plt.subplots(figsize=(4.2, 4.6), dpi=100)
     ax.imshow(overlay)
     ax.set_xticks([])
@@ -63,7 +70,8 @@ def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: 
 
 def visualize(pretrained: str, image_path: str, question: str, methods: Sequence[str], out_dir: str,
               params: Optional[Dict[str, Dict[str, Any]]] = None, text_encoder: Optional[str] = None, variant: str = "fixed") -> List[Path]:
-    """One PNG per method for `image_path` + `question`, using the checkpoint's own CLIP states."""
+    """One PNG per method for `image_path` + `question`, using the checkpoint's own CLIP states, and beside it
+    `<method>.json`: the role of every patch (-1 dropped, else kept / recovered / merged / extra codes)."""
     from ..llava.images import expand_to_square, to_rgb
     from ..llava.opener import default_device, open_engine
     from ..llava.options import engine_options
@@ -86,5 +94,9 @@ def visualize(pretrained: str, image_path: str, question: str, methods: Sequence
         roles = patch_roles(out.index, out.role, engine.num_patches)
         method, given = options.method.name, options.method.given_params
         label = method + (f" {given}" if given else "")
-        outputs.append(draw_token_map(shown, roles, label, Path(out_dir) / f"{method}.png", extra_tokens=int((out.index < 0).sum())))
+        extra = int((out.index < 0).sum())
+        outputs.append(draw_token_map(shown, roles, label, Path(out_dir) / f"{method}.png", extra_tokens=extra))
+        record = {"method": method, "variant": options.method.variant, "params": given, "tokens": out.num_tokens,
+                  "extra_tokens": extra, "roles": roles.tolist(), "role_names": {str(k): v for k, v in ROLE_NAMES.items()}}
+        (Path(out_dir) / f"{method}.json").write_text(json.dumps(record) + "\n")
     return outputs

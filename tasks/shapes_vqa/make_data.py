@@ -2,7 +2,11 @@
 
 from pathlib import Path
 
-from lmms_tokprune.shapes import export_tasks
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout root, for recipes/
+
+from recipes.shapes_vqa import export_tasks  # noqa: E402
 
 if __name__ == "__main__":
     print(export_tasks(Path(__file__).resolve().parent))

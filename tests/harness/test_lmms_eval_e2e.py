@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmms_eval_runs import read_run, run_lmms_eval
+from lmms_eval_runs import read_run, replay_in_process, run_lmms_eval
 
 pytestmark = pytest.mark.slow
 TASK = "tokprune_smoke"
@@ -44,7 +44,7 @@ def test_counts_in_samples_and_results(batch_runs):
     flops = [s["token_counts"][0]["prefill_tflops"] for s in samples]
     assert means["avg_prefill_tflops"] == pytest.approx(sum(flops) / len(flops))
     assert means[f"avg_{TASK}/visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
-    assert 0.0 <= run["results"][TASK]["exact_match,none"] <= 1.0
+    assert run["results"][TASK]["exact_match,none"] == pytest.approx(sum(s["exact_match"] for s in samples) / len(samples))
     assert run["config"]["model"] == "llava_tokprune"
 
 
@@ -92,7 +92,8 @@ def test_bad_model_args_fail_without_results(tiny_llava, tmp_path):
     [("llava_prumerge", "variant=fixed"), ("llava_prumerge_plus", "variant=fixed,adaptive=false,ratio=0.125"), ("llava_recover", "variant=fixed"), ("llava_recover", "variant=reference,text_source=reference")],
 )
 def test_paper_method_ids_run_end_to_end(model_id, extra_args, tiny_llava, tiny_clip, tmp_path):
-    """Each paper method's model id through the real lmms-eval CLI: fewer visual tokens than given."""
+    """Each paper method's model id through the real lmms-eval CLI computes what its engine computes in process
+    (same answers, same per-sample visual token counts and prefill lengths), and compresses."""
     args = f"pretrained={tiny_llava},{extra_args}"
     if model_id == "llava_recover":
         args += f",text_encoder={tiny_clip}"
@@ -102,10 +103,13 @@ def test_paper_method_ids_run_end_to_end(model_id, extra_args, tiny_llava, tiny_
     run = read_run(out, proc)
     samples = run["_samples"][TASK]
     assert len(samples) == 6
+    replay = replay_in_process(model_id, args, samples)
     for s in samples:
         counts = s["token_counts"][0]
+        assert (s["filtered_resps"], counts["visual_tokens_kept"], counts["llm_prefill_tokens"]) == replay[s["doc_id"]]
         assert 0 < counts["visual_tokens_kept"] < counts["visual_tokens_in"]
-    assert run["throughput"]["avg_visual_tokens_kept"] < run["throughput"]["avg_visual_tokens_in"]
+    kept = [s["token_counts"][0]["visual_tokens_kept"] for s in samples]
+    assert run["throughput"]["avg_visual_tokens_kept"] == pytest.approx(sum(kept) / len(kept))
     assert run["config"]["model"] == model_id
 
 

@@ -438,10 +438,14 @@ def test_sweep_end_to_end_real_lmms_eval(tiny_llava, tmp_path, capsys, monkeypat
         assert data["throughput"]["avg_visual_tokens_kept"] == kept
         assert list((out / name).rglob("*_samples_tokprune_smoke.jsonl"))
 
-    started = time.time()
+    import lmms_tokprune.sweep as sweep_module
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a finished run was launched again")
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", no_launch)
     assert main(["sweep", str(path), "--only", "none,topk_cls-b64"]) == 0
     text = capsys.readouterr().out
-    assert time.time() - started < 20
     assert "[skip] none: already finished" in text and "[skip] topk_cls-b64: already finished" in text
     assert "0 ran now, 2 skipped" in text
     assert len(list(out.rglob("*_results.json"))) == 2
@@ -457,3 +461,36 @@ def test_sweep_end_to_end_real_lmms_eval(tiny_llava, tmp_path, capsys, monkeypat
     assert float(records[1]["prefill_tflops"]) < float(records[0]["prefill_tflops"])
     assert (board / "leaderboard.md").read_text().count("\n| ") >= 3
     assert (board / "pareto.png").stat().st_size > 10_000
+
+
+def test_include_path_may_be_a_list(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    path = write_sweep(tmp_path, {"tasks": "t", "output_dir": "o", "include_path": ["a", str(tmp_path / "b")],
+                                  "runs": [{"name": "r", "model": "m"}]})
+    run = load_sweep(path).runs[0]
+    assert run.include_paths == [tmp_path / "a", tmp_path / "b"] and run.include_path is None
+    cmd = run.command()
+    assert "--include_path" not in cmd and cmd[cmd.index("--config") + 1] == str(run.include_config)
+    run.write_include_config()
+    assert yaml.safe_load(run.include_config.read_text()) == {"include_path": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    with pytest.raises(ValueError, match="include_path .*nowhere.* does not exist"):
+        load_sweep(write_sweep(tmp_path, {"tasks": "t", "output_dir": "o", "include_path": ["a", "nowhere"], "runs": [{"name": "r", "model": "m"}]}))
+
+
+@pytest.mark.slow
+def test_sweep_with_two_include_paths_runs_a_task_of_the_second(tiny_llava, tmp_path):
+    """The real lmms-eval gets both folders (through the --config file) and finds the task in the second one."""
+    import shutil
+
+    from lmms_eval_runs import REPO
+
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(REPO / "tasks" / "tokprune_smoke", tmp_path / "second" / "tokprune_smoke")
+    path = write_sweep(tmp_path, {"model": "llava_tokprune", "model_args": {"pretrained": str(tiny_llava)}, "tasks": "tokprune_smoke",
+                                  "include_path": ["empty", "second"], "output_dir": "out", "limit": 2,
+                                  "runs": [{"name": "spatial", "model_args": {"method": "spatial", "budget": 16}}]})
+    assert main(["sweep", str(path)]) == 0
+    (results,) = list((tmp_path / "out" / "spatial").rglob("*_results.json"))
+    data = json.loads(results.read_text())
+    assert data["throughput"]["avg_visual_tokens_kept"] == 16 and "tokprune_smoke" in data["results"]

@@ -21,12 +21,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..llava.prompts import llava_v1_prompt
-from ..shapes import POST_PROMPT, caption, sample_scene, scene_questions
-from ..testing.tiny import NUM_PATCHES, llama_text_config
+from lmms_tokprune.llava.prompts import llava_v1_prompt
+from ..shapes_vqa import POST_PROMPT, caption, sample_scene, scene_questions
+from lmms_tokprune.testing.tiny import NUM_PATCHES, llama_text_config
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, penultimate_tokens, scene_pixels, vision_config
-from ..shapes.generator import box_patches
+from ..shapes_vqa.generator import box_patches
 from .grounding import GroundedRow, asked_words, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
 
 
@@ -442,7 +442,7 @@ def train_llava(
 
 
 def _save(model, tok, out_dir: Path) -> None:
-    from ..testing.tiny import llava_processor
+    from lmms_tokprune.testing.tiny import llava_processor
 
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)

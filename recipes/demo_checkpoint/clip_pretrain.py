@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..shapes import caption, sample_scene
-from ..shapes.generator import COLOURS, SHAPES, WORDS, box_patches, patch_coverage
+from ..shapes_vqa import caption, sample_scene
+from ..shapes_vqa.generator import COLOURS, SHAPES, WORDS, box_patches, patch_coverage
 from .common import Log, Sizes, clip_tokenizer, image_processor, scene_pixels, vision_config, vit_blocks
 
 

@@ -1,6 +1,6 @@
 """What the demo ViT's features carry, measured the same way for any CLIP folder.
 
-``python -m lmms_tokprune.train.tower_probe <clip folder> [<clip folder> ...]`` prints, per folder:
+``python -m recipes.demo_checkpoint.tower_probe <clip folder> [<clip folder> ...]`` prints, per folder:
 
 - ``position_r2_x`` / ``position_r2_y``: held-out R^2 of a ridge probe from the penultimate features of
   object patches (what the LLaVA projector sees) to the object's centre (positions.py says why it matters);
@@ -18,8 +18,8 @@ from typing import Dict
 import numpy as np
 import torch
 
-from ..shapes import sample_scene
-from ..shapes.generator import box_patches
+from ..shapes_vqa import sample_scene
+from ..shapes_vqa.generator import box_patches
 from .common import clip_tokenizer, penultimate_tokens, scene_pixels, vit_blocks
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lmms_tokprune.shapes import FAMILIES, caption, questions_for, render, sample_scene, training_items
-from lmms_tokprune.shapes import test_docs as generated_test_docs  # renamed: pytest would collect a test_* name
+from recipes.shapes_vqa import FAMILIES, caption, questions_for, render, sample_scene, training_items
+from recipes.shapes_vqa import test_docs as generated_test_docs  # renamed: pytest would collect a test_* name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASK_DIR = REPO / "tasks" / "shapes_vqa"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
-TASKS = Path(__file__).resolve().parents[1] / "tasks"
+TASKS = Path(__file__).resolve().parents[2] / "tasks"
 
 
 def _load(rel: str) -> dict:

@@ -12,8 +12,9 @@
    answer position says the colour/shape words its question names) -> ``<out>/llava3_fp32``. (Also a
    continuation for the same reason: the weak colour query was found after stage 2.)
 5. fp16 export -> ``<out>/demo_llava`` (LlavaForConditionalGeneration + LlavaProcessor) and ``<out>/demo_clip``
-   (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--install`` copies them to
-   ``lmms_tokprune/assets/`` where ``pretrained=demo`` / ``text_encoder=demo`` find them.
+   (CLIPModel + CLIPProcessor, vision weights == the LLaVA's vision tower); ``--export DIR`` copies them to
+   ``DIR`` (in a checkout, ``lmms_tokprune/assets`` is where ``pretrained=demo`` / ``text_encoder=demo`` find
+   them). Nothing is written outside ``<out>`` and ``DIR``.
 
 A finished stage's folder is reused when the command is run again.
 """
@@ -134,7 +135,8 @@ def _positioned_tower(out: Path, recipe: Recipe, clip_model, log: Log):
     return clip_dir, clip_pos
 
 
-def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: int = 2, install: bool = False, log: Optional[Log] = None) -> dict:
+def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: int = 2, export_dir: Optional[str | Path] = None,
+               log: Optional[Log] = None) -> dict:
     from transformers import CLIPModel
 
     from .clip_pretrain import pretrain_clip
@@ -186,14 +188,12 @@ def train_demo(out_dir: str | Path, recipe: Optional[Recipe] = None, threads: in
     }
     for d in (demo_llava, demo_clip):
         (d / "TRAINING.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if install:
-        from ..assets import ASSETS_DIR
-
+    if export_dir is not None:
         for d in (demo_llava, demo_clip):
-            target = ASSETS_DIR / d.name
+            target = Path(export_dir) / d.name
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(d, target)
-            log(f"installed {target}")
+            log(f"exported {target}")
     log(f"total {time.time() - t0:.0f}s")
     return meta

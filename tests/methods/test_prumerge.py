@@ -277,9 +277,26 @@ def test_budget_is_exact(method, variant):
             assert out.num_tokens == budget
             assert out.index[:-1].unique().numel() == budget - 1 and int(out.index[-1]) == -1
             assert int(out.role[-1]) == ROLE_EXTRA and int(out.role[0]) == ROLE_KEPT
-    for bad in (1, 577):
+    for bad in (0, 577):
         with pytest.raises(ValueError, match="budget"):
             compress(method, inp, variant=variant, budget=bad)
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge_plus", "recover"])
+def test_budget_one_is_the_top_patch_with_everything_merged_into_it(method):
+    """budget=1: one token, h_c + sum_{j != c} a_j h_j with c the top CLS-attention patch (ties: lower index)."""
+    inp = make(3, 5)
+    inp.q[1, 0] = 0.0  # image 1: flat attention, every patch ties -> patch 0 in fixed
+    if method == "recover":
+        inp.last_hidden, inp.text_embeds, inp.visual_projection = inp.hidden.clone(), torch.randn(3, 8), torch.randn(8, 64)
+    a = cls_attention(inp.q, inp.k)
+    outs = compress(method, inp, budget=1)
+    for b, out in enumerate(outs):
+        c = 0 if b == 1 else int(torch.argmax(a[b]))
+        w = a[b].clone()
+        w[c] = 0
+        assert out.num_tokens == 1 and out.index.tolist() == [c] and out.role.tolist() == [ROLE_KEPT]
+        torch.testing.assert_close(out.features[0], inp.hidden[b, 1 + c] + w @ inp.hidden[b, 1:], rtol=1e-5, atol=1e-5)
 
 
 def _plus_budget_rule(a: torch.Tensor, budget: int) -> tuple:

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from lmms_tokprune.shapes import sample_scene, scene_questions
-from lmms_tokprune.shapes.generator import box_patches
-from lmms_tokprune.train.grounding import SINK, attention_groups, attention_loss, object_words, readout_loss
+from recipes.shapes_vqa import sample_scene, scene_questions
+from recipes.shapes_vqa.generator import box_patches
+from recipes.demo_checkpoint.grounding import SINK, attention_groups, attention_loss, object_words, readout_loss
 
 
 def _tiny_llama():
@@ -25,8 +25,8 @@ def _tiny_llava():
     """(LLaVA with a 3-layer Llama, its tokenizer, Conversations): enough layers for first / middle / answer."""
     from transformers import CLIPConfig, CLIPModel
 
-    from lmms_tokprune.train.common import Sizes, llama_tokenizer, vision_config
-    from lmms_tokprune.train.llava_train import Conversations, build_llava
+    from recipes.demo_checkpoint.common import Sizes, llama_tokenizer, vision_config
+    from recipes.demo_checkpoint.llava_train import Conversations, build_llava
 
     sizes = Sizes(vit_width=32, vit_layers=1, vit_heads=2, llm_width=32, llm_layers=3, llm_heads=2, llm_intermediate=64)
     tok = llama_tokenizer()
@@ -38,7 +38,7 @@ def _tiny_llava():
 
 def _layer_outputs(model, row, feats, image_id: int, pad_id: int):
     """(every decoder layer's output for one grounded row, the language model)."""
-    from lmms_tokprune.train.llava_train import LayerOutputs, _batch, _embed
+    from recipes.demo_checkpoint.llava_train import LayerOutputs, _batch, _embed
 
     ids, labels, att = _batch([(row.ids, row.labels)], pad_id)
     lm = model.model.language_model
@@ -49,7 +49,7 @@ def _layer_outputs(model, row, feats, image_id: int, pad_id: int):
 
 @pytest.mark.parametrize("explicit_positions", [False, True])
 def test_attention_rows_equal_eager_attention(explicit_positions):
-    from lmms_tokprune.train.attention_rows import AttentionRows
+    from recipes.demo_checkpoint.attention_rows import AttentionRows
 
     model = _tiny_llama()
     ids = torch.randint(0, 50, (3, 20))
@@ -116,8 +116,8 @@ def test_attention_groups():
 
 def test_grounded_rows_point_at_the_named_objects_image_tokens():
     from lmms_tokprune.testing.tiny import NUM_PATCHES
-    from lmms_tokprune.train.common import llama_tokenizer
-    from lmms_tokprune.train.llava_train import Conversations
+    from recipes.demo_checkpoint.common import llama_tokenizer
+    from recipes.demo_checkpoint.llava_train import Conversations
 
     tok = llama_tokenizer()
     conv = Conversations(tok)
@@ -150,7 +150,7 @@ def test_grounded_rows_point_at_the_named_objects_image_tokens():
 
 
 def test_box_patches_hold_every_patch_the_shape_covers():
-    from lmms_tokprune.shapes.generator import patch_coverage
+    from recipes.shapes_vqa.generator import patch_coverage
 
     for i in range(20):
         for o in sample_scene("train", i).shapes:
@@ -169,7 +169,7 @@ def test_every_question_but_a_negative_names_its_objects():
 
 
 def test_canonical_relation_answers_left_of_or_above_whatever_the_wording():
-    from lmms_tokprune.train.grounding import canonical_relation
+    from recipes.demo_checkpoint.grounding import canonical_relation
 
     seen = set()
     for i in range(40):
@@ -191,9 +191,9 @@ def test_canonical_relation_answers_left_of_or_above_whatever_the_wording():
 
 
 def test_grounded_rows_carry_the_comparison_at_the_answer_position():
-    from lmms_tokprune.train.common import llama_tokenizer
-    from lmms_tokprune.train.grounding import canonical_relation
-    from lmms_tokprune.train.llava_train import Conversations
+    from recipes.demo_checkpoint.common import llama_tokenizer
+    from recipes.demo_checkpoint.grounding import canonical_relation
+    from recipes.demo_checkpoint.llava_train import Conversations
 
     conv = Conversations(llama_tokenizer())
     scene = next(s for s in (sample_scene("train", i) for i in range(50))
@@ -209,8 +209,8 @@ def test_grounded_rows_carry_the_comparison_at_the_answer_position():
 
 def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
     """compare = cross-entropy of the middle layers' logit lens at the relation answer positions; 0 weight = off."""
-    from lmms_tokprune.train.grounding import canonical_relation
-    from lmms_tokprune.train.llava_train import _grounded_step
+    from recipes.demo_checkpoint.grounding import canonical_relation
+    from recipes.demo_checkpoint.llava_train import _grounded_step
 
     model, tok, conv = _tiny_llava()
     scene = next(s for s in (sample_scene("train", i) for i in range(50))
@@ -232,8 +232,8 @@ def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
 
 
 def test_asked_words_are_the_colour_and_shape_a_question_names():
-    from lmms_tokprune.shapes.generator import Question
-    from lmms_tokprune.train.grounding import asked_words
+    from recipes.shapes_vqa.generator import Question
+    from recipes.demo_checkpoint.grounding import asked_words
 
     def q(family: str, text: str) -> Question:
         return Question(family, text, "x", ())
@@ -251,8 +251,8 @@ def test_asked_words_are_the_colour_and_shape_a_question_names():
 def test_grounded_step_adds_the_query_loss_of_the_layers_before_the_answer():
     """query = cross-entropy of the logit lens of every layer but the last at each answer position against the
     words its question names; rows carry them at the answer positions; 0 weight = off."""
-    from lmms_tokprune.train.grounding import asked_words
-    from lmms_tokprune.train.llava_train import _grounded_step
+    from recipes.demo_checkpoint.grounding import asked_words
+    from recipes.demo_checkpoint.llava_train import _grounded_step
 
     model, tok, conv = _tiny_llava()
     scene = sample_scene("train", 3)

@@ -9,7 +9,7 @@ import yaml
 
 from lmms_tokprune.harness.args import MODEL_IDS, load_config_model_args, parse_model_args
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "model_configs"
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if "sweeps" not in p.parts)
 
 

@@ -8,27 +8,32 @@ method at one visual-token budget. Accuracy is the unweighted mean of the famili
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from .shapes.generator import FAMILIES
+import yaml
 
-DEMO_TASKS = tuple(f"shapes_vqa_{f}" for f in FAMILIES)
+from ..catalog import METHODS
+from ..paths import tasks_dir
+
+DEMO_GROUP = "shapes_vqa"  # the committed test split of the synthetic benchmark the demo checkpoint was trained on
 DEMO_LIMIT = 12  # questions per family: a fixed subset that keeps the demo at ~2-3 minutes on 2 CPU cores
-BASELINES = ("none", "random", "topk_cls", "spatial")
-PAPER_METHODS = ("prumerge", "prumerge_plus", "recover", "longtail")
-# Kept for callers of the earlier demo: the always-available methods.
-DEMO_METHODS = BASELINES
-DEMO_TASK = DEMO_TASKS[0]
+
+
+def demo_tasks() -> List[str]:
+    """The shapes_vqa family tasks, as the committed group YAML lists them."""
+    group = yaml.safe_load((tasks_dir() / DEMO_GROUP / f"{DEMO_GROUP}.yaml").read_text())
+    return list(group["task"])
 
 
 def default_methods() -> List[str]:
-    """The baselines, then every paper method that is registered in this install."""
-    from .methods import method_names
-
-    names = set(method_names())
-    return [m for m in BASELINES if m in names] + [m for m in PAPER_METHODS if m in names]
+    """Every method of the catalog (baselines first), in the order users see them."""
+    return [m.name for m in METHODS]
 
 
 @dataclass
@@ -41,31 +46,37 @@ class DemoRow:
     per_task: Dict[str, float] = field(default_factory=dict)
 
 
+def needs_text(method: str) -> bool:
+    """Does the method read CLIP text guidance (text_encoder=)?"""
+    from ..methods import get_method
+
+    return "text" in get_method(method).needs
+
+
 def _model_args(pretrained: str, method: str, budget: Optional[int], text_encoder: Optional[str]) -> str:
     args = f"pretrained={pretrained},method={method}"
     if budget is not None and method != "none":
         args += f",budget={budget}"
-    if method == "recover" and text_encoder:
+    if text_encoder and needs_text(method):
         args += f",text_encoder={text_encoder}"
     return args
 
 
 def run_method(pretrained: str, method: str, budget: Optional[int], batch_size: int, limit: Optional[int] = None,
-               tasks: Sequence[str] = DEMO_TASKS, text_encoder: Optional[str] = "demo") -> DemoRow:
+               tasks: Optional[Sequence[str]] = None, text_encoder: Optional[str] = "demo", verbosity: str = "WARNING") -> DemoRow:
     """One lmms-eval run of the demo tasks; numbers come from lmms-eval's own results dict."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from .paths import tasks_dir
-
+    tasks = list(tasks or demo_tasks())
     results = simple_evaluate(
         model="llava_tokprune",
         model_args=_model_args(pretrained, method, budget, text_encoder),
         tasks=list(tasks),
         batch_size=batch_size,
         limit=limit,
-        task_manager=TaskManager("WARNING", include_path=str(tasks_dir()), model_name="llava_tokprune"),
-        verbosity="WARNING",
+        task_manager=TaskManager(verbosity, include_path=str(tasks_dir()), model_name="llava_tokprune"),
+        verbosity=verbosity,
     )
     per_task = {}
     for task in tasks:
@@ -83,22 +94,51 @@ def run_method(pretrained: str, method: str, budget: Optional[int], batch_size: 
     )
 
 
+@contextlib.contextmanager
+def held_back_stderr(enabled: bool = True) -> Iterator[None]:
+    """Collect sys.stderr inside the block; replay its tail if the block raises."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue()[-20000:])
+        raise
+
+
 def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget: Union[int, Sequence[int]], batch_size: int,
-             limit: Optional[int] = DEMO_LIMIT, text_encoder: Optional[str] = None) -> List[DemoRow]:
-    """``none`` once, then every other method at every budget (a list gives the accuracy-vs-tokens trade-off)."""
+             limit: Optional[int] = DEMO_LIMIT, text_encoder: Optional[str] = None,
+             progress: Optional[Callable[[str], None]] = None, verbose: bool = False) -> List[DemoRow]:
+    """``none`` once, then every other method at every budget (a list gives the accuracy-vs-tokens trade-off).
+
+    `progress` gets one line per finished run. Unless `verbose`, what lmms-eval and transformers write to
+    stderr while a run goes (progress bars, load reports) is held back, and shown only if the run fails.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     if pretrained is None:
         pretrained = "demo"
         text_encoder = text_encoder or "demo"
     methods = list(methods) if methods else default_methods()
-    if "recover" in methods and not text_encoder:
-        raise ValueError("method recover needs --text-encoder for a checkpoint other than the shipped demo one")
+    guided = [m for m in methods if needs_text(m)]
+    if guided and not text_encoder:
+        raise ValueError(f"method(s) {', '.join(guided)} need --text-encoder for a checkpoint other than the shipped demo one")
     budgets = [budget] if isinstance(budget, int) else list(budget)
     if not budgets or any(b < 1 for b in budgets):
         raise ValueError(f"budgets must be positive visual-token counts, got {budgets}")
     runs = [(m, None) for m in methods if m == "none"] + [(m, b) for m in methods if m != "none" for b in budgets]
-    return [run_method(pretrained, m, b, batch_size, limit, text_encoder=text_encoder) for m, b in runs]
+    rows = []
+    for i, (m, b) in enumerate(runs, 1):
+        started = time.time()
+        with held_back_stderr(enabled=not verbose):
+            rows.append(run_method(pretrained, m, b, batch_size, limit, text_encoder=text_encoder, verbosity="INFO" if verbose else "WARNING"))
+        if progress is not None:
+            progress(f"[{i}/{len(runs)}] {m}{'' if b is None else f' budget {b}'}: accuracy {rows[-1].accuracy:.3f}, "
+                     f"{rows[-1].visual_tokens:.0f} visual tokens ({time.time() - started:.0f} s)")
+    return rows
 
 
 def format_table(rows: Sequence[DemoRow]) -> str:

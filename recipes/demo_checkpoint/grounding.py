@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..shapes.generator import COLOURS, PLURALS, SHAPES, Obj, box_patches
+from ..shapes_vqa.generator import COLOURS, PLURALS, SHAPES, Obj, box_patches
 
 
 SINK = ()  # the empty object group: attend to the attention sink (<s>)

@@ -8,7 +8,7 @@ import torch
 def _tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
-    from lmms_tokprune.train.common import Sizes, clip_tokenizer, vision_config
+    from recipes.demo_checkpoint.common import Sizes, clip_tokenizer, vision_config
 
     torch.manual_seed(0)
     sizes = Sizes(vit_width=32, vit_layers=2, vit_heads=2)
@@ -18,8 +18,8 @@ def _tiny_clip():
 
 
 def test_position_probe_sees_grid_positions_only_once_added():
-    from lmms_tokprune.train.positions import add_grid_positions
-    from lmms_tokprune.train.tower_probe import tower_report
+    from recipes.demo_checkpoint.positions import add_grid_positions
+    from recipes.demo_checkpoint.tower_probe import tower_report
 
     model = _tiny_clip()
     before = tower_report(model, n_probe=80, n_val=6)
@@ -28,5 +28,5 @@ def test_position_probe_sees_grid_positions_only_once_added():
     assert before["position_r2_x"] < 0.5 and before["position_r2_y"] < 0.5
     assert after["position_r2_x"] > 0.8 and after["position_r2_y"] > 0.8
     for report in (before, after):
-        assert report["cls_on_objects"] > 0 and 0 <= report["text_patch_top8"] <= 1
+        assert report["cls_on_objects"] > 0
         assert 0 < report["text_patch_chance"] < 1

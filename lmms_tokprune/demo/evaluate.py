@@ -1,7 +1,7 @@
 """`lmms-tokprune eval-demo`: the documented accuracy of a demo checkpoint (EVAL.json, README table, Pareto plot).
 
 Every number comes from a real lmms-eval run of the committed ``shapes_vqa`` test tasks (``demo.run_method``):
-the uncompressed model on the first ``subset`` questions per family (what ``tests/test_demo_checkpoint.py``
+the uncompressed model on the first ``subset`` questions per family (what ``tests/demo/test_demo_checkpoint.py``
 checks) and every method at every budget on the whole test split.
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from ..demo import default_methods, run_method
+from .run import default_methods, run_method
 
 BUDGETS = (192, 128, 64, 32)
 SUBSET = 10

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_tokprune.train.positions import add_grid_positions, sincos_2d
+from recipes.demo_checkpoint.positions import add_grid_positions, sincos_2d
 
 
 def test_sincos_table_is_linear_in_grid_coordinates_per_half():
