@@ -85,28 +85,48 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from .report.leaderboard import parse_metric_overrides, write_leaderboard
 
     written = write_leaderboard(args.runs, args.out, metrics=parse_metric_overrides(args.metric), baseline=args.baseline)
+    for warning in written["warnings"]:
+        print(f"lmms-tokprune: warning: {warning}", file=sys.stderr)
     print(written["table"])
     print(f"wrote {written['markdown']}, {written['csv']}, {written['png']}")
     return 0
 
 
-def _method_params(items: List[str]) -> dict:
-    """--param topk_cls:budget=58 --param prumerge:ratio=0.1 -> {method: {key: value}} (values coerced later)."""
+def _method_params(items: List[str], methods: List[str]) -> dict:
+    """--param topk_cls:budget=58 --param prumerge:ratio=0.1 -> {method: {key: value}} (values coerced later).
+
+    A parameter for a method that is not in --methods would be ignored: it is an error instead."""
     out: dict = {}
     for item in items or []:
         method, sep, assignment = item.partition(":")
         key, eq, value = assignment.partition("=")
         if not sep or not eq:
             raise ValueError(f"--param {item!r} must look like METHOD:KEY=VALUE")
+        if method not in methods:
+            raise ValueError(f"--param {item!r} is for method {method!r}, which is not in --methods ({', '.join(methods)})")
         out.setdefault(method, {})[key] = value
     return out
+
+
+def _at_least(minimum: int):
+    """argparse type: an integer >= minimum (one clear error line, before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench.llava_bench import format_rows, rows_as_json, run_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params = _method_params(args.param)
+    params = _method_params(args.param, methods)
     if args.compress_only:
         from .bench.compress_bench import compress_rows_as_json, format_compress_rows, run_compress_bench
 
@@ -130,8 +150,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _visualize(args: argparse.Namespace) -> int:
     from .report.token_map import visualize
 
-    paths = visualize(args.pretrained, args.image, args.question, [m.strip() for m in args.methods.split(",") if m.strip()],
-                      args.out, params=_method_params(args.param), text_encoder=args.text_encoder, variant=args.variant)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    paths = visualize(args.pretrained, args.image, args.question, methods,
+                      args.out, params=_method_params(args.param, methods), text_encoder=args.text_encoder, variant=args.variant)
     for path in paths:
         print(path)
     return 0
@@ -195,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default=None,
                       help="comma-separated methods (default: none,random,topk_cls,spatial and the registered paper methods)")
     demo.add_argument("--budget", default="128,32", help="visual tokens per image for the compressed methods; a comma list runs each")
-    demo.add_argument("--batch-size", type=int, default=4)
-    demo.add_argument("--limit", type=int, default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
+    demo.add_argument("--batch-size", type=_at_least(1), default=4)
+    demo.add_argument("--limit", type=_at_least(0), default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.add_argument("--verbose", action="store_true", help="show lmms-eval's and transformers' progress bars and logs")
     demo.set_defaults(func=_demo)
@@ -232,16 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measured prefill time vs analytic FLOPs per method on a full-width LLaVA-1.5 (random weights)")
     bench.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b or llava-1.5-13b")
     bench.add_argument("--methods", default="none,topk_cls", help="comma-separated methods, the first 'none' is the baseline")
-    bench.add_argument("--llm-layers", type=int, default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
-    bench.add_argument("--budget", type=int, default=None, help="visual tokens per image for every compressed method")
+    bench.add_argument("--llm-layers", type=_at_least(1), default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
+    bench.add_argument("--budget", type=_at_least(1), default=None, help="visual tokens per image for every compressed method")
     bench.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")
-    bench.add_argument("--images", type=int, default=4)
-    bench.add_argument("--text-tokens", type=int, default=60)
-    bench.add_argument("--repeats", type=int, default=2, help="timed passes per image after one warm-up")
+    bench.add_argument("--images", type=_at_least(1), default=4)
+    bench.add_argument("--text-tokens", type=_at_least(0), default=60)
+    bench.add_argument("--repeats", type=_at_least(1), default=2, help="timed passes per image after one warm-up")
     bench.add_argument("--device", default=None)
     bench.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--compress-only", action="store_true", help="time only compress() per image on CLIP-L-shaped inputs")
-    bench.add_argument("--batch", type=int, default=8, help="images per compress() call (--compress-only)")
+    bench.add_argument("--batch", type=_at_least(1), default=8, help="images per compress() call (--compress-only)")
     bench.add_argument("--variants", default="fixed,reference", help="variants to time (--compress-only)")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_bench)
@@ -271,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default="demo_train", help="work folder (checkpoints, feature cache, train.log, the fp16 exports)")
     train.add_argument("--export", default=None, metavar="DIR",
                        help="also copy the fp16 demo_llava/ and demo_clip/ into DIR (in a checkout: lmms_tokprune/assets, where pretrained=demo finds them)")
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=_at_least(1), default=2)
     # defaults: None = the recipe's value (recipes/demo_checkpoint/recipe.py, the shipped checkpoint's recipe)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--clip-steps", type=int, default=None, help="CLIP steps with half the patches (FLIP)")
@@ -299,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text-encoder", default="demo", help="CLIP checkpoint for recover")
     ev.add_argument("--methods", default=None, help="comma list (default: the baselines and every paper method)")
     ev.add_argument("--budgets", default="192,128,64,32")
-    ev.add_argument("--subset", type=int, default=10, help="questions per family of the subset the tests check")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--subset", type=_at_least(1), default=10, help="questions per family of the subset the tests check")
+    ev.add_argument("--batch-size", type=_at_least(1), default=8)
     ev.add_argument("--out", default="EVAL.json", help="where to write the JSON (the shipped one lives next to the weights)")
     ev.add_argument("--plot", default=None, help="also write the accuracy-vs-tokens Pareto plot (PNG) here")
     ev.set_defaults(func=_eval_demo)

@@ -19,7 +19,9 @@ Sweep file (every key is validated; unknown keys are an error)::
         model_args: {method: none}    # merged over the common model_args (the run wins; null removes a key)
       - {name: topk64, model: llava_tokprune, model_args: {method: topk_cls, budget: 64}, batch_size: 4}
 
-A run may also set ``tasks``, ``batch_size``, ``limit``, ``launcher``, ``gen_kwargs`` (the run wins).
+A run may also set ``tasks``, ``batch_size``, ``limit``, ``launcher``, ``gen_kwargs``, ``allow_failed_docs`` (the run wins).
+A run whose results report documents that were not run (``throughput.avg_failed_docs``: an unreadable image, a
+prompt longer than the LLM's context, a video) is failed unless ``allow_failed_docs: true``.
 Relative ``include_path`` / ``output_dir`` are resolved against the sweep file's folder. String values
 may use ``${VAR}`` / ``${VAR:-default}`` (environment variables). ``pretrained: "@tiny"`` means the
 bundled tiny demo checkpoint (built once into the cache). Overrides from the command line
@@ -37,7 +39,9 @@ Each run is the real lmms-eval CLI in a subprocess::
 with its output in ``<output_dir>/<name>/run.log``. A run whose folder already holds a results JSON
 covering the requested tasks is finished and skipped. lmms-eval exits 0 on many failures, so a run
 succeeds only if it exits 0 AND leaves such a results file; failed runs are reported with the tail of
-their log, the others go on, and the sweep's exit status is 1 if any run failed.
+their log, the others go on, and the sweep's exit status is 1 if any run failed. Each run folder is locked
+while it runs (a second sweep on the same output_dir skips that run and says so); SIGTERM / SIGINT / SIGHUP
+to the sweep are forwarded to the running lmms-eval (its whole process group), and the sweep stops after it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import dataclasses
+import fcntl
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -56,8 +63,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 import yaml
 
 SWEEP_KEYS = ("model", "model_args", "tasks", "include_path", "output_dir", "runs",
-              "batch_size", "limit", "launcher", "gen_kwargs", "extra_args")
-RUN_KEYS = ("name", "model", "model_args", "tasks", "batch_size", "limit", "launcher", "gen_kwargs")
+              "batch_size", "limit", "launcher", "gen_kwargs", "extra_args", "allow_failed_docs")
+RUN_KEYS = ("name", "model", "model_args", "tasks", "batch_size", "limit", "launcher", "gen_kwargs", "allow_failed_docs")
+LOCK_NAME = ".sweep.lock"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 TINY = "@tiny"
 LOG_NAME = "run.log"
 MANIFEST_NAME = "sweep.json"
@@ -80,6 +89,7 @@ class RunSpec:
     launcher: Optional[str] = None
     gen_kwargs: Optional[str] = None
     extra_args: List[str] = field(default_factory=list)
+    allow_failed_docs: bool = False  # a run whose results report documents that were not run still counts as done
 
     def model_args_string(self) -> str:
         return format_model_args(self.model_args)
@@ -126,7 +136,7 @@ class Sweep:
 @dataclass
 class RunOutcome:
     name: str
-    status: str  # "skipped" (already finished), "ok", "failed", "dry-run"
+    status: str  # "skipped" (already finished), "ok", "failed", "busy" (another sweep holds it), "dry-run"
     results_file: Optional[Path] = None
     seconds: float = 0.0
     detail: str = ""
@@ -230,6 +240,12 @@ def _limit(where: str, value: Any) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"{where}: limit must be a number > 0 (a count, or a fraction below 1), got {value!r}")
+    return value
+
+
+def _flag(where: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
     return value
 
 
@@ -371,6 +387,7 @@ def load_sweep(path: os.PathLike, overrides: Sequence[str] = (), pretrained: Opt
     if not isinstance(extra, list) or not all(isinstance(a, (str, int, float)) for a in extra):
         raise ValueError(f"{where}: extra_args must be a list of strings")
     top = {
+        "allow_failed_docs": _flag(where, "allow_failed_docs", data.get("allow_failed_docs", False)),
         "batch_size": _batch_size(where, data.get("batch_size")),
         "limit": _limit(where, data.get("limit")),
         "launcher": _launcher(where, data.get("launcher")),
@@ -425,6 +442,7 @@ def load_sweep(path: os.PathLike, overrides: Sequence[str] = (), pretrained: Opt
             launcher=_launcher(rwhere, raw["launcher"]) if "launcher" in raw else top["launcher"],
             gen_kwargs=_gen_kwargs(rwhere, raw["gen_kwargs"]) if "gen_kwargs" in raw else top["gen_kwargs"],
             extra_args=[str(a) for a in extra],
+            allow_failed_docs=_flag(rwhere, "allow_failed_docs", raw["allow_failed_docs"]) if "allow_failed_docs" in raw else top["allow_failed_docs"],
         ))
     if not runs:
         raise ValueError(f"{where}: runs is empty")
@@ -463,9 +481,15 @@ def finished_results(run: RunSpec, newer_than: Optional[float] = None) -> Option
             data = json.loads(candidate.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and set(run.tasks) <= _covered_tasks(data):
+        if isinstance(data, dict) and set(run.tasks) <= _covered_tasks(data) and (run.allow_failed_docs or not failed_docs(data)):
             return candidate
     return None
+
+
+def failed_docs(results: Mapping[str, Any]) -> int:
+    """Documents the run answered without running them (our wrappers report them in the throughput block)."""
+    value = (results.get("throughput") or {}).get("avg_failed_docs") or 0
+    return int(value) if isinstance(value, (int, float)) else 0
 
 
 def _settings_differ(run: RunSpec, results_file: Path) -> List[str]:
@@ -519,30 +543,93 @@ def _write_manifest(sweep: Sweep, outcomes: Mapping[str, RunOutcome]) -> None:
 
 
 # -- running -------------------------------------------------------------------------------------
-def run_one(run: RunSpec, echo: Any = print) -> RunOutcome:
-    """Launch lmms-eval for one run; its output goes to <output_path>/run.log."""
-    run.output_path.mkdir(parents=True, exist_ok=True)
-    run.write_include_config()
-    log_path = run.output_path / LOG_NAME
-    cmd = run.command()
-    started = time.time()
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
+class SweepInterrupted(Exception):
+    """The sweep got a signal while a run was going; the run was stopped (the signal forwarded to it)."""
+
+    def __init__(self, signum: int, run: str) -> None:
+        super().__init__(f"{signal.Signals(signum).name} while {run!r} was running: it was stopped")
+        self.signum, self.run = signum, run
+
+
+def _launch(cmd: List[str], log: TextIO, name: str) -> Optional[int]:
+    """Run `cmd` (its own process group) with its output in `log`; the sweep's SIGTERM / SIGINT / SIGHUP go to the
+    whole group (accelerate's workers too), then SweepInterrupted is raised. None: it could not be started."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as err:  # e.g. launcher not found
+        log.write(f"\ncould not start: {err}\n")
+        return None
+    got: List[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        got.append(signum)
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            code: Optional[int] = proc.returncode
-        except OSError as err:  # e.g. launcher not found
-            log.write(f"\ncould not start: {err}\n")
-            code = None
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    handlers = {}
+    try:
+        for sig in FORWARDED_SIGNALS:
+            handlers[sig] = signal.signal(sig, forward)
+    except ValueError:  # not the main thread: no handlers, the child just runs
+        pass
+    try:
+        code = proc.wait()
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+    if got:
+        raise SweepInterrupted(got[0], name)
+    return code
+
+
+def _lock(run: RunSpec) -> Optional[TextIO]:
+    """An exclusive lock on the run folder (held while the run goes), or None when another sweep holds it."""
+    run.output_path.mkdir(parents=True, exist_ok=True)
+    handle = open(run.output_path / LOCK_NAME, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def run_one(run: RunSpec, echo: Any = print) -> RunOutcome:
+    """Launch lmms-eval for one run under its folder's lock; its output goes to <output_path>/run.log."""
+    lock = _lock(run)
+    if lock is None:
+        return RunOutcome(run.name, "busy", None, 0.0, f"another sweep is running it (lock {run.output_path / LOCK_NAME}); left to that sweep")
+    try:
+        done = finished_results(run)
+        if done is not None:  # finished by another sweep while this one waited
+            return RunOutcome(run.name, "skipped", done, 0.0, "finished by another sweep")
+        run.write_include_config()
+        log_path = run.output_path / LOG_NAME
+        cmd = run.command()
+        started = time.time()
+        with open(log_path, "w") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            code = _launch(cmd, log, run.name)
+    finally:
+        lock.close()
     seconds = time.time() - started
     results = finished_results(run, newer_than=started - 1)
     if code == 0 and results is not None:
         return RunOutcome(run.name, "ok", results, seconds)
+    written = finished_results(dataclasses.replace(run, allow_failed_docs=True), newer_than=started - 1)
     if code is None:
         reason = "the command could not be started"
     elif code != 0:
         reason = f"lmms-eval exited with status {code}"
+    elif written is not None:
+        n = failed_docs(json.loads(written.read_text()))
+        reason = (f"{n} document(s) were not run (answered with an empty string; `error` in their samples' token_counts); "
+                  f"results: {written}; set allow_failed_docs: true to accept them")
     else:
         reason = f"lmms-eval exited 0 but wrote no results file covering {','.join(run.tasks)}"
     return RunOutcome(run.name, "failed", None, seconds, f"{reason}; log: {log_path}\n{_tail(log_path)}")
@@ -592,10 +679,20 @@ def run_sweep(sweep: Sweep, only: Optional[Sequence[str]] = None, dry_run: bool 
             continue
         bar.set_postfix_str(run.name)
         say(f"[run ] {run.name}: {run.model} {run.model_args_string()} on {','.join(run.tasks)}")
-        outcome = run_one(run)
+        try:
+            outcome = run_one(run)
+        except SweepInterrupted as stop:
+            outcomes[run.name] = RunOutcome(run.name, "failed", None, 0.0, str(stop))
+            _write_manifest(sweep, outcomes)
+            say(f"[stop] {stop}; the sweep stops here (run it again to resume)")
+            raise
         outcomes[run.name] = outcome
         if outcome.status == "ok":
             say(f"[ok  ] {run.name} ({outcome.seconds:.0f} s): {outcome.results_file}")
+        elif outcome.status == "busy":
+            say(f"[busy] {run.name}: {outcome.detail}")
+        elif outcome.status == "skipped":
+            say(f"[skip] {run.name}: {outcome.detail} ({outcome.results_file})")
         else:
             say(f"[FAIL] {run.name} ({outcome.seconds:.0f} s): {outcome.detail}")
         bar.update(1)
@@ -604,10 +701,12 @@ def run_sweep(sweep: Sweep, only: Optional[Sequence[str]] = None, dry_run: bool 
     if not dry_run:
         _write_manifest(sweep, outcomes)
     ordered = [outcomes[r.name] for r in runs]
-    counts = {s: sum(o.status == s for o in ordered) for s in ("ok", "skipped", "failed", "dry-run")}
+    counts = {s: sum(o.status == s for o in ordered) for s in ("ok", "skipped", "failed", "busy", "dry-run")}
     summary = f"sweep {sweep.path.name}: {len(ordered)} runs — {counts['ok']} ran now, {counts['skipped']} skipped (already finished)"
     if counts["dry-run"]:
         summary += f", {counts['dry-run']} would run"
+    if counts["busy"]:
+        summary += f", {counts['busy']} left to another sweep: " + ", ".join(o.name for o in ordered if o.status == "busy")
     if counts["failed"]:
         summary += f", {counts['failed']} FAILED: " + ", ".join(o.name for o in ordered if o.status == "failed")
     say(summary)
@@ -636,7 +735,10 @@ def sweep_main(file: str, overrides: Sequence[str] = (), pretrained: Optional[st
                leaderboard: bool = False) -> Tuple[int, List[RunOutcome]]:
     """What `lmms-tokprune sweep` does; returns (exit status, outcomes)."""
     sweep = load_sweep(file, overrides, pretrained=pretrained, output_dir=output_dir, limit=limit)
-    outcomes = run_sweep(sweep, only=_split_only(only), dry_run=dry_run)
+    try:
+        outcomes = run_sweep(sweep, only=_split_only(only), dry_run=dry_run)
+    except SweepInterrupted as stop:
+        return 128 + stop.signum, []
     if leaderboard and not dry_run and any(o.results_file for o in outcomes):
         from .report.leaderboard import write_leaderboard
 

@@ -271,7 +271,11 @@ def llava_config_for(source: Any) -> LlavaFlopsConfig:
         config_json = os.path.join(text, "config.json")
         if os.path.isfile(config_json):
             with open(config_json) as fh:
-                return from_llava_config(json.load(fh), name=text)
+                data = json.load(fh)
+            if data.get("model_type") != "llava":
+                raise ValueError(f"{text!r} is a {data.get('model_type', 'unknown')!r} checkpoint; FLOPs are computed for LLaVA-1.5 "
+                                 "checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+            return from_llava_config(data, name=text)
         raise ValueError(f"{text!r} is neither a FLOPs preset nor a checkpoint folder with config.json; "
                          f"valid presets: {', '.join(PRESETS)}")
     return from_llava_config(source)

@@ -7,6 +7,8 @@ resolved by `llava.options.engine_options` (the one validation step); the harnes
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
@@ -46,6 +48,32 @@ class EvalConfig:
     batch_size: int = 1
     max_new_tokens: Optional[int] = None
     config: Optional[str] = None
+
+    def identity(self) -> Dict[str, Any]:
+        """What decides the answers and counts: the resolved method (all parameters, defaults included) and the
+        engine options that change outputs; not the model id, the batch size, the device or latency measurement
+        (outputs are identical across them), not the name of a config file (its contents are in here)."""
+        e = self.engine
+        guided = "text" in e.method.needs
+        return {
+            "method": e.method.name, "variant": e.method.variant, "params": dict(e.method.params),
+            "pretrained": e.pretrained, "prompt_style": e.prompt_style, "pad_to_square": e.pad_to_square,
+            "text_encoder": e.text_encoder if guided else None, "text_source": e.text_source if guided else None,
+            "dtype": e.dtype, "attn_implementation": e.attn_implementation, "image_backend": e.image_backend,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+    @property
+    def digest(self) -> str:
+        """A short stable hash of `identity()` (cache identity, provenance in samples and leaderboards)."""
+        text = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def method_args(self) -> str:
+        """'method=prumerge,variant=fixed,budget=64': the resolved method and the parameters that were set."""
+        given = ",".join(f"{k}={v}" for k, v in self.method_params.items())
+        return f"method={self.method},variant={self.variant}" + (f",{given}" if given else "")
 
     @property
     def method(self) -> str:
@@ -103,4 +131,8 @@ def parse_model_args(model_id: str, raw: Mapping[str, Any]) -> EvalConfig:
     harness_keys = {opt.name for opt in HARNESS_OPTIONS}
     engine = engine_options({k: v for k, v in raw.items() if k not in harness_keys}, preset, model_id, other_keys=harness_keys)
     own = resolve_options(HARNESS_OPTIONS, {k: v for k, v in raw.items() if k in harness_keys})
+    bound = engine.method
+    if bound.variant == "reference" and bound.spec.reference_batch_one and own["batch_size"] > 1:
+        raise ValueError(f"{bound.name} (reference): the released code compresses one image per call, so reference runs only "
+                         f"with batch_size=1 (got {own['batch_size']}); use batch_size=1, or variant=fixed (equal to batch 1 at any batch size)")
     return EvalConfig(model_id=model_id, engine=engine, **own)

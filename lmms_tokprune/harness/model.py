@@ -23,6 +23,7 @@ from ..catalog import class_name, model_ids
 from ..llava.batch import Sample
 from ..llava.opener import open_engine
 from .args import EvalConfig, parse_model_args
+from . import response_cache
 from .counts import SampleRecord, TokPruneTokenCounts, run_means
 
 
@@ -61,6 +62,7 @@ class LlavaTokPrune(lmms):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         args: EvalConfig = parse_model_args(self.MODEL_ID, model_args)
+        response_cache.install()  # lmms-eval creates its --use_cache cache after the model: counts, progress, identity
         self.args = args
         accelerator = Accelerator()
         self.accelerator = accelerator
@@ -77,6 +79,7 @@ class LlavaTokPrune(lmms):
         self._model = self.engine.model
         self.batch_size_per_gpu = args.batch_size
         self._records: List[SampleRecord] = []
+        self._seconds = 0.0  # per document, of the last batch
         if self._rank == 0:
             logger.info(f"{self.MODEL_ID}: method={args.method} variant={args.variant} params={args.method_params} on {device} x{self._world_size}")
 
@@ -100,53 +103,97 @@ class LlavaTokPrune(lmms):
         keys = [image_key(task, split, doc_id, i) for i in range(len(images))]
         return Sample(context=context, images=images, image_keys=keys), dict(gen_kwargs or {}), task
 
-    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
-        results: List[Optional[GenerationResult]] = [None] * len(requests)
-        # Batch requests that share generation settings; longest prompts first (less padding).
+    def plan_batches(self, requests: List[Instance]) -> List[List[int]]:
+        """Request indices per batch: requests that share generation settings, longest prompts first (less padding)."""
         groups: Dict[str, List[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-        bar = tqdm(total=len(requests), disable=self._rank != 0, desc=f"{self.MODEL_ID}:{self.args.method}")
+        batches = []
         for indices in groups.values():
             indices.sort(key=lambda i: -len(requests[i].args[0]))
-            for start in range(0, len(indices), self.batch_size_per_gpu):
-                chunk = indices[start:start + self.batch_size_per_gpu]
-                self._run_chunk([requests[i] for i in chunk], chunk, results)
-                bar.update(len(chunk))
+            batches += [indices[s:s + self.batch_size_per_gpu] for s in range(0, len(indices), self.batch_size_per_gpu)]
+        return batches
+
+    def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
+        results: List[Optional[GenerationResult]] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self._rank != 0, desc=f"{self.MODEL_ID}:{self.args.method}")
+        for batch in self.plan_batches(requests):
+            for i, result in zip(batch, self.run_batch([requests[i] for i in batch])):
+                results[i] = result
+            bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _run_chunk(self, reqs: List[Instance], slots: List[int], results: List[Optional[GenerationResult]]) -> None:
-        prepared = [self._sample_of(r) for r in reqs]
-        samples = [p[0] for p in prepared]
-        gen_kwargs = dict(prepared[0][1])
+    def run_batch(self, reqs: List[Instance]) -> List[GenerationResult]:
+        """Answer one batch. A document that cannot be prepared (or fails alone) gets an empty answer whose counts
+        carry `error`; the others run. If the batch fails as a whole, its documents run one by one."""
+        results: List[Optional[GenerationResult]] = [None] * len(reqs)
+        admitted: List[Tuple[int, Sample, Dict[str, Any]]] = []
+        for i, req in enumerate(reqs):
+            try:
+                sample, gen_kwargs, _ = self._sample_of(req)
+                admitted.append((i, self.engine.admit(sample), gen_kwargs))
+            except Exception as err:  # noqa: BLE001 - one bad document must not lose the run
+                results[i] = self._failed(req, err)
+        if admitted:
+            try:
+                answers = self._answer([a[1] for a in admitted], admitted[0][2])
+            except Exception:  # noqa: BLE001 - find the document(s) that fail alone
+                answers = []
+                for _, sample, gen_kwargs in admitted:
+                    try:
+                        answers += self._answer([sample], gen_kwargs)
+                    except Exception as err:  # noqa: BLE001
+                        answers.append(err)
+            for (i, _, _), answer in zip(admitted, answers):
+                results[i] = self._failed(reqs[i], answer) if isinstance(answer, Exception) else answer
+        for req, result in zip(reqs, results):
+            self.record(req, result)
+        return results  # type: ignore[return-value]
+
+    def _answer(self, samples: List[Sample], gen_kwargs: Dict[str, Any]) -> List[GenerationResult]:
+        gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         if self.args.max_new_tokens is not None:
             gen_kwargs["max_new_tokens"] = self.args.max_new_tokens
         started = time.perf_counter()
         token_ids, stats = self.engine.generate(samples, gen_kwargs)  # BatchOutput
-        seconds = (time.perf_counter() - started) / len(reqs)
+        self._seconds = (time.perf_counter() - started) / len(samples)
         tokenizer = self.engine.tokenizer
-        for req, slot, ids, st, (_, _, task) in zip(reqs, slots, token_ids, stats, prepared):
+        out = []
+        for ids, st in zip(token_ids, stats):
             text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), until).strip()
             counts = TokPruneTokenCounts(
                 input_tokens=int(st.llm_prefill_tokens),
                 output_tokens=st.output_tokens,
                 visual_tokens_in=st.visual_tokens_in,
                 visual_tokens_kept=st.visual_tokens_kept,
+                visual_tokens_equivalent=st.visual_tokens_equivalent,
                 llm_prefill_tokens=st.llm_prefill_tokens,
                 prefill_tflops=st.prefill_tflops,
+                config=self.args.digest,
+                method_args=self.args.method_args,
                 **st.latency,
             )
-            results[slot] = GenerationResult(text=text, token_counts=counts)
-            if not (req.metadata or {}).get("__padding_only__"):
-                self._records.append(
-                    SampleRecord(
-                        task, req.args[3], st.visual_tokens_in, st.visual_tokens_kept, st.llm_prefill_tokens, st.output_tokens,
-                        prefill_tflops=st.prefill_tflops, seconds=seconds, latency=dict(st.latency) or None,
-                    )
-                )
+            out.append(GenerationResult(text=text, token_counts=counts))
+        return out
+
+    def _failed(self, req: Instance, err: BaseException) -> GenerationResult:
+        """The answer of a document that was not run: empty text, counts carrying one line on what went wrong."""
+        task, doc_id = req.args[4], req.args[3]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        message = f"{task} doc {doc_id}: {first if isinstance(err, (ValueError, OSError)) else f'{type(err).__name__}: {first}'}"
+        logger.warning(f"{self.MODEL_ID}: not run: {message}")
+        return GenerationResult(text="", token_counts=TokPruneTokenCounts(config=self.args.digest, method_args=self.args.method_args,
+                                                                          error=message))
+
+    def record(self, req: Instance, result: GenerationResult, cached: bool = False) -> None:
+        """One document's counts for the run means (padding copies are skipped)."""
+        if (req.metadata or {}).get("__padding_only__"):
+            return
+        counts = result.token_counts if isinstance(result.token_counts, TokPruneTokenCounts) else TokPruneTokenCounts()
+        self._records.append(SampleRecord.of(req.args[4], req.args[3], counts, 0.0 if cached else self._seconds, cached))
 
     def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
         raise NotImplementedError(f"{self.MODEL_ID} supports generate_until tasks only (no loglikelihood / multiple-choice-by-likelihood tasks)")
@@ -168,6 +215,11 @@ class LlavaTokPrune(lmms):
         if self._rank == 0 and records:
             from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
+            failed = [r.error for r in records if r.error is not None]
+            if failed:
+                shown = "; ".join(failed[:10]) + (f"; ... ({len(failed) - 10} more)" if len(failed) > 10 else "")
+                logger.warning(f"{self.MODEL_ID}: {len(failed)} document(s) were not run (answered with an empty string, "
+                               f"`error` in their token_counts): {shown}")
             means = run_means(records)
             total_time = sum(r.seconds for r in records)
             total_out = sum(r.output_tokens for r in records)

@@ -14,6 +14,11 @@ import torch
 from ..methods import CompressedImage
 
 
+class DocumentError(ValueError):
+    """One document cannot be prepared (undecodable image, prompt longer than the LLM's context, ...): the
+    harness answers it with an empty string and goes on with the others."""
+
+
 @dataclass
 class Sample:
     """One request: the lmms-eval context (question), its images, and stable per-image keys."""
@@ -28,8 +33,9 @@ class SampleStats:
     """What one sample cost: token counts, FLOPs, latency and the method's own details."""
 
     visual_tokens_in: int
-    visual_tokens_kept: int
+    visual_tokens_kept: int  # visual tokens entering the last decoder layer
     llm_prefill_tokens: float  # layer-averaged when the LLM prunes inside
+    visual_tokens_equivalent: Optional[float] = None  # visual tokens per decoder layer, averaged over the layers (input counting)
     output_tokens: int = 0
     layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
     prefill_tflops: Optional[float] = None

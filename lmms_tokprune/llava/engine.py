@@ -15,8 +15,8 @@ from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
 from ..methods import BoundMethod, CompressedImage
 from .assemble import build_llm_inputs
-from .batch import BatchOutput, CompressResult, PreparedBatch, Sample, SampleStats
-from .images import ImagePreparer
+from .batch import BatchOutput, CompressResult, DocumentError, PreparedBatch, Sample, SampleStats
+from .images import ImagePreparer, check_complete, to_rgb
 from .prompts import IMAGE_PLACEHOLDER, build_prompt
 from .vision import as_vision_inputs, run_clip
 
@@ -101,6 +101,40 @@ class CompressedLlava:
             raise ValueError(f"tokenized prompt holds {found} image tokens for {len(sample.images)} images ({IMAGE_PLACEHOLDER!r} must be one token)")
         return ids
 
+    @property
+    def max_positions(self) -> int:
+        """The positions the LLM was trained for: a longer prompt is refused, not run."""
+        return int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 2**31)
+
+    def max_visual_tokens(self) -> int:
+        """Visual tokens one image can contribute at most: the budget, else all N patches."""
+        return self.method.budget or self.num_patches
+
+    def admit(self, sample: Sample) -> Sample:
+        """Check one document before it joins a batch; returns it with its images decoded to RGB.
+
+        DocumentError names what is wrong: an image that cannot be decoded (or only partly: truncated files),
+        a prompt whose placeholders do not match its images, or a prompt that needs more positions than the
+        LLM has even with the method's largest output (the budget, else N) per image.
+        """
+        images = []
+        for i, image in enumerate(sample.images):
+            try:
+                check_complete(image)
+                images.append(to_rgb(image))
+            except (ValueError, OSError) as err:
+                raise DocumentError(f"image {i}: {err}") from None
+        admitted = Sample(sample.context, images, list(sample.image_keys))
+        try:
+            ids = self.prompt_ids(admitted, self.prompt_text(admitted))
+        except ValueError as err:
+            raise DocumentError(str(err)) from None
+        need = len(ids) - len(images) + self.max_visual_tokens() * len(images)
+        if need > self.max_positions:
+            raise DocumentError(f"the prompt needs up to {need} positions ({len(images)} image(s) x {self.max_visual_tokens()} visual "
+                                f"tokens + {len(ids) - len(images)} text tokens); the LLM has {self.max_positions}")
+        return admitted
+
     def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
         """CLIP forward with capture, then the method on the captured states (float32)."""
         states = run_clip(
@@ -119,7 +153,10 @@ class CompressedLlava:
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()
-        outs = self.method(inputs)
+        if self.method.variant == "reference" and self.spec.reference_batch_one:  # the release sees one image per call
+            outs = [out for b in range(inputs.batch_size) for out in self.method(inputs.image(b))]
+        else:
+            outs = self.method(inputs)
         if clock is None:
             return CompressResult(outs)
         clock.mark()
@@ -153,9 +190,14 @@ class CompressedLlava:
             n = len(s.images)
             per_sample_feats.append(projected[start:start + n])
             per_sample_comp.append(compressed[start:start + n])
-            stats.append(SampleStats(visual_tokens_in=num_patches * n, visual_tokens_kept=sum(c.num_tokens for c in compressed[start:start + n]), llm_prefill_tokens=0.0))
+            kept = sum(c.num_tokens for c in compressed[start:start + n])
+            stats.append(SampleStats(visual_tokens_in=num_patches * n, visual_tokens_kept=kept, llm_prefill_tokens=0.0,
+                                     visual_tokens_equivalent=float(kept)))  # before the LLM: every layer sees the kept tokens
             start += n
         llm = build_llm_inputs(self.embed_tokens, ids, self.image_token_id, self.pad_token_id, per_sample_feats)
+        too_long = [b for b, n in enumerate(llm.lengths) if n > self.max_positions]
+        if too_long:  # the admission bound held for all but an unusual method output: the harness isolates the sample
+            raise DocumentError(f"sample {too_long[0]} of the batch has {llm.lengths[too_long[0]]} prompt positions; the LLM has {self.max_positions}")
         for st, length in zip(stats, llm.lengths):
             st.llm_prefill_tokens = float(length)
         return PreparedBatch(llm=llm, stats=stats, compressed=per_sample_comp, compress_ms=compress_ms)

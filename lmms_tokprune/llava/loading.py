@@ -27,6 +27,38 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def check_weight_files(folder: str, what: str) -> None:
+    """Every safetensors file of a local checkpoint folder has a readable header covering the file: a truncated
+    or garbage file is a ValueError naming the folder and the file (transformers' own error names neither)."""
+    from safetensors import safe_open
+
+    root = os.path.expanduser(folder)
+    if not os.path.isdir(root):
+        return  # a hub id: transformers resolves and reports it
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(os.path.join(root, name), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:  # SafetensorError, OSError
+            raise ValueError(f"{what}: {os.path.join(root, name)} is not a readable safetensors file ({first_line(err)}); "
+                             "the checkpoint folder is damaged (re-download or re-save it)") from None
+
+
+def check_tokenizer_files(folder: str, what: str) -> None:
+    root = os.path.expanduser(folder)
+    if os.path.isdir(root) and not any(os.path.isfile(os.path.join(root, n)) for n in TOKENIZER_FILES):
+        raise ValueError(f"{what}: the folder {root} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def check_checkpoint(pretrained: str) -> Any:
     """Load and check the config first, so a wrong path or a non-LLaVA model is one clear error."""
     from transformers import AutoConfig
@@ -73,14 +105,23 @@ def load_llava(
         raise ValueError(f"unknown image_backend {image_backend!r}; valid: {', '.join(IMAGE_BACKENDS)}")
     check_checkpoint(pretrained)
     path = os.path.expanduser(pretrained)
+    what = f"pretrained={pretrained!r}"
+    check_weight_files(path, what)
+    check_tokenizer_files(path, what)
     torch_dtype = resolve_dtype(dtype, device)
-    model, info = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
-    )
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{what}: cannot load the model weights from {path}: {first_line(err)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would silently initialise them at random
         raise ValueError(f"pretrained={pretrained!r} lacks {len(missing)} weight tensors (e.g. {missing[0]}); the checkpoint is incomplete")
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, backend=image_backend)
+    try:
+        processor = AutoProcessor.from_pretrained(path, backend=image_backend)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{what}: cannot load the processor (tokenizer + image processor) from {path}: {first_line(err)}") from None
     processor.tokenizer.padding_side = "left"
     return model, processor

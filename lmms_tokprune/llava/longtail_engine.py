@@ -155,6 +155,10 @@ class LongtailLlava(CompressedLlava):
         for row, st in enumerate(batch.stats):
             real_images = images[row, width - out.prompt_lengths[row]:]
             visual_kept = int(real_images[out.kept_positions[row]].sum())
+            entering = int(real_images.sum())  # visual tokens after stage 1, what layers < llm_layer compute on
+            layers = len(out.layer_lengths[row])
+            k = plan.llm_layer
+            st.visual_tokens_equivalent = (k * entering + (layers - k) * visual_kept) / layers
             st.visual_tokens_kept = visual_kept
             st.layer_lengths = out.layer_lengths[row]
             st.llm_prefill_tokens = float(sum(st.layer_lengths)) / len(st.layer_lengths)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from ..catalog import BOTH_VARIANTS
-from ..coerce import to_bool, to_int
+from ..coerce import is_none_word, to_bool, to_int
 from ..methods import BoundMethod, bind, get_method, method_names
-from .loading import ATTN_IMPLEMENTATIONS, IMAGE_BACKENDS
+from ..methods.registry import did_you_mean
+from .loading import ATTN_IMPLEMENTATIONS, DTYPES, IMAGE_BACKENDS
 from .prompts import PROMPT_STYLES
 
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
@@ -33,6 +34,10 @@ class Option:
 def coerce_option(opt: Option, value: Any) -> Any:
     """A raw value -> the option's type; ValueError("model_args key=value ...") naming the problem."""
     if value is None:
+        return None
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"model_args {opt.name}= is empty; give a value or leave the key out (default {opt.default!r})")
+    if opt.default is None and is_none_word(value):
         return None
     if opt.kind is bool:
         try:
@@ -65,7 +70,7 @@ ENGINE_OPTIONS: Tuple[Option, ...] = (
     Option("pad_to_square", bool, True),
     Option("text_encoder", str, DEFAULT_TEXT_ENCODER),
     Option("text_source", str, "question", TEXT_SOURCES),
-    Option("dtype", str, "auto"),
+    Option("dtype", str, "auto", ("auto",) + tuple(DTYPES)),
     Option("attn_implementation", str, "sdpa", ATTN_IMPLEMENTATIONS),
     Option("image_backend", str, "pil", IMAGE_BACKENDS),
     Option("device", str, None),
@@ -113,7 +118,8 @@ def engine_options(raw: Mapping[str, Any], preset: Optional[str] = None, owner: 
     for key in raw:
         if key not in common and key not in spec.params and key not in extra:
             valid = sorted(common | extra) + sorted(spec.params)
-            raise ValueError(f"unknown model_args key {key!r} for {owner} (method {method}); valid keys: {', '.join(valid)}")
+            raise ValueError(f"unknown model_args key {key!r} for {owner} (method {method}); valid keys: {', '.join(valid)}"
+                             f"{did_you_mean(key, valid)}")
     values = resolve_options(ENGINE_OPTIONS, {k: v for k, v in raw.items() if k in common})
     values.pop("method")
     variant = values.pop("variant")

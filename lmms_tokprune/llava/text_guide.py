@@ -115,6 +115,10 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
         raise ValueError(f"text_encoder folder {text_encoder!r} does not exist")
     from transformers import AutoConfig
 
+    from .loading import check_tokenizer_files, check_weight_files
+
+    check_weight_files(path, f"text_encoder={text_encoder!r}")
+    check_tokenizer_files(path, f"text_encoder={text_encoder!r}")
     try:
         config = AutoConfig.from_pretrained(path)
         if getattr(config, "model_type", None) != "clip":

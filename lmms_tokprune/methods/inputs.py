@@ -53,6 +53,13 @@ class VisionInputs:
         """[B, N, D] patch features without CLS: what LLaVA feeds its projector."""
         return self.hidden[:, 1:]
 
+    def image(self, b: int) -> "VisionInputs":
+        """Image b alone (a batch of one), every tensor sliced the same way."""
+        one = lambda t: None if t is None else t[b : b + 1]  # noqa: E731
+        keys = None if self.image_keys is None else [self.image_keys[b]]
+        return VisionInputs(one(self.hidden), one(self.q), one(self.k), one(self.last_hidden), one(self.text_embeds),
+                            self.visual_projection, image_keys=keys)
+
     def key_of(self, b: int) -> int:
         return int(self.image_keys[b]) if self.image_keys is not None else 0
 

@@ -54,7 +54,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .inputs import CompressedImage, VisionInputs
-from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
 from .signals import cls_attention
 
 ALPHA_MODES = ("expand", "scale", "offset", "none")
@@ -65,12 +65,6 @@ PAPER_ALPHA = 0.075
 PAPER_CLIP_LAYER = 3
 PAPER_HEAVY_RATIO = 0.5
 PAPER_RECENT_RATIO = 0.5
-
-
-def _non_negative(value: Any) -> Optional[str]:
-    if value is None or not isinstance(value, (int, float)) or math.isnan(float(value)) or math.isinf(float(value)) or value < 0:
-        return "must be a finite number >= 0"
-    return None
 
 
 def _non_negative_int(value: Any) -> Optional[str]:
@@ -183,7 +177,7 @@ def _longtail(inp: VisionInputs, variant: str, **params: Any) -> List[Compressed
 
 
 PARAMS = {
-    "alpha": Param(PAPER_ALPHA, float, "smoothing coefficient alpha applied to the split point i* (paper: 0.075)", _non_negative),
+    "alpha": Param(PAPER_ALPHA, float, "smoothing coefficient alpha applied to the split point i* (paper: 0.075)", non_negative),
     "alpha_mode": Param(
         "expand",
         str,
@@ -202,8 +196,8 @@ PARAMS = {
         "(paper: 'added after the third layer of the CLIP visual encoder' -> 3)",
         positive_int,
     ),
-    "heavy_ratio": Param(PAPER_HEAVY_RATIO, float, "H2O heavy-hitter budget N = int(heavy_ratio * base) (paper: 0.5)", _non_negative),
-    "recent_ratio": Param(PAPER_RECENT_RATIO, float, "H2O recent window M = int(recent_ratio * base), at least 1 (paper: 0.5)", _non_negative),
+    "heavy_ratio": Param(PAPER_HEAVY_RATIO, float, "H2O heavy-hitter budget N = int(heavy_ratio * base) (paper: 0.5)", non_negative),
+    "recent_ratio": Param(PAPER_RECENT_RATIO, float, "H2O recent window M = int(recent_ratio * base), at least 1 (paper: 0.5)", non_negative),
     "budget_base": Param(
         "visual",
         str,

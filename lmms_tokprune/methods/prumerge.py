@@ -48,7 +48,7 @@ import torch
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
-from .registry import BUDGET, RATIO, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
 from .signals import cls_attention
 
 REFERENCE_RATIO = 1.0 / 8.0  # the released default reduction_ratio when adaptive is off
@@ -62,10 +62,6 @@ class Selection:
     kept: list[int]  # per image: leading top-attention centres
     spatial: list[int]  # per image: stride-sampled centres after them
     pool: torch.Tensor | None = None  # [B, N] bool; None = every patch takes part
-
-
-def _non_negative(value: object) -> str | None:
-    return None if value is not None and float(value) >= 0.0 else "must be >= 0"
 
 
 def descending(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
@@ -331,7 +327,7 @@ def _params() -> dict:
         "ratio": Param(
             None, float, f"fraction of the N patches kept as top-k when adaptive=false (default {REFERENCE_RATIO})", RATIO.check
         ),
-        "whisker": Param(1.5, float, "IQR fence multiplier: outlier if a > Q3 + whisker * (Q3 - Q1)", _non_negative),
+        "whisker": Param(1.5, float, "IQR fence multiplier: outlier if a > Q3 + whisker * (Q3 - Q1)", non_negative),
         "num_neighbors": Param(32, int, "kNN size: patches merged into each centre (key cosine)", positive_int),
         "budget": BUDGET,
     }
@@ -353,5 +349,6 @@ register(
         "PruMerge+: PruMerge plus 1-D raster stride samples as extra centres",
         params=_params(),
         needs=frozenset({"qk"}),
+        reference_batch_one=True,
     )
 )

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from . import outliers
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
-from .registry import BUDGET, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, MethodSpec, Param, non_negative, positive_int, register
 from .signals import cls_attention
 
 
@@ -310,10 +310,11 @@ register(
             "lof_k_text": Param(20, int, "LOF n_neighbors for the text-similarity outlier fraction", positive_int),
             "lof_k_merge": Param(10, int, "LOF n_neighbors for the secondary-recovery (centre) fraction", positive_int),
             "num_neighbors": Param(32, int, "kNN size: patches merged into each secondary centre", positive_int),
-            "text_weight": Param(50.0, float, "weight of the text score in the merge score (key cosine + w * s)"),
+            "text_weight": Param(50.0, float, "weight of the text score in the merge score (key cosine + w * s), >= 0", non_negative),
             "budget": BUDGET,
             "ratio": Param(None, float, "not supported (the count is adaptive); use budget or the lof_k_* parameters", _no_ratio),
         },
         needs=frozenset({"qk", "last_hidden", "text"}),
+        reference_batch_one=True,
     )
 )

@@ -8,6 +8,7 @@ budget is a `ValueError` naming the problem instead of a crash deep inside torch
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from types import MappingProxyType
@@ -49,6 +50,9 @@ class MethodSpec:
     doc: str
     params: Mapping[str, Param] = field(default_factory=dict)
     needs: frozenset = frozenset()  # subset of {"qk", "last_hidden", "text"}
+    # The released code compresses one image per call and crashes on more: reference runs image by image
+    # (a multi-image document too) and a harness batch > 1 is refused at load time.
+    reference_batch_one: bool = False
 
     @property
     def stage(self) -> str:
@@ -115,13 +119,35 @@ def get_method(name: str) -> MethodSpec:
 
 
 def coerce_param(method: str, key: str, param: Param, value: Any) -> Any:
-    """Turn a string/number from model_args or YAML into the parameter's type, strictly."""
+    """Turn a string/number from model_args or YAML into the parameter's type, strictly.
+
+    An empty value is an error; `none` means None only where the parameter's default is None (floats must also
+    be finite: resolve_params checks that after the parameter's own range check).
+    """
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{method}: parameter {key!r} is empty; give a value or leave the key out (default {param.default!r})")
     if is_none_word(value):
+        if param.default is not None:
+            raise ValueError(f"{method}: parameter {key!r} must be of type {param.kind.__name__}, got {value!r} "
+                             f"(none is only allowed where the default is none; default {param.default!r})")
         return None
     try:
         return to_kind(param.kind, value)
     except ValueError:
         raise ValueError(f"{method}: parameter {key!r} must be of type {param.kind.__name__}, got {value!r}") from None
+
+
+def did_you_mean(key: str, valid: Any) -> str:
+    """' (did you mean 'budget'?)' for a near miss, else ''."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def non_negative(value: Any) -> Optional[str]:
+    """A finite number >= 0 (None passes: only parameters whose default is None can be None)."""
+    if value is None:
+        return None
+    return None if isinstance(value, (int, float)) and math.isfinite(float(value)) and value >= 0 else "must be a finite number >= 0"
 
 
 def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[str, Any]:
@@ -135,13 +161,16 @@ def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[s
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         valid = ", ".join(spec.params) or "(none)"
-        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid}")
+        hints = "".join(did_you_mean(k, spec.params) for k in unknown)
+        raise ValueError(f"{method}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid}{hints}")
     resolved: Dict[str, Any] = {}
     for key, param in spec.params.items():
         value = coerce_param(method, key, param, params[key]) if key in params else param.default
         if param.choices is not None and value not in param.choices:
             raise ValueError(f"{method}: parameter {key!r}={value!r} is not one of {', '.join(map(str, param.choices))}")
         problem = param.check(value)
+        if not problem and isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number"
         if problem:
             raise ValueError(f"{method}: parameter {key!r}={value!r} {problem}")
         resolved[key] = value

@@ -127,6 +127,11 @@ def _config_file_args(path: str) -> Tuple[Dict[str, str], Optional[str]]:
     return _parse_args(data.get("model_args", "")), data.get("model")
 
 
+def _setting(value: Optional[str]) -> Optional[str]:
+    """A budget / ratio label: `none` (allowed where the default is none) is no setting."""
+    return None if value is None or value.strip().lower() in ("", "none", "null") else value
+
+
 def _number(value: Any) -> Optional[float]:
     if isinstance(value, bool):
         return None
@@ -169,9 +174,25 @@ def _run_dir_of(results_file: Path, data: Mapping[str, Any]) -> Path:
     return parent
 
 
-def find_results(paths: Sequence[os.PathLike]) -> Dict[Path, Tuple[Path, Dict[str, Any]]]:
-    """run folder -> (newest results file, its JSON), over everything below `paths`."""
-    found: Dict[Path, Tuple[Path, Dict[str, Any]]] = {}
+@dataclass
+class Found:
+    """The results files to report (one per run) and a named warning for every file that cannot be."""
+
+    entries: List[Tuple[Path, Path, Dict[str, Any]]]  # (run folder, results file, its JSON)
+    warnings: List[str] = field(default_factory=list)
+
+
+def _identity(run_dir: Path, data: Mapping[str, Any]) -> Tuple[str, str, str, str]:
+    """Two results files are the same run when folder, model, model_args and limit agree (a rerun: the newest
+    is reported); different model args in one folder are two runs."""
+    config = data.get("config") or {}
+    return str(run_dir), str(config.get("model")), str(config.get("model_args")), str(config.get("limit"))
+
+
+def find_results(paths: Sequence[os.PathLike]) -> Found:
+    """Every *_results.json below `paths`: one entry per run (newest file of a rerun), a warning per unreadable file."""
+    newest: Dict[Tuple[str, str, str, str], Tuple[Path, Path, Dict[str, Any]]] = {}
+    warnings: List[str] = []
     for raw in paths:
         root = Path(raw)
         if not root.exists():
@@ -180,17 +201,37 @@ def find_results(paths: Sequence[os.PathLike]) -> Dict[Path, Tuple[Path, Dict[st
         for results_file in files:
             try:
                 data = json.loads(results_file.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError) as err:
+                warnings.append(f"skipped {results_file}: not a complete results JSON ({str(err).splitlines()[0]})")
                 continue
-            if not isinstance(data, dict) or "results" not in data:
+            if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+                warnings.append(f"skipped {results_file}: no 'results' mapping (not an lmms-eval results file)")
                 continue
             run_dir = _run_dir_of(results_file.resolve(), data)
-            key = (results_file.name, results_file.stat().st_mtime)
-            if run_dir not in found or key > (found[run_dir][0].name, found[run_dir][0].stat().st_mtime):
-                found[run_dir] = (results_file.resolve(), data)
-    if not found:
-        raise ValueError(f"no lmms-eval *_results.json found under {', '.join(map(str, paths))}")
-    return found
+            key = _identity(run_dir, data)
+            stamp = (results_file.name, results_file.stat().st_mtime)
+            if key not in newest or stamp > (newest[key][1].name, newest[key][1].stat().st_mtime):
+                newest[key] = (run_dir, results_file.resolve(), data)
+    if not newest:
+        detail = ("; " + "; ".join(warnings)) if warnings else ""
+        raise ValueError(f"no lmms-eval *_results.json found under {', '.join(map(str, paths))}{detail}")
+    return Found(list(newest.values()), warnings)
+
+
+def resolved_method_args(results_file: Path) -> Optional[Dict[str, str]]:
+    """The resolved method of a run as its own samples recorded it (`token_counts[0].method_args`), or None."""
+    stamp = results_file.name[: -len("_results.json")]
+    for samples in sorted(results_file.parent.glob(f"{stamp}_samples_*.jsonl")):
+        try:
+            with open(samples) as fh:
+                for line in fh:
+                    counts = (json.loads(line).get("token_counts") or [None])[0] or {}
+                    if counts.get("method_args"):
+                        return _parse_args(counts["method_args"])
+                    break
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _flops_config(pretrained: Optional[str]) -> Any:
@@ -212,13 +253,20 @@ def _flops_config(pretrained: Optional[str]) -> Any:
         return None
 
 
-def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics: Optional[Mapping[str, str]] = None) -> RunRow:
+def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics: Optional[Mapping[str, str]] = None,
+             warnings: Optional[List[str]] = None) -> RunRow:
     config = data.get("config") or {}
     model = str(config.get("model") or data.get("model_name") or "?")
     args = _parse_args(config.get("model_args", ""))
-    if "config" in args:
+    resolved = resolved_method_args(results_file)
+    if resolved is not None:  # what the run itself resolved (a config file may have changed since)
+        args = {**{k: v for k, v in args.items() if k not in ("budget", "ratio")}, **resolved}
+    elif "config" in args:
         from_file, _ = _config_file_args(args["config"])
         args = {**from_file, **args}
+        if warnings is not None:
+            warnings.append(f"{run_dir.name}: labelled from the current contents of {args['config']} (the run logged no samples "
+                            "with its resolved method)")
     method = args.get("method") or PRESET_METHODS.get(model) or (BASELINE_METHOD if model == GENERIC_MODEL_ID else model)
     if model not in TOKPRUNE_MODELS:
         variant = "-"
@@ -228,7 +276,8 @@ def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics
         variant = "fixed" if method in VARIANT_METHODS else "-"
     row = RunRow(
         name=run_dir.name, run_dir=run_dir, results_file=results_file, group=run_dir.parent, model=model, model_args=args,
-        method=method, variant=variant, budget=args.get("budget"), ratio=args.get("ratio"), limit=_number(config.get("limit")),
+        method=method, variant=variant, budget=_setting(args.get("budget")), ratio=_setting(args.get("ratio")),
+        limit=_number(config.get("limit")),
     )
     for task, task_results in (data.get("results") or {}).items():
         if isinstance(task_results, Mapping):
@@ -290,23 +339,34 @@ def _task_columns(rows: Sequence[RunRow]) -> List[Tuple[str, str]]:
     return cols
 
 
-def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]] = None,
-               baseline: Optional[str] = None) -> Tuple[List[RunRow], bool]:
-    """The rows (baselines first, then best relative score first) and whether a baseline run was found."""
-    found = find_results(paths)
-    rows = [read_run(run_dir, f, data, metrics) for run_dir, (f, data) in found.items()]
-    for task, metric in (metrics or {}).items():  # a typo in --metric is an error, not an empty column
-        if not any(task in r.scores for r in rows):
-            available = sorted({m.split(",", 1)[0] for _, (f, d) in found.items() for m in (d.get("results") or {}).get(task, {})
-                                if "," in m and "_stderr" not in m})
-            if available:
-                raise ValueError(f"--metric {task}={metric}: no run has it; {task} metrics: {', '.join(available)}")
+def _qualify(rows: List[RunRow], name_of) -> None:
+    """Rows sharing a name get `name_of(row)` in front of (or after) it, until names are unique."""
     names: Dict[str, int] = {}
     for row in rows:
         names[row.name] = names.get(row.name, 0) + 1
-    for row in rows:  # the same run name in two sweeps: qualify with the sweep folder
+    for row in rows:
         if names[row.name] > 1:
-            row.name = f"{row.group.name}/{row.name}"
+            row.name = name_of(row)
+
+
+def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]] = None,
+               baseline: Optional[str] = None, warnings: Optional[List[str]] = None) -> Tuple[List[RunRow], bool]:
+    """The rows (baselines first, then best relative score first) and whether a baseline run was found.
+    Files that cannot be rows, and labels that could not be read from the run itself, go to `warnings`."""
+    found = find_results(paths)
+    notes = warnings if warnings is not None else []
+    notes.extend(found.warnings)
+    rows = [read_run(run_dir, f, data, metrics, notes) for run_dir, f, data in found.entries]
+    for task, metric in (metrics or {}).items():  # a typo in --metric is an error, not an empty column
+        if not any(task in r.scores for r in rows):
+            available = sorted({m.split(",", 1)[0] for _, f, d in found.entries for m in (d.get("results") or {}).get(task, {})
+                                if "," in m and "_stderr" not in m})
+            if available:
+                raise ValueError(f"--metric {task}={metric}: no run has it; {task} metrics: {', '.join(available)}")
+    # several runs in one output folder: told apart by what they ran; the same run name in two sweeps: by the sweep folder
+    _qualify(rows, lambda r: f"{r.name}/{r.method}" + ("" if r.setting in ("all", "default") else f"-{r.setting.replace(' ', '')}"))
+    _qualify(rows, lambda r: f"{r.name}/{r.results_file.name[: -len('_results.json')]}")
+    _qualify(rows, lambda r: f"{r.group.name}/{r.name}")
     has_baseline = _relative(rows, baseline)
     rows.sort(key=lambda r: (not (r.is_baseline or r.name == baseline),
                              -(r.relative_pct if r.relative_pct is not None else -math.inf), r.name))
@@ -431,12 +491,15 @@ def pareto_plot(rows: Sequence[RunRow], path: Path, has_baseline: bool) -> None:
 
 def write_leaderboard(paths: Sequence[os.PathLike], out_dir: os.PathLike, metrics: Optional[Mapping[str, str]] = None,
                       baseline: Optional[str] = None) -> Dict[str, Any]:
-    """Write leaderboard.md, leaderboard.csv and pareto.png into out_dir; returns their paths and the rows."""
-    rows, has_baseline = build_rows(paths, metrics, baseline)
+    """Write leaderboard.md, leaderboard.csv and pareto.png into out_dir; returns their paths, the rows and the warnings."""
+    warnings: List[str] = []
+    rows, has_baseline = build_rows(paths, metrics, baseline, warnings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path, png_path = out / "leaderboard.md", out / "leaderboard.csv", out / "pareto.png"
     md = markdown_table(rows, has_baseline)
+    if warnings:
+        md += "\n" + "\n".join(f"warning: {w}" for w in warnings) + "\n"
     md_path.write_text("# Leaderboard\n\n" + md)
     header, records = csv_rows(rows)
     with open(csv_path, "w", newline="") as fh:
@@ -444,7 +507,7 @@ def write_leaderboard(paths: Sequence[os.PathLike], out_dir: os.PathLike, metric
         writer.writeheader()
         writer.writerows(records)
     pareto_plot(rows, png_path, has_baseline)
-    return {"markdown": md_path, "csv": csv_path, "png": png_path, "rows": rows, "table": md}
+    return {"markdown": md_path, "csv": csv_path, "png": png_path, "rows": rows, "table": md, "warnings": warnings}
 
 
 def parse_metric_overrides(items: Optional[Sequence[str]]) -> Dict[str, str]:

@@ -68,19 +68,39 @@ def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: 
     return out_path
 
 
+def open_image(path: str) -> Image.Image:
+    """The image to map, fully decoded (a missing, unreadable or truncated file is one ValueError)."""
+    from PIL import ImageFile, UnidentifiedImageError
+
+    from ..llava.images import to_rgb
+
+    if not Path(path).is_file():
+        raise ValueError(f"--image {path!r} does not exist")
+    strict = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # lmms-eval turns it on globally; a map of a half-decoded image would lie
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im.copy())
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"--image {path!r} cannot be read as an image: {err}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = strict
+
+
 def visualize(pretrained: str, image_path: str, question: str, methods: Sequence[str], out_dir: str,
               params: Optional[Dict[str, Dict[str, Any]]] = None, text_encoder: Optional[str] = None, variant: str = "fixed") -> List[Path]:
     """One PNG per method for `image_path` + `question`, using the checkpoint's own CLIP states, and beside it
     `<method>.json`: the role of every patch (-1 dropped, else kept / recovered / merged / extra codes)."""
-    from ..llava.images import expand_to_square, to_rgb
+    from ..llava.images import expand_to_square
     from ..llava.opener import default_device, open_engine
     from ..llava.options import engine_options
     from ..llava.prompts import llava_v1_prompt
 
     common = {"pretrained": pretrained, "variant": variant, **({"text_encoder": text_encoder} if text_encoder else {})}
     configs = [engine_options({**common, "method": m, **(params or {}).get(m, {})}) for m in methods]  # all errors before loading
+    image = open_image(image_path)
     device = default_device(configs[0]) if configs else torch.device("cpu")
-    image = to_rgb(Image.open(image_path))
     model = processor = guide = None
     outputs = []
     for options in configs:

@@ -31,3 +31,28 @@ def test_compress_only_bench_times_every_method_and_variant(capsys):
     assert {(r["method"], r["variant"]) for r in rows} == {("topk_cls", "fixed"), ("topk_cls", "reference"), ("prumerge", "fixed"), ("prumerge", "reference")}
     for r in rows:
         assert r["tokens"] == 64 and 0 < r["ms_per_image_best"] <= r["ms_per_image_median"]
+
+
+def test_bench_bad_numbers_fail_before_any_work(capsys):
+    import pytest
+
+    for argv, message in [
+        (["--images", "0"], "--images: must be an integer >= 1, got 0"),
+        (["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
+        (["--budget", "0"], "--budget: must be an integer >= 1, got 0"),
+        (["--methods", "none,topk_cls", "--param", "spatial:budget=8"], "which is not in --methods"),
+    ]:
+        try:
+            code = main(["bench", "--preset", "tiny"] + argv)
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_bench_budget_out_of_range_is_rejected_before_the_model_is_built(capsys, monkeypatch):
+    import lmms_tokprune.bench.llava_bench as bench
+
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
+    assert main(["bench", "--preset", "tiny", "--methods", "none,topk_cls", "--param", "topk_cls:ratio=2"]) == 2
+    assert "must be in (0, 1]" in capsys.readouterr().err

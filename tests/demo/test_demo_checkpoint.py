@@ -92,6 +92,15 @@ def test_demo_cli_rejects_a_bad_budget_list():
         main(["demo", "--budget", "64,abc"])
 
 
+@pytest.mark.parametrize("argv", [["--limit", "-1"], ["--batch-size", "0"]])
+def test_demo_cli_rejects_negative_limits_and_empty_batches(argv, capsys):
+    from lmms_tokprune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo"] + argv)
+    assert exit_.value.code == 2 and "must be an integer >=" in capsys.readouterr().err
+
+
 def test_eval_demo_table_and_plot(tmp_path):
     """The README table and the Pareto plot are made from EVAL.json rows (the shipped file itself)."""
     from lmms_tokprune.demo.evaluate import markdown_table, pareto_plot

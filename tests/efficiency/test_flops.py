@@ -159,3 +159,11 @@ def test_cli_flops_json(capsys):
     assert json.loads(capsys.readouterr().out)["prefill_tflops"] == pytest.approx(1.5, rel=0.03)
     assert main(["flops", "--preset", "nope"]) == 2
     assert "valid presets" in capsys.readouterr().err
+
+
+def test_cli_flops_refuses_a_checkpoint_that_is_not_llava(tiny_clip, tiny_llava, capsys):
+    """A CLIP folder has a config.json too: refused as the model loader refuses it, not counted as a LLaVA."""
+    assert main(["flops", "--pretrained", str(tiny_clip), "--visual-tokens", "64"]) == 2
+    assert "is a 'clip' checkpoint; FLOPs are computed for LLaVA-1.5" in capsys.readouterr().err
+    assert main(["flops", "--pretrained", str(tiny_llava), "--visual-tokens", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["llm_layers"] == 2

@@ -90,3 +90,74 @@ def test_missing_and_non_llava_checkpoints(tmp_path):
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="'bert' checkpoint; lmms_tokprune needs a LLaVA-1.5 checkpoint"):
         check_checkpoint(str(tmp_path / "bert"))
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"method": "topk_cls", "budget": ""}, "'budget' is empty"),
+        ({"method": "prumerge", "adaptive": "none"}, "'adaptive' must be of type bool, got 'none' \\(none is only allowed where the default is none"),
+        ({"method": "recover", "text_weight": "nan"}, "'text_weight'=nan must be a finite number"),
+        ({"method": "recover", "text_weight": "inf"}, "'text_weight'=inf must be a finite number"),
+        ({"method": "longtail", "alpha": "-inf"}, "'alpha'=-inf must be a finite number"),
+        ({"method": "recover", "text_weight": -1.0}, "'text_weight'=-1.0 must be a finite number >= 0"),
+        ({"method": "prumerge", "num_neighbors": "none"}, "'num_neighbors' must be of type int, got 'none'"),
+        ({"method": "random", "seed": "none"}, "'seed' must be of type int, got 'none'"),
+        ({"method": "longtail", "clip_layer": "none"}, "'clip_layer' must be of type int, got 'none'"),
+        ({"method": "topk_cls", "budgte": 64}, "unknown model_args key 'budgte' .*\\(did you mean 'budget'\\?\\)"),
+        ({"method": "topk_cls", "pretraind": "/x"}, "did you mean 'pretrained'"),
+        ({"pretrained": ""}, "pretrained= is empty"),
+        ({"dtype": "fp8"}, "dtype='fp8' is not valid; choose one of auto, float32"),
+    ],
+)
+def test_parameters_are_strict_at_load_time(raw, message):
+    """Empty values, `none` where the default is not none, non-finite or negative floats and typos: one error each."""
+    with pytest.raises(ValueError, match=message):
+        parse_model_args("llava_tokprune", raw)
+
+
+def test_none_is_accepted_only_where_the_default_is_none():
+    assert parse_model_args("llava_tokprune", {"method": "topk_cls", "budget": "none"}).engine.method.budget is None
+    assert parse_model_args("llava_tokprune", {"max_new_tokens": "none"}).max_new_tokens is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_tokenizer"])
+def test_damaged_checkpoints_name_the_folder_and_the_file(tiny_llava, tmp_path, damage):
+    import shutil
+
+    import torch
+
+    from lmms_tokprune.llava.loading import load_llava
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava, ckpt)
+    weights = ckpt / "model.safetensors"
+    if damage == "truncate":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        message = f"{weights} is not a readable safetensors file"
+    elif damage == "garbage":
+        weights.write_bytes(b"this is not a safetensors file")
+        message = f"{weights} is not a readable safetensors file"
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (ckpt / name).unlink()
+        message = f"the folder {ckpt} has no tokenizer"
+    with pytest.raises(ValueError, match=message.replace(".", "\\.")):
+        load_llava(str(ckpt), torch.device("cpu"))
+
+
+def test_damaged_text_encoder_names_the_file(tiny_llava, tiny_clip, tmp_path):
+    import shutil
+
+    import torch
+
+    from lmms_tokprune.llava.loading import load_llava
+    from lmms_tokprune.llava.text_guide import load_text_guide
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip, clip)
+    (clip / "model.safetensors").write_bytes(b"\x00" * 100)
+    model, _ = load_llava(str(tiny_llava), torch.device("cpu"))
+    with pytest.raises(ValueError, match=f"text_encoder=.*{clip}/model.safetensors is not a readable safetensors file"):
+        load_text_guide(str(clip), model, torch.device("cpu"))

@@ -52,6 +52,11 @@ if args["model"] == "fake_silent":
     print("Error during evaluation: pretrained folder does not exist")
     sys.exit(0)
 model_args = dict(kv.split("=", 1) for kv in args.get("model_args", "").split(",") if "=" in kv)
+if "sleep" in model_args:  # a long run: record the pid, then wait to be stopped
+    with open(os.environ["FAKE_PIDS"], "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    import time as _t
+    _t.sleep(float(model_args["sleep"]))
 score = float(model_args.get("score", 0.5))
 tasks = args["tasks"].split(",")
 out = os.path.join(args["output_path"], "fake__model")
@@ -62,7 +67,8 @@ data = {
     "group_subtasks": {t: [] for t in tasks},
     "config": {"model": args["model"], "model_args": args["model_args"], "limit": float(args["limit"]) if "limit" in args else None},
     "throughput": {"avg_visual_tokens_kept": float(model_args.get("kept", 576)), "avg_visual_tokens_in": 576.0,
-                   "avg_llm_prefill_tokens": float(model_args.get("kept", 576)) + 60},
+                   "avg_llm_prefill_tokens": float(model_args.get("kept", 576)) + 60,
+                   **({"avg_failed_docs": float(model_args["failed"])} if "failed" in model_args else {})},
     "model_name_sanitized": "fake__model",
 }
 with open(os.path.join(out, stamp + "_results.json"), "w") as fh:
@@ -443,7 +449,7 @@ def test_sweep_end_to_end_real_lmms_eval(tiny_llava, tmp_path, capsys, monkeypat
     def no_launch(*args, **kwargs):
         raise AssertionError("a finished run was launched again")
 
-    monkeypatch.setattr(sweep_module.subprocess, "run", no_launch)
+    monkeypatch.setattr(sweep_module.subprocess, "Popen", no_launch)
     assert main(["sweep", str(path), "--only", "none,topk_cls-b64"]) == 0
     text = capsys.readouterr().out
     assert "[skip] none: already finished" in text and "[skip] topk_cls-b64: already finished" in text
@@ -494,3 +500,100 @@ def test_sweep_with_two_include_paths_runs_a_task_of_the_second(tiny_llava, tmp_
     (results,) = list((tmp_path / "out" / "spatial").rglob("*_results.json"))
     data = json.loads(results.read_text())
     assert data["throughput"]["avg_visual_tokens_kept"] == 16 and "tokprune_smoke" in data["results"]
+
+
+def test_runs_with_failed_documents_fail_unless_allowed(tmp_path, fake_launcher, capsys):
+    launcher, calls = fake_launcher
+    path = write_sweep(tmp_path, {"model": "fake_ok", "tasks": "t1", "output_dir": "out", "launcher": launcher,
+                                  "runs": [{"name": "strict", "model_args": {"failed": 2}},
+                                           {"name": "lenient", "model_args": {"failed": 2}, "allow_failed_docs": True},
+                                           {"name": "clean"}]})
+    assert main(["sweep", str(path)]) == 1
+    text = capsys.readouterr().out
+    assert "[FAIL] strict" in text and "2 document(s) were not run" in text and "allow_failed_docs: true" in text
+    assert "[ok  ] lenient" in text and "[ok  ] clean" in text and "1 FAILED: strict" in text
+    assert main(["sweep", str(path)]) == 1 and calls() == 4  # the failed run is retried, the others are finished
+    with pytest.raises(ValueError, match="allow_failed_docs must be true or false"):
+        load_sweep(write_sweep(tmp_path, {"model": "m", "tasks": "t", "output_dir": "o", "allow_failed_docs": "yes", "runs": [{"name": "a"}]}, "b.yaml"))
+
+
+def test_a_second_sweep_leaves_a_locked_run_folder_alone(tmp_path, fake_launcher, capsys):
+    import fcntl
+
+    launcher, calls = fake_launcher
+    path = write_sweep(tmp_path, {"model": "fake_ok", "tasks": "t1", "output_dir": "out", "launcher": launcher,
+                                  "runs": [{"name": "a"}, {"name": "b"}]})
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / "run.log").write_text("the other sweep's log\n")
+    with open(tmp_path / "out" / "a" / ".sweep.lock", "w") as held:  # another sweep is running run a
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["sweep", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "[busy] a: another sweep is running it" in text and "[ok  ] b" in text and "1 left to another sweep: a" in text
+    assert calls() == 1 and (tmp_path / "out" / "a" / "run.log").read_text() == "the other sweep's log\n"
+
+
+def test_sigterm_to_the_sweep_stops_its_lmms_eval_child(tmp_path, fake_launcher, monkeypatch):
+    import signal
+    import subprocess
+    import time
+
+    launcher, _ = fake_launcher
+    pids = tmp_path / "pids.txt"
+    monkeypatch.setenv("FAKE_PIDS", str(pids))
+    path = write_sweep(tmp_path, {"model": "fake_ok", "tasks": "t1", "output_dir": "out", "launcher": launcher,
+                                  "runs": [{"name": "long", "model_args": {"sleep": 120}}, {"name": "next"}]})
+    sweep = subprocess.Popen([sys.executable, "-m", "lmms_tokprune.cli", "sweep", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (pids.exists() and pids.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pids.read_text().split()[0])
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=60)
+    assert sweep.returncode == 128 + signal.SIGTERM, out
+    assert "[stop] SIGTERM while 'long' was running: it was stopped" in out and "[run ] next" not in out
+    time.sleep(0.2)
+    try:
+        os.kill(child, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the lmms-eval child outlived the sweep"
+    assert not list((tmp_path / "out").rglob("*_results.json"))
+
+
+def test_every_results_file_is_a_row_or_a_named_warning(tmp_path, capsys):
+    """README's first example writes two runs to one --output_path: both are rows (told apart by their model args),
+    the uncompressed one is the baseline; a truncated results file is a warning, not a silently missing run."""
+    logs = tmp_path / "logs"
+    write_results(logs, "llava_tokprune", "pretrained=x,method=none", {"pope": {"pope_accuracy": 0.8}}, kept=576, stamp="20250101_000000")
+    write_results(logs, "llava_tokprune", "pretrained=x,method=topk_cls,budget=64", {"pope": {"pope_accuracy": 0.6}}, kept=64,
+                  stamp="20250101_000100")
+    broken = write_results(tmp_path / "other", "llava_tokprune", "pretrained=x,method=spatial,budget=64", {"pope": {"pope_accuracy": 0.7}},
+                           kept=64)
+    broken.write_text(broken.read_text()[:40])
+    assert main(["leaderboard", str(logs), str(tmp_path / "other"), "--out", str(tmp_path / "board")]) == 0
+    captured = capsys.readouterr()
+    with open(tmp_path / "board" / "leaderboard.csv") as fh:
+        records = {r["run"]: r for r in csv.DictReader(fh)}
+    assert set(records) == {"logs/none", "logs/topk_cls-budget64"}
+    assert records["logs/topk_cls-budget64"]["baseline"] == "logs/none"
+    assert float(records["logs/topk_cls-budget64"]["relative_score_pct"]) == pytest.approx(75.0)
+    assert f"warning: skipped {broken}: not a complete results JSON" in captured.err
+    assert f"skipped {broken}" in (tmp_path / "board" / "leaderboard.md").read_text()
+
+
+def test_labels_come_from_what_the_run_resolved_not_from_the_config_file_now(tmp_path):
+    """config=my.yaml edited after the run (budget 64 -> 8): the row says what the run used, read from its samples."""
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("model: llava_tokprune\nmodel_args: pretrained=x,method=topk_cls,budget=8\n")
+    results = write_results(tmp_path / "runs" / "mine", "llava_tokprune", f"config={cfg}", {"pope": {"pope_accuracy": 0.6}}, kept=64)
+    samples = results.parent / "20250101_000000_samples_pope.jsonl"
+    samples.write_text(json.dumps({"doc_id": 0, "token_counts": [{"visual_tokens_kept": 64, "method_args": "method=topk_cls,variant=fixed,budget=64"}]}) + "\n")
+    rows, _ = build_rows([tmp_path / "runs"])
+    assert (rows[0].method, rows[0].budget, rows[0].setting) == ("topk_cls", "64", "budget 64")
+    samples.unlink()
+    warnings: list = []
+    rows, _ = build_rows([tmp_path / "runs"], warnings=warnings)
+    assert rows[0].budget == "8" and "labelled from the current contents of" in warnings[0]

@@ -58,3 +58,22 @@ def test_visualize_maps_exactly_what_the_method_keeps(tiny_llava, tmp_path):
     for method in ("topk_cls", "spatial"):
         png = Image.open(tmp_path / "maps" / f"{method}.png")
         assert png.size[0] > 200 and np.asarray(png).std() > 0
+
+
+def test_visualize_bad_input_is_one_line_before_any_work(tiny_llava, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(good)
+    broken.write_bytes(good.read_bytes()[:60])  # a truncated PNG
+    (tmp_path / "text.png").write_text("not an image")
+    cases = [
+        (["--image", str(tmp_path / "missing.png")], "does not exist"),
+        (["--image", str(broken)], "cannot be read as an image"),
+        (["--image", str(tmp_path / "text.png")], "cannot be read as an image"),
+        (["--image", str(good), "--param", "prumerge:budget=8"], "is for method 'prumerge', which is not in --methods"),
+    ]
+    for extra, message in cases:
+        code = main(["visualize", "--pretrained", str(tiny_llava), "--methods", "topk_cls", "--out", str(tmp_path / "maps")] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert err.count("\n") == 1
