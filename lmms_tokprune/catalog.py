@@ -13,13 +13,15 @@ from typing import Dict, Optional, Tuple
 
 # Where a method acts (what it computes lives in its module).
 STAGE_PRE_PROJECTOR = "pre_projector"  # on captured CLIP states, before the projector
+STAGE_IN_LLM = "in_llm"  # cuts at decoder layer boundaries (the one decoder loop)
 STAGE_IN_CLIP_AND_LLM = "in_clip_and_llm"  # also prunes inside CLIP and inside the LLM
-STAGES = (STAGE_PRE_PROJECTOR, STAGE_IN_CLIP_AND_LLM)
+STAGES = (STAGE_PRE_PROJECTOR, STAGE_IN_LLM, STAGE_IN_CLIP_AND_LLM)
 
 # What a method is to a comparison.
 FAMILY_BASELINE = "baseline"  # every comparison needs them in the same harness
 FAMILY_SEED = "seed"  # the three seed papers (shared/METHODS.md)
-FAMILIES = (FAMILY_BASELINE, FAMILY_SEED)
+FAMILY_PEER = "peer"  # the standard set every new method is compared with (shared/PEERS.md)
+FAMILIES = (FAMILY_BASELINE, FAMILY_SEED, FAMILY_PEER)
 
 BOTH_VARIANTS = ("fixed", "reference")
 GENERIC_MODEL_ID = "llava_tokprune"  # any method, chosen with method=
@@ -47,6 +49,15 @@ METHODS: Tuple[MethodEntry, ...] = (
     MethodEntry("prumerge_plus", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge_plus"),
     MethodEntry("recover", "recover", family=FAMILY_SEED, model_id="llava_recover"),
     MethodEntry("longtail", "longtail", stage=STAGE_IN_CLIP_AND_LLM, family=FAMILY_SEED, variants=("fixed",), model_id="llava_longtail"),
+    MethodEntry("visionzip", "visionzip", family=FAMILY_PEER, model_id="llava_visionzip"),
+    MethodEntry("vispruner", "vispruner", family=FAMILY_PEER, model_id="llava_vispruner"),
+    MethodEntry("fastervlm", "vispruner", family=FAMILY_PEER, model_id="llava_fastervlm"),
+    MethodEntry("divprune", "divprune", family=FAMILY_PEER, model_id="llava_divprune"),
+    MethodEntry("cdpruner", "cdpruner", family=FAMILY_PEER, model_id="llava_cdpruner"),
+    MethodEntry("fastv", "fastv", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_fastv"),
+    MethodEntry("pdrop", "pdrop", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_pdrop"),
+    MethodEntry("dart", "dart", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_dart"),
+    MethodEntry("sparsevlm", "sparsevlm", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_sparsevlm"),
 )
 
 BY_NAME: Dict[str, MethodEntry] = {m.name: m for m in METHODS}

@@ -142,7 +142,8 @@ def _bench(args: argparse.Namespace) -> int:
             if m != "none":
                 params.setdefault(m, {}).setdefault("budget", args.budget)
     rows = run_bench(args.preset, methods, llm_layers=args.llm_layers, images=args.images, text_tokens=args.text_tokens,
-                     repeats=args.repeats, device=args.device, dtype=args.dtype, method_params=params, progress=not args.json)
+                     repeats=args.repeats, device=args.device, dtype=args.dtype, method_params=params, progress=not args.json,
+                     llm_width=args.llm_width)
     print(json.dumps(rows_as_json(rows)) if args.json else format_rows(rows))
     return 0
 
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b or llava-1.5-13b")
     bench.add_argument("--methods", default="none,topk_cls", help="comma-separated methods, the first 'none' is the baseline")
     bench.add_argument("--llm-layers", type=_at_least(1), default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
+    bench.add_argument("--llm-width", type=_at_least(128), default=None,
+                       help="narrow the LLM to this width (multiple of 128; heads of 128) so all 32 layers run on a CPU")
     bench.add_argument("--budget", type=_at_least(1), default=None, help="visual tokens per image for every compressed method")
     bench.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")
     bench.add_argument("--images", type=_at_least(1), default=4)

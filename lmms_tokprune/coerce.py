@@ -52,6 +52,34 @@ def to_float(value: Any) -> float:
         raise ValueError("must be a number") from None
 
 
+LIST_SEPARATORS = ("/", ";", " ")  # a list in model_args: lmms-eval splits the string on commas, so 8/16/24
+
+
+def to_list(value: Any, item: type) -> tuple:
+    """A list of numbers: a YAML / Python list, or a string such as '8/16/24' or '[8;16;24]'."""
+    if isinstance(value, str):
+        text = value.strip().strip("[]()")
+        for sep in LIST_SEPARATORS:
+            text = text.replace(sep, ",")
+        value = [v for v in text.split(",") if v.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("must be a non-empty list (in model_args: items separated by '/', e.g. 8/16/24)")
+    return tuple(to_kind(item, v) for v in value)
+
+
+def format_value(value: Any) -> str:
+    """A value as model_args text: lists as 8/16/24 (what to_list reads back), numbers without a trailing .0."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(format_value(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def to_kind(kind: type, value: Any) -> Any:
     """Convert to bool / int / float / str (or call ``kind``) with the rules above."""
     if kind is bool:

@@ -46,11 +46,11 @@ to the sweep are forwarded to the running lmms-eval (its whole process group), a
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 import re
-import dataclasses
-import fcntl
 import shlex
 import signal
 import subprocess
@@ -61,6 +61,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import yaml
+
+from .coerce import format_value
 
 SWEEP_KEYS = ("model", "model_args", "tasks", "include_path", "output_dir", "runs",
               "batch_size", "limit", "launcher", "gen_kwargs", "extra_args", "allow_failed_docs")
@@ -158,7 +160,9 @@ def _value_text(key: str, value: Any) -> str:
         if "," in value:
             raise ValueError(f"model_args {key}={value!r}: a comma cannot be passed through lmms-eval's --model_args")
         return value
-    raise ValueError(f"model_args {key}={value!r} must be a string, number or boolean")
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return format_value(tuple(value))  # 8/16/24: lmms-eval splits model_args on commas
+    raise ValueError(f"model_args {key}={value!r} must be a string, number, boolean or a list of numbers")
 
 
 def format_model_args(args: Mapping[str, Any]) -> str:

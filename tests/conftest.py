@@ -40,3 +40,11 @@ def tiny_clip(tmp_path_factory, tiny_llava) -> Path:
     from lmms_tokprune.testing.tiny import build_tiny_clip_text_encoder
 
     return build_tiny_clip_text_encoder(tmp_path_factory.mktemp("ckpt") / "tiny-clip", llava_dir=tiny_llava)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava32(tmp_path_factory) -> Path:
+    """The tiny LLaVA with a 32-layer LLM: methods that cut at decoder layers 2..24 run where their released layers are."""
+    from lmms_tokprune.testing.tiny import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("ckpt32") / "tiny-llava-32", text_layers=32)

@@ -27,7 +27,9 @@ class CompressTiming:
     ms_per_image_median: float
 
 
-def clip_like_inputs(batch: int, n: int = 576, dim: int = 1024, text_dim: int = 768, seed: int = 0, device: str = "cpu") -> VisionInputs:
+def clip_like_inputs(batch: int, n: int = 576, dim: int = 1024, text_dim: int = 768, seed: int = 0, device: str = "cpu",
+                     llm_dim: int = 4096, heads: int = 16) -> VisionInputs:
+    """CLIP-L-shaped states (+ block-22 q/k with 16 heads, 4096-d projector outputs, 768-d patch / text embeddings)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, 1 + n, dim, generator=g)
     k = torch.randn(batch, 1 + n, dim, generator=g)
@@ -38,7 +40,14 @@ def clip_like_inputs(batch: int, n: int = 576, dim: int = 1024, text_dim: int = 
     last = hidden + 0.1 * torch.randn(batch, 1 + n, dim, generator=g)
     text = torch.randn(batch, text_dim, generator=g)
     proj = torch.randn(text_dim, dim, generator=g) / dim**0.5
-    return VisionInputs(hidden.to(device), q.to(device), k.to(device), last.to(device), text.to(device), proj.to(device), image_keys=list(range(batch)))
+    feature_k = k + 0.05 * torch.randn(batch, 1 + n, dim, generator=g)
+    feature_q = q + 0.05 * torch.randn(batch, 1 + n, dim, generator=g)
+    projected = torch.randn(batch, n, llm_dim, generator=g)
+    patch_embeds = torch.randn(batch, n, text_dim, generator=g)
+    segments = [torch.randn(1, text_dim, generator=g).to(device) for _ in range(batch)]
+    return VisionInputs(hidden.to(device), q.to(device), k.to(device), last.to(device), text.to(device), proj.to(device),
+                        image_keys=list(range(batch)), feature_q=feature_q.to(device), feature_k=feature_k.to(device), num_heads=heads,
+                        projected=projected.to(device), patch_embeds=patch_embeds.to(device), text_segments=segments)
 
 
 def time_compress(method: str, variant: str = "fixed", batch: int = 8, repeats: int = 10, device: str = "cpu",
@@ -70,7 +79,7 @@ def run_compress_bench(methods: Sequence[str], variants: Sequence[str] = ("fixed
             if variant not in get_method(method).variants:
                 continue
             b = batch
-            if variant == "reference" and method in ("prumerge_plus", "recover"):
+            if variant == "reference" and get_method(method).reference_batch_one:
                 b = 1  # the released code only runs one image at a time
             rows.append(time_compress(method, variant, b, repeats, dev, (method_params or {}).get(method)))
     return rows

@@ -49,8 +49,10 @@ class BenchRow:
     overhead_pct: float = 0.0  # compress_ms as % of the full prefill
 
 
-def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000):
-    """A transformers LlavaConfig with LLaVA-1.5's shapes (CLIP ViT-L/14-336 + Vicuna)."""
+def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000, llm_width: Optional[int] = None):
+    """A transformers LlavaConfig with LLaVA-1.5's shapes (CLIP ViT-L/14-336 + Vicuna). `llm_width` narrows the LLM
+    (heads of 128 as in Vicuna, the MLP in Vicuna's 11008/4096 proportion) so all 32 layers fit a CPU: where the
+    in-LLM methods cut matters more than how wide the layers are."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if preset not in PRESET_SHAPES:
@@ -60,6 +62,11 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
         if llm_layers < 1:
             raise ValueError("--llm-layers must be >= 1")
         shape["num_hidden_layers"] = llm_layers
+    if llm_width is not None:
+        if llm_width < 128 or llm_width % 128:
+            raise ValueError(f"--llm-width must be a multiple of 128 (heads of 128), got {llm_width}")
+        shape.update(hidden_size=llm_width, num_attention_heads=llm_width // 128,
+                     intermediate_size=int(round(llm_width * 11008 / 4096 / 64)) * 64)
     clip = CLIP_TINY if preset == "tiny" else CLIP_L_336
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, num_key_value_heads=shape["num_attention_heads"], **shape)
@@ -67,10 +74,11 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype, image_token_id: int = 32000):
+def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype, image_token_id: int = 32000,
+                llm_width: Optional[int] = None):
     from transformers import LlavaForConditionalGeneration
 
-    cfg = hf_config(preset, llm_layers, image_token_id)
+    cfg = hf_config(preset, llm_layers, image_token_id, llm_width)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.to(device).eval()
@@ -120,7 +128,8 @@ def random_text_guide(device: torch.device, dtype: torch.dtype, vision_width: in
 @torch.inference_mode()
 def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), llm_layers: Optional[int] = None,
               images: int = 4, text_tokens: int = 60, repeats: int = 2, device: Optional[str] = None,
-              dtype: Optional[str] = None, method_params: Optional[Dict[str, Dict[str, Any]]] = None, progress: bool = True) -> List[BenchRow]:
+              dtype: Optional[str] = None, method_params: Optional[Dict[str, Dict[str, Any]]] = None, progress: bool = True,
+              llm_width: Optional[int] = None) -> List[BenchRow]:
     from ..llava.opener import open_engine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,17 +138,18 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
     configs = [engine_options({"method": m, "measure_latency": True, "dtype": dtype_name, **params_of.get(m, {})}) for m in methods]
     processor = bench_processor()
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    hf_config(preset, llm_layers, image_token_id, llm_width)  # bad shapes fail before anything is built
     model = build_model(preset, llm_layers, dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name],
-                        image_token_id)
+                        image_token_id, llm_width)
     question = bench_question(processor.tokenizer, text_tokens)
     samples = [Sample(question, [im], [i]) for i, im in enumerate(bench_images(images))]
     guide = None
+    if any(get_method(o.method.name).needs_text_encoder for o in configs):
+        guide = random_text_guide(dev, model.dtype, model.config.vision_config.hidden_size)
+    engines = [open_engine(options, dev, model, processor, guide) for options in configs]  # every check before any timing
     rows: List[BenchRow] = []
     bar = tqdm(total=len(methods) * images * (repeats + 1), disable=not progress, desc="bench")
-    for options in configs:
-        if "text" in get_method(options.method.name).needs and guide is None:
-            guide = random_text_guide(dev, model.dtype, model.config.vision_config.hidden_size)
-        engine = open_engine(options, dev, model, processor, guide)
+    for options, engine in zip(configs, engines):
         times: Dict[str, List[float]] = {"prefill": [], "compress": [], "vision": []}
         kept: List[float] = []
         seq: List[float] = []
@@ -155,7 +165,7 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
                 lat = st.latency
                 times["prefill"].append(lat["prefill_ms"])
                 times["compress"].append(lat["compress_ms"])
-                times["vision"].append(lat["vision_and_compress_ms"] - lat["compress_ms"])
+                times["vision"].append(lat["vision_and_compress_ms"] - (lat["compress_ms"] - lat["cut_ms"]))
                 kept.append(st.visual_tokens_kept)
                 seq.append(st.llm_prefill_tokens)
                 tflops.append(st.prefill_tflops)

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import yaml
@@ -44,19 +45,48 @@ class DemoRow:
     llm_prefill_tokens: float
     accuracy: float
     per_task: Dict[str, float] = field(default_factory=dict)
+    visual_tokens_equivalent: float = 0.0  # visual tokens per decoder layer, averaged (= visual_tokens before the LLM)
 
 
 def needs_text(method: str) -> bool:
-    """Does the method read CLIP text guidance (text_encoder=)?"""
+    """Does the method read a CLIP text encoder (text_encoder=)?"""
     from ..methods import get_method
 
-    return "text" in get_method(method).needs
+    return get_method(method).needs_text_encoder
+
+
+# A decoder too shallow for the released cut layers (the demo LLM has 3): each in-LLM method cuts as early as it can.
+SHALLOW_CUTS = {"fastv": {"k": 1}, "dart": {"k": 1}, "pdrop": {"layer_list": "1/2"}, "sparsevlm": {"prune_layers": "0/1"}}
+SHALLOW_BELOW = 16  # decoder layers
+
+
+def decoder_layers(pretrained: str) -> int:
+    import json
+
+    from ..assets import resolve_checkpoint
+
+    config = json.loads((Path(resolve_checkpoint(pretrained)) / "config.json").read_text())
+    return int(config["text_config"]["num_hidden_layers"])
+
+
+def method_args(method: str, budget: Optional[int], layers: int, patches: int = 576) -> Dict[str, object]:
+    """The model_args of one demo run. Before the LLM `budget` = tokens kept per image. Inside the LLM on a shallow
+    decoder, the methods cut before layer 1 (SHALLOW_CUTS) and `budget` is the equivalent of keeping that many from
+    there on, (N + (L - 1) * budget) / L rounded, so their rows keep as many visual tokens as the others' after the
+    first layer (which sees all N); on a deep decoder `budget` is passed as is (equivalent visual tokens)."""
+    from ..catalog import STAGE_IN_LLM, method_entry
+
+    if budget is None or method == "none":
+        return {}
+    if method_entry(method).stage != STAGE_IN_LLM or layers >= SHALLOW_BELOW:
+        return {"budget": budget}
+    return {**SHALLOW_CUTS.get(method, {}), "budget": round((patches + (layers - 1) * budget) / layers)}
 
 
 def _model_args(pretrained: str, method: str, budget: Optional[int], text_encoder: Optional[str]) -> str:
     args = f"pretrained={pretrained},method={method}"
-    if budget is not None and method != "none":
-        args += f",budget={budget}"
+    for key, value in method_args(method, budget, decoder_layers(pretrained)).items():
+        args += f",{key}={value}"
     if text_encoder and needs_text(method):
         args += f",text_encoder={text_encoder}"
     return args
@@ -89,6 +119,7 @@ def run_method(pretrained: str, method: str, budget: Optional[int], batch_size: 
         budget=None if method == "none" else budget,
         visual_tokens=float(throughput["avg_visual_tokens_kept"]),
         llm_prefill_tokens=float(throughput["avg_llm_prefill_tokens"]),
+        visual_tokens_equivalent=float(throughput.get("avg_visual_tokens_equivalent", throughput["avg_visual_tokens_kept"])),
         accuracy=sum(per_task.values()) / len(per_task),
         per_task=per_task,
     )
@@ -143,15 +174,17 @@ def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget
 
 def format_table(rows: Sequence[DemoRow]) -> str:
     fams = [t.replace("shapes_vqa_", "") for t in (rows[0].per_task if rows else {})]
-    lines = ["| method | budget | visual tokens | LLM prefill tokens | accuracy | " + " | ".join(fams) + " |",
-             "|---|---|---|---|---|" + "---|" * len(fams)]
+    lines = ["| method | budget | visual tokens | equivalent tokens | LLM prefill tokens | accuracy | " + " | ".join(fams) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(fams)]
     for r in rows:
         budget = "-" if r.budget is None else str(r.budget)
         cells = " | ".join(f"{v:.2f}" for v in r.per_task.values())
-        lines.append(f"| {r.method} | {budget} | {r.visual_tokens:.1f} | {r.llm_prefill_tokens:.1f} | {r.accuracy:.3f} | {cells} |")
+        lines.append(f"| {r.method} | {budget} | {r.visual_tokens:.1f} | {r.visual_tokens_equivalent:.1f} | {r.llm_prefill_tokens:.1f} | "
+                     f"{r.accuracy:.3f} | {cells} |")
     return "\n".join(lines)
 
 
 def rows_as_json(rows: Sequence[DemoRow]) -> dict:
-    return {"results": [{"method": r.method, "budget": r.budget, "visual_tokens": r.visual_tokens, "accuracy": r.accuracy,
+    return {"results": [{"method": r.method, "budget": r.budget, "visual_tokens": r.visual_tokens,
+                         "visual_tokens_equivalent": r.visual_tokens_equivalent, "accuracy": r.accuracy,
                          "llm_prefill_tokens": r.llm_prefill_tokens, "per_task": r.per_task} for r in rows]}

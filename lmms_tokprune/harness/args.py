@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import yaml
 
 from ..catalog import model_ids
+from ..coerce import format_value
 from ..llava.options import DEFAULT_PRETRAINED, DEFAULT_TEXT_ENCODER, TEXT_SOURCES, EngineOptions, Option, engine_options, resolve_options
 
 __all__ = ["DEFAULT_PRETRAINED", "DEFAULT_TEXT_ENCODER", "TEXT_SOURCES", "MODEL_IDS", "EvalConfig", "parse_model_args", "load_config_model_args"]
@@ -59,7 +60,7 @@ class EvalConfig:
             "method": e.method.name, "variant": e.method.variant, "params": dict(e.method.params),
             "pretrained": e.pretrained, "prompt_style": e.prompt_style, "pad_to_square": e.pad_to_square,
             "text_encoder": e.text_encoder if guided else None, "text_source": e.text_source if guided else None,
-            "dtype": e.dtype, "attn_implementation": e.attn_implementation, "image_backend": e.image_backend,
+            "dtype": e.dtype, "vision_dtype": e.vision_dtype, "attn_implementation": e.attn_implementation, "image_backend": e.image_backend,
             "max_new_tokens": self.max_new_tokens,
         }
 
@@ -72,7 +73,7 @@ class EvalConfig:
     @property
     def method_args(self) -> str:
         """'method=prumerge,variant=fixed,budget=64': the resolved method and the parameters that were set."""
-        given = ",".join(f"{k}={v}" for k, v in self.method_params.items())
+        given = ",".join(f"{k}={format_value(v)}" for k, v in self.method_params.items())
         return f"method={self.method},variant={self.variant}" + (f",{given}" if given else "")
 
     @property
@@ -133,6 +134,6 @@ def parse_model_args(model_id: str, raw: Mapping[str, Any]) -> EvalConfig:
     own = resolve_options(HARNESS_OPTIONS, {k: v for k, v in raw.items() if k in harness_keys})
     bound = engine.method
     if bound.variant == "reference" and bound.spec.reference_batch_one and own["batch_size"] > 1:
-        raise ValueError(f"{bound.name} (reference): the released code compresses one image per call, so reference runs only "
+        raise ValueError(f"{bound.name} (reference): the released code runs one image per call, so reference runs only "
                          f"with batch_size=1 (got {own['batch_size']}); use batch_size=1, or variant=fixed (equal to batch 1 at any batch size)")
     return EvalConfig(model_id=model_id, engine=engine, **own)

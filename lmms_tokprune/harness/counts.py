@@ -9,7 +9,7 @@ from lmms_eval.api.instance import TokenCounts
 
 COUNT_FIELDS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_equivalent", "llm_prefill_tokens", "prefill_tflops")
 # Measured per batch when model_args measure_latency=true (run with batch_size=1 for per-sample figures).
-LATENCY_FIELDS = ("compress_ms", "vision_and_compress_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "peak_memory_mb")
+LATENCY_FIELDS = ("compress_ms", "cut_ms", "vision_and_compress_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "peak_memory_mb")
 # Provenance: `config` = digest of the resolved configuration, `method_args` = the resolved method and the
 # parameters set (what a label must show even when a config file changed later); `error` = why this
 # document was not run.
@@ -26,6 +26,7 @@ class TokPruneTokenCounts(TokenCounts):
     llm_prefill_tokens: Optional[float] = None
     prefill_tflops: Optional[float] = None
     compress_ms: Optional[float] = None
+    cut_ms: Optional[float] = None
     vision_and_compress_ms: Optional[float] = None
     prefill_ms: Optional[float] = None
     ttft_ms: Optional[float] = None

@@ -13,17 +13,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from loguru import logger
-from tqdm import tqdm
-
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
 
 from ..catalog import class_name, model_ids
 from ..llava.batch import Sample
 from ..llava.opener import open_engine
-from .args import EvalConfig, parse_model_args
 from . import response_cache
+from .args import EvalConfig, parse_model_args
 from .counts import SampleRecord, TokPruneTokenCounts, run_means
 
 

@@ -65,7 +65,8 @@ class PreparedBatch:
     llm: LLMInputs
     stats: List[SampleStats]
     compressed: List[List[CompressedImage]]  # per sample, per image
-    compress_ms: float = 0.0
+    compress_ms: float = 0.0  # the method's time before the LLM (when measured)
+    cut_ms: float = 0.0  # the method's time inside the LLM prefill (its cuts; when measured)
 
 
 class BatchOutput(NamedTuple):

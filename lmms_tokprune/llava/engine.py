@@ -13,12 +13,13 @@ import torch
 
 from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
-from ..methods import BoundMethod, CompressedImage
+from ..methods import BoundMethod, CompressedImage, VisionInputs
 from .assemble import build_llm_inputs
 from .batch import BatchOutput, CompressResult, DocumentError, PreparedBatch, Sample, SampleStats
 from .images import ImagePreparer, check_complete, to_rgb
 from .prompts import IMAGE_PLACEHOLDER, build_prompt
-from .vision import as_vision_inputs, run_clip
+from .text_guide import cdpruner_text
+from .vision import VisionStates, as_vision_inputs, run_clip
 
 GENERATION_KEYS = ("max_new_tokens", "temperature", "do_sample", "num_beams", "top_p", "top_k", "repetition_penalty", "length_penalty")
 
@@ -143,13 +144,9 @@ class CompressedLlava:
             feature_layer=self.feature_layer,
             need_last_block=self.spec.needs_last_block,
             need_qk=self.spec.needs_qk,
+            need_feature_qk="feature_qk" in self.spec.needs,
         )
-        text_embeds = vis_proj = None
-        if "text" in self.spec.needs:
-            if self.text_guide is None:
-                raise ValueError(f"method {self.method.name!r} needs a CLIP text encoder (model_args text_encoder=...)")
-            text_embeds, vis_proj = self.text_guide.embed(texts)
-        inputs = as_vision_inputs(states, text_embeds, vis_proj, list(keys))
+        inputs = self.method_inputs(states, list(keys), texts)
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()
@@ -162,15 +159,46 @@ class CompressedLlava:
         clock.mark()
         return CompressResult(outs, clock.elapsed_ms())
 
+    def guidance_texts(self, samples: Sequence[Sample], prompts: Sequence[str]) -> List[str]:
+        """One text per image for the methods that read CLIP text: CDPruner's question (its loader's stripping), or
+        recover's (its question, or with text_source=reference the released first prompt line)."""
+        contexts = [s.context for s in samples for _ in s.images]
+        if "text_segments" in self.spec.needs:
+            return [cdpruner_text(c) for c in contexts]
+        if "text" in self.spec.needs and self.text_guide is not None:
+            return self.text_guide.texts_for(contexts, [p for s, p in zip(samples, prompts) for _ in s.images])
+        return []
+
+    def method_inputs(self, states: VisionStates, keys: List[int], texts: Sequence[str]) -> VisionInputs:
+        """Exactly what the method declares it reads, CLIP signals in float32 (`needs` in its MethodSpec)."""
+        needs = self.spec.needs
+        if self.spec.needs_text_encoder and self.text_guide is None:
+            raise ValueError(f"method {self.method.name!r} needs a CLIP text encoder (model_args text_encoder=...)")
+        text_embeds = vis_proj = None
+        if "text" in needs:
+            text_embeds, vis_proj = self.text_guide.embed(texts)
+        inputs = as_vision_inputs(states, text_embeds, vis_proj, keys)
+        patches = states.hidden[:, 1:]
+        if "feature_qk" in needs:
+            inputs.feature_q, inputs.feature_k = states.feature_q.float(), states.feature_k.float()
+            inputs.num_heads = int(self.model.config.vision_config.num_attention_heads)
+        if "projected" in needs:  # the projector is per token: what the LLM would receive for every patch
+            inputs.projected = self.projector(patches.to(self.embed_tokens.weight.dtype))
+        if "patch_embeds" in needs:
+            norm = getattr(self.vision_tower, "vision_model", self.vision_tower).post_layernorm  # CLIP's final LayerNorm, in fp32
+            normed = torch.nn.functional.layer_norm(patches.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+            inputs.patch_embeds = torch.nn.functional.linear(normed, self.text_guide.visual_projection.float())
+        if "text_segments" in needs:
+            inputs.text_segments = self.text_guide.segments(texts)
+        return inputs
+
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Everything up to the LLM: prompts, images, compression, projection, padded embeddings."""
         prompts = [self.prompt_text(s) for s in samples]
         ids = [self.prompt_ids(s, p) for s, p in zip(samples, prompts)]
         all_images = [im for s in samples for im in s.images]
         keys = [k for s in samples for k in (s.image_keys or [0] * len(s.images))]
-        texts: List[str] = []
-        if self.text_guide is not None:
-            texts = self.text_guide.texts_for([s.context for s in samples for _ in s.images], [p for s, p in zip(samples, prompts) for _ in s.images])
+        texts = self.guidance_texts(samples, prompts)
         compressed: List[CompressedImage] = []
         compress_ms = 0.0
         if all_images:
@@ -246,16 +274,18 @@ class CompressedLlava:
             st.output_tokens = len(row)
             st.prefill_tflops = self.prefill_tflops(st)
         if clock is not None:
-            latency = self.latency_of(clock, batch.compress_ms)
+            latency = self.latency_of(clock, batch.compress_ms, batch.cut_ms)
             for st in batch.stats:
                 st.latency = dict(latency)
         return BatchOutput(results, batch.stats)
 
-    def latency_of(self, clock: StepClock, compress_ms: float) -> Dict[str, float]:
-        """Marks: [start, inputs ready, step 1, step 2, ...] -> per-batch latency figures (ms)."""
+    def latency_of(self, clock: StepClock, compress_ms: float, cut_ms: float = 0.0) -> Dict[str, float]:
+        """Marks: [start, inputs ready, step 1, step 2, ...] -> per-batch latency figures (ms). compress_ms = the method's
+        whole own time (before the LLM + its cuts inside it), cut_ms = the part inside the prefill."""
         steps = len(clock) - 2
         out = {
-            "compress_ms": compress_ms,
+            "compress_ms": compress_ms + cut_ms,
+            "cut_ms": cut_ms,
             "vision_and_compress_ms": clock.elapsed_ms(0, 1),
             "prefill_ms": clock.elapsed_ms(1, 2) if steps >= 1 else 0.0,
             "ttft_ms": clock.elapsed_ms(0, 2) if steps >= 1 else 0.0,

@@ -1,215 +1,109 @@
-"""In-LLM stage of the long-tail method: H2O-style heavy-hitter + recent-window pruning.
+"""One decoder loop for every method that prunes inside the LLM: prefill with cuts at layer boundaries, then
+decoding over a KV cache consistent with what each layer kept. SDPA (or eager) everywhere, any batch size.
 
-RE-IMPLEMENTATION, NO REFERENCE CODE. The paper ("Visual-Text Interactive Token Pruning") takes H2O
-(Zhang et al. 2024) to the concatenated visual + text tokens: the importance of a token is the
-attention it accumulates from the tokens after it; the last M tokens ("recent budget") are always
-kept, N more ("heavy budget") by importance; "when the current number of tokens X > M + N, start
-dropping", and that goes on while tokens are generated. Our readings (parameters of the `longtail`
-method, defaults in brackets):
+A method is an `LLMPlan` (methods/llm_stages.py): cuts, each a pure function of what it reads. The loop runs the
+decoder layer by layer over left-padded rows; before the layer a cut names, it shows the cut the current tokens
+and computes what the cut asks for (attention rows of the previous or the own layer, keys, the final norm),
+then re-packs each row's surviving tokens left-padded (inserted tokens right after the row's last kept visual
+token), renumbers positions when the cut says so, and -- for H2O -- drops the pruned tokens from the caches of
+the layers that already ran. Each layer caches exactly the tokens it computed on, and keeps its own padding
+mask for decoding; a new token's position is the original prompt length + t at every layer, or (methods that
+renumber) each layer's own prefill length + t. Causality in the packed order equals causality in the original
+order. Greedy and sampling are supported (transformers' logits processors); beam search is refused.
 
-* Scores: at decoder layer `llm_layer` [0], softmax attention probabilities of that layer (its
-  input_layernorm, q_proj, k_proj and rotary embedding applied to the layer's input; GQA-aware;
-  causal; padding masked), summed over all query rows and averaged over heads: "the importance
-  score of each token is the sum of its similarity scores with other tokens". We compute them from
-  q / k ourselves, so the model keeps SDPA (or whatever it runs) and never switches to eager.
-  `llm_layer=0` is "a second round of token pruning before feeding into LLM": layer 0's q/k on the
-  embeddings, all layers then run on the kept tokens. `llm_layer=K>0`: K layers run on everything,
-  the kept set is chosen from layer K's attention, and the pruned tokens are evicted from the KV
-  cache of layers < K after prefill (H2O evicts from the cache), so every layer decodes over the
-  same kept set (one set shared by all layers and heads, a simplification of H2O's per-layer sets).
-* Budgets: heavy N = int(heavy_ratio * base) [0.5], recent M = max(1, int(recent_ratio * base))
-  [0.5] (at least 1 so the last prompt token, which predicts the first answer token, stays).
-  `budget_base` [visual] = the number of visual tokens the sample has after stage 1, so the
-  visual + text span competes for as many slots as there are visual tokens (the text after the
-  image costs visual tokens). "span" / "sequence" (H2O's own convention: ratios of the sequence
-  length) prune nothing at prefill with 0.5 + 0.5.
-* `exempt_system_prompt` [true]: the tokens before the first image (system prompt, "USER:") are
-  never pruned and not counted in the budgets; the span from the first image token to the end
-  (visual tokens, question, "ASSISTANT:") is what competes. Samples without images are not pruned.
-* `decode_eviction` [true]: while generating, each new token joins the span (and accumulates the
-  scores with its own attention at layer `llm_layer`); whenever the span holds more than M + N
-  tokens, the lowest-scoring one outside the recent window is evicted from every layer's cache
-  (masked out; the cache tensors are not compacted).
-
-Positions and masks: kept tokens keep their original rotary positions (cumsum of the attention
-mask - 1, exactly what `model.generate` uses with left padding); the i-th new token of sample b gets
-position len_b + i, whatever was pruned. After pruning the kept tokens are re-packed left-padded;
-causality in the packed order equals causality in the original order. Masks are explicit 4-D
-masks (boolean for SDPA, additive for eager; None where SDPA can use is_causal, as transformers
-does). Greedy and sampling (temperature / top_k / top_p / repetition_penalty, transformers' own
-logits processors) are supported; beam search is not.
+Counts per row: `layer_lengths[l]` = tokens layer l computed on (prefill), `visual_per_layer[l]` = visual tokens
+among them (what `visual_tokens_equivalent` averages), `kept_positions[s]` = original prompt positions after
+cut s in sequence order (-1 = inserted).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-MASKABLE_ATTENTION = ("sdpa", "eager")
+from ..methods.llm_stages import Cut, CutDecision, DecodeEviction, LLMPlan
+from .decoder import DecoderParts, attention_scores, decoder_mask, decoder_parts, layer_keys, project_query_key, query_rows, row_logits
 
 
-# ----------------------------------------------------------------------------------------- model pieces
+def _layer_call(layer: nn.Module, h: torch.Tensor, mask, position_ids, cache, position_embeddings) -> torch.Tensor:
+    out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, position_embeddings=position_embeddings)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @dataclass
-class DecoderParts:
-    """The pieces of a Llama-style decoder that the loop calls directly."""
+class Tokens:
+    """The current tokens of every row, left-padded: states, validity, rotary positions, original positions, visual flags."""
 
-    embed: nn.Module
-    layers: List[nn.Module]
-    rotary: nn.Module
-    norm: nn.Module
-    lm_head: nn.Module
-    config: Any  # the text config
-    attn_implementation: str
+    h: torch.Tensor  # [B, W, D]
+    valid: torch.Tensor  # [B, W] bool
+    positions: torch.Tensor  # [B, W] long
+    orig: torch.Tensor  # [B, W] long, -1 for inserted tokens
+    image: torch.Tensor  # [B, W] bool
 
 
-def decoder_parts(model: nn.Module) -> DecoderParts:
-    """LlavaForConditionalGeneration -> its language model pieces; a clear error for anything else."""
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    head = getattr(model, "lm_head", None)
-    needed = ("embed_tokens", "layers", "rotary_emb", "norm")
-    if lm is None or head is None or not all(hasattr(lm, n) for n in needed):
-        raise ValueError("the in-LLM pruning loop needs a LLaVA model with a Llama-style language model (embed_tokens, layers, rotary_emb, norm) and lm_head")
-    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
-    if impl not in MASKABLE_ATTENTION:
-        raise ValueError(
-            f"the in-LLM pruning loop needs an attention implementation that takes 4-D masks ({', '.join(MASKABLE_ATTENTION)}); "
-            f"the model runs {impl!r} (load it with attn_implementation=sdpa)"
-        )
-    return DecoderParts(lm.embed_tokens, list(lm.layers), lm.rotary_emb, lm.norm, head, lm.config, impl)
+class LoopView:
+    """What a cut before layer `layer` sees and can ask for (the CutView of methods/llm_stages.py)."""
+
+    def __init__(self, parts: DecoderParts, layer: int, tokens: Tokens, prev_input: Optional[torch.Tensor], chunk: int,
+                 initial_images: torch.Tensor) -> None:
+        self.parts, self.layer, self.tokens, self.prev_input, self.chunk = parts, layer, tokens, prev_input, chunk
+        self.initial_images = initial_images
+        self.num_layers = parts.num_layers
+        self.hidden, self.valid, self.positions, self.orig, self.image = tokens.h, tokens.valid, tokens.positions, tokens.orig, tokens.image
+        self.model_dtype = tokens.h.dtype
+        self.head_dim = parts.layers[0].self_attn.head_dim
+        self.rope_inv_freq = parts.rotary.inv_freq
+        self._pe: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _source(self, which: str) -> Tuple[nn.Module, torch.Tensor]:
+        if which == "prev":
+            if self.prev_input is None:
+                raise ValueError(f"a cut before layer {self.layer} cannot read the previous layer's attention (there is none)")
+            return self.parts.layers[self.layer - 1], self.prev_input
+        if which == "own":
+            return self.parts.layers[self.layer], self.tokens.h
+        raise ValueError(f"unknown attention source {which!r}; valid: prev, own")
+
+    @property
+    def pe(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._pe is None:  # positions do not change between the previous layer's run and this boundary
+            self._pe = self.parts.rotary(self.tokens.h, self.tokens.positions)
+        return self._pe
+
+    def attention(self, which: str, rows: torch.Tensor, softmax_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        layer, hidden = self._source(which)
+        q = query_rows(layer, hidden, self.pe, rows)
+        k = layer_keys(layer, hidden, self.pe)
+        logits = row_logits(q, k, layer.self_attn.scaling, rows, self.tokens.valid)
+        return torch.nan_to_num(torch.softmax(logits, dim=-1, dtype=softmax_dtype), nan=0.0)
+
+    def attention_row(self, row: int, which: str, rows: torch.Tensor, softmax_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        layer, hidden = self._source(which)
+        pe = tuple(t[row : row + 1] for t in self.pe)
+        q = query_rows(layer, hidden[row : row + 1], pe, rows[None])
+        k = layer_keys(layer, hidden[row : row + 1], pe)
+        logits = row_logits(q, k, layer.self_attn.scaling, rows[None], self.tokens.valid[row : row + 1])
+        return torch.nan_to_num(torch.softmax(logits, dim=-1, dtype=softmax_dtype), nan=0.0)[0]
+
+    def attention_sum(self, which: str) -> torch.Tensor:
+        layer, hidden = self._source(which)
+        q, k = project_query_key(layer, hidden, self.pe)
+        return attention_scores(q, k, layer.self_attn.scaling, self.tokens.valid, self.tokens.valid, chunk=self.chunk)
+
+    def keys(self, which: str) -> torch.Tensor:
+        layer, hidden = self._source(which)
+        k = layer_keys(layer, hidden, self.pe)  # [B, Hkv, W, d]
+        return k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts.norm(x)
 
 
-def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Causal + padding mask [B, 1, q_len, S] for queries in the last q_len of S slots.
-
-    valid [B, S] bool marks real key slots. A query always sees its own slot (padded query rows
-    stay finite; nobody reads them). SDPA gets a boolean mask, or None when nothing is masked
-    beyond plain causality (what transformers does, so it can use is_causal); eager gets 0 / min.
-    """
-    s = valid.shape[1]
-    if implementation == "sdpa" and bool(valid.all()) and (q_len == 1 or q_len == s):
-        return None
-    kv = torch.arange(s, device=valid.device)
-    q_slot = kv[s - q_len:]
-    allowed = valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
-    allowed = allowed | (kv[None, None, None, :] == q_slot[None, None, :, None])
-    if implementation == "sdpa":
-        return allowed
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def project_query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """What `layer`'s attention computes as q and k from its input `hidden` [B, T, H]:
-    input_layernorm -> q_proj / k_proj -> heads -> rotary. Returns q [B, Hq, T, d], k [B, Hkv, T, d]."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-# ----------------------------------------------------------------------------------------- pure scoring
-def accumulated_attention(probs: torch.Tensor, query_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """probs [B, H, Q, K] attention probabilities -> [B, K]: sum over (valid) queries, mean over heads."""
-    if query_valid is not None:
-        probs = probs * query_valid[:, None, :, None].to(probs.dtype)
-    return probs.sum(dim=2).mean(dim=1)
-
-
-def attention_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scaling: float,
-    key_valid: torch.Tensor,
-    query_valid: torch.Tensor,
-    chunk: int = 256,
-) -> torch.Tensor:
-    """Accumulated causal attention received by each key, float32.
-
-    q [B, Hq, Q, d] are the queries of the last Q of S key slots, k [B, Hkv, S, d] (GQA: repeated
-    to Hq heads); key_valid [B, S], query_valid [B, Q]. Query rows are processed `chunk` at a time.
-    """
-    b, hq, nq, _ = q.shape
-    s = k.shape[2]
-    k = _repeat_kv(k, hq // k.shape[1]).float()
-    kv = torch.arange(s, device=q.device)
-    out = torch.zeros(b, s, dtype=torch.float32, device=q.device)
-    for start in range(0, nq, chunk):
-        qc = q[:, :, start:start + chunk].float()
-        q_slot = kv[s - nq + start: s - nq + start + qc.shape[2]]
-        allowed = key_valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
-        logits = torch.matmul(qc, k.transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked (padded) query rows
-        out += accumulated_attention(probs, query_valid[:, start:start + chunk])
-    return out
-
-
-def h2o_budgets(base: int, heavy_ratio: float, recent_ratio: float) -> Tuple[int, int]:
-    """(heavy N, recent M) for a budget base: N = int(heavy_ratio * base), M = max(1, int(recent_ratio * base))."""
-    return int(heavy_ratio * base), max(1, int(recent_ratio * base))
-
-
-def h2o_keep(
-    scores: torch.Tensor,
-    valid: torch.Tensor,
-    prunable: torch.Tensor,
-    heavy: Sequence[int],
-    recent: Sequence[int],
-) -> torch.Tensor:
-    """Which slots survive [B, T] bool.
-
-    Per row: the valid non-prunable slots always; of the prunable ones (in slot order), all when
-    they are at most heavy + recent, else the last `recent` plus the `heavy` highest-scoring of
-    the others (equal scores: the earlier slot wins).
-    """
-    keep = valid & ~prunable
-    for row in range(scores.shape[0]):
-        cand = torch.nonzero(valid[row] & prunable[row]).flatten()
-        n, m, h = int(cand.numel()), int(recent[row]), int(heavy[row])
-        if n <= h + m:
-            keep[row, cand] = True
-            continue
-        keep[row, cand[n - m:]] = True
-        rest = cand[: n - m]
-        top = torch.sort(scores[row, rest], descending=True, stable=True).indices[:h]
-        keep[row, rest[top]] = True
-    return keep
-
-
-def pack_left(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """keep [B, T] bool -> (index [B, W], valid [B, W]): each row's kept slots in order, left-padded
-    (padding slots index 0 and valid False), W = the largest kept count."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
-    for row, c in enumerate(counts.tolist()):
-        index[row, width - c:] = torch.nonzero(keep[row]).flatten()
-        valid[row, width - c:] = True
-    return index, valid
-
-
-def _gather_slots(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """x [B, ..., S (at dim), ...], index [B, W] -> x with dim `dim` gathered to the W slots per row."""
     view = [index.shape[0]] + [1] * (x.dim() - 1)
     view[dim] = index.shape[1]
@@ -218,27 +112,191 @@ def _gather_slots(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tenso
     return torch.gather(x, dim, index.view(view).expand(shape))
 
 
-# ----------------------------------------------------------------------------------------- plan + state
-@dataclass
-class PrunePlan:
-    """Where and how much the LLM stage prunes, per batch (budgets per sample)."""
+def pack(keep: torch.Tensor, image: torch.Tensor, inserted: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """keep [B, W] bool -> (index [B, W'], valid [B, W']): each row's kept slots in order, left-padded, -1 where an
+    inserted token goes (right after the row's last kept visual slot; at the end of the kept tokens if it kept none)."""
+    rows = []
+    for b in range(keep.shape[0]):
+        slots = torch.nonzero(keep[b]).flatten()
+        extra = 0 if inserted is None else int(inserted[b].shape[0])
+        if extra:
+            visual = torch.nonzero(image[b, slots]).flatten()
+            cut = int(visual[-1]) + 1 if visual.numel() else slots.numel()
+            slots = torch.cat([slots[:cut], torch.full((extra,), -1, dtype=slots.dtype, device=slots.device), slots[cut:]])
+        rows.append(slots)
+    width = max(int(r.numel()) for r in rows)
+    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(keep.shape[0], width, dtype=torch.bool, device=keep.device)
+    for b, slots in enumerate(rows):
+        index[b, width - slots.numel():] = slots
+        valid[b, width - slots.numel():] = True
+    return index, valid
 
-    llm_layer: int
-    prunable: torch.Tensor  # [B, T] bool, aligned with the left-padded prompt
-    heavy: List[int]
-    recent: List[int]
-    decode_eviction: bool = True
+
+def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tensor]:
+    """The tokens after a cut, and the pack index (old slot per new slot, -1 inserted)."""
+    index, valid = pack(decision.keep & tokens.valid, tokens.image, decision.inserted)
+    src = index.clamp(min=0)
+    fresh = index < 0
+    h = _gather(tokens.h, src, 1)
+    if decision.inserted is not None:
+        for b, new in enumerate(decision.inserted):
+            if new.shape[0]:
+                h[b, fresh[b]] = new.to(h.dtype)
+    orig = _gather(tokens.orig, src, 1).masked_fill(fresh, -1)
+    image = _gather(tokens.image, src, 1) | fresh
+    if decision.renumber:
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    elif bool(fresh.any()):
+        raise ValueError("a cut that inserts tokens must renumber positions (the inserted tokens have no original position)")
+    else:
+        positions = _gather(tokens.positions, src, 1)
+    positions = positions.masked_fill(~valid, 0)
+    return Tokens(h, valid, positions, orig.masked_fill(~valid, -1), image & valid), index
+
+
+@dataclass
+class Prefill:
+    """A finished prefill: the counts, the final hidden state at each row's last prompt token, and (for decoding)
+    the cache with each layer's padding mask and the position base of its next token."""
+
+    layer_lengths: List[List[int]]
+    visual_per_layer: List[List[int]]
+    kept_positions: List[List[torch.Tensor]]
+    last_hidden: torch.Tensor  # [B, D] after the final norm
+    prompt_lengths: List[int]
+    cache: Any = None
+    layer_valid: List[torch.Tensor] = field(default_factory=list)
+    layer_base: List[torch.Tensor] = field(default_factory=list)
+    decode: Optional[DecodeEviction] = None
+    final: Optional[Tokens] = None
+    cut_ms: float = 0.0  # time spent deciding the cuts (the method's own cost inside the prefill), when timed
+
+
+def _pack_eviction(decode: Optional[DecodeEviction], index: torch.Tensor, valid: torch.Tensor) -> Optional[DecodeEviction]:
+    if decode is None:
+        return None
+    src = index.clamp(min=0)
+    return DecodeEviction(decode.layer, torch.gather(decode.scores, 1, src), torch.gather(decode.prunable, 1, src) & valid,
+                          decode.heavy, decode.recent)
+
+
+@torch.inference_mode()
+def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
+                plan: Optional[LLMPlan], chunk: int = 256, timed: bool = False) -> Prefill:
+    """Prefill over every decoder layer with the plan's cuts; see the module docstring. `timed`: measure the time
+    the cuts take (synchronising a GPU around each), reported as `cut_ms`."""
+    from transformers import DynamicCache
+
+    valid = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
+    tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), image_mask.bool() & valid)
+    prompt_lengths = valid.sum(dim=1)
+    initial_images = tokens.image.sum(dim=1)
+    cuts: Dict[int, Cut] = {c.layer: c for c in (plan.cuts if plan is not None else [])}
+    by_cache_length = plan is not None and plan.decode_positions == "cache"
+    cache = DynamicCache(config=parts.config)
+    impl, dtype = parts.attn_implementation, inputs_embeds.dtype
+    batch = valid.shape[0]
+    kept: List[List[torch.Tensor]] = [[] for _ in range(batch)]
+    lengths: List[List[int]] = [[] for _ in range(batch)]
+    visual: List[List[int]] = [[] for _ in range(batch)]
+    layer_valid: List[torch.Tensor] = []
+    layer_base: List[torch.Tensor] = []
+    decode: Optional[DecodeEviction] = None
+    prev_input: Optional[torch.Tensor] = None
+    mask = pe = base = None
+    cut_seconds = 0.0
+    started = _tick(timed, inputs_embeds.device)
+    if plan is not None and plan.setup is not None:
+        plan.setup(LoopView(parts, 0, tokens, None, chunk, initial_images))
+    cut_seconds += _tick(timed, inputs_embeds.device) - started
+    for i, layer in enumerate(parts.layers):
+        if i in cuts:
+            started = _tick(timed, inputs_embeds.device)
+            decision = cuts[i].decide(LoopView(parts, i, tokens, prev_input, chunk, initial_images))
+            tokens, index = apply_cut(tokens, decision)
+            cut_seconds += _tick(timed, inputs_embeds.device) - started
+            decode = _pack_eviction(decision.decode, index, tokens.valid) if decision.decode is not None else _pack_eviction(decode, index, tokens.valid)
+            if decision.evict_earlier:  # H2O: the layers that already ran forget the pruned tokens too
+                if bool((index < 0).any()):
+                    raise ValueError("a cut cannot both insert tokens and evict them from earlier layers' caches")
+                for j in range(i):
+                    lay = cache.layers[j]
+                    lay.keys, lay.values = _gather(lay.keys, index, 2), _gather(lay.values, index, 2)
+                    layer_valid[j] = tokens.valid
+            for b in range(batch):
+                kept[b].append(tokens.orig[b][tokens.valid[b]])
+            mask = pe = None
+        if mask is None:
+            mask = decoder_mask(tokens.valid, tokens.valid.shape[1], impl, dtype)
+            pe = parts.rotary(tokens.h, tokens.positions)
+            base = tokens.valid.sum(dim=1) if by_cache_length else prompt_lengths
+        counts, seen = tokens.valid.sum(dim=1).tolist(), (tokens.image & tokens.valid).sum(dim=1).tolist()
+        for b in range(batch):
+            lengths[b].append(int(counts[b]))
+            visual[b].append(int(seen[b]))
+        layer_valid.append(tokens.valid)
+        layer_base.append(base)
+        prev_input = tokens.h
+        tokens = Tokens(_layer_call(layer, tokens.h, mask, tokens.positions, cache, pe), tokens.valid, tokens.positions, tokens.orig, tokens.image)
+    last = parts.norm(tokens.h[:, -1])
+    return Prefill(lengths, visual, kept, last, [int(n) for n in prompt_lengths.tolist()], cache, layer_valid, layer_base, decode, tokens,
+                   1000.0 * cut_seconds)
+
+
+def _tick(timed: bool, device: torch.device) -> float:
+    if not timed:
+        return 0.0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class PrefillResult:
+    """`prune_prefill`'s answer (DESIGN.md): per row, the tokens each layer computed on, the original positions
+    present after each cut (-1 = inserted), and the final-norm hidden state at the last prompt token."""
+
+    layer_lengths: List[List[int]]
+    kept_positions: List[List[torch.Tensor]]
+    last_hidden: torch.Tensor
+    visual_per_layer: List[List[int]]
+    plan: Optional[LLMPlan] = None
+
+    @property
+    def visual_tokens_equivalent(self) -> List[float]:
+        """Per row: visual tokens per decoder layer (its input), averaged over the layers (input counting)."""
+        return [sum(v) / len(v) for v in self.visual_per_layer]
+
+
+def prune_prefill(method: str, language_model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                  image_mask: torch.Tensor, variant: str = "reference", **params: Any) -> PrefillResult:
+    """Prefill `language_model` (a Llama decoder, LLaVA's model.model.language_model, run with the attention
+    implementation it was loaded with) on left-padded inputs with an in-LLM method's cuts."""
+    from ..methods import bind
+    from ..methods.llm_stages import LLMContext
+
+    parts = decoder_parts(language_model)
+    bound = bind(method, variant, **params)
+    images = image_mask.bool().sum(dim=1)
+    plan = bound.llm_plan(LLMContext(parts.num_layers, int(images.max()) if images.numel() else 0, parts.config.num_attention_heads))
+    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan)
+    return PrefillResult(done.layer_lengths, done.kept_positions, done.last_hidden, done.visual_per_layer, plan)
 
 
 @dataclass
 class GenerationOutput:
     tokens: List[List[int]]  # new tokens per sample, up to and excluding EOS
     prompt_lengths: List[int]  # real prompt length per sample
-    kept_positions: List[torch.Tensor]  # original prompt positions (0-based) still present after prefill
+    kept_positions: List[torch.Tensor]  # original prompt positions (0-based) present after the last cut (-1 = inserted)
     layer_lengths: List[List[int]]  # per sample, sequence length each decoder layer processed at prefill
     evicted_in_decode: List[int] = field(default_factory=list)  # tokens evicted while generating
     step_logits: Optional[List[torch.Tensor]] = None  # [B, V] float32 per step, when asked (tests)
     sequences: Optional[torch.Tensor] = None  # [B, n] raw new tokens (EOS kept, padding after), like generate()
+    visual_per_layer: List[List[int]] = field(default_factory=list)
+    cut_positions: List[List[torch.Tensor]] = field(default_factory=list)  # per sample, per cut
+    cut_ms: float = 0.0  # the cuts' own time inside the prefill (when timed)
 
 
 class TokenChooser:
@@ -255,7 +313,7 @@ class TokenChooser:
 
         if int(gen.get("num_beams", 1) or 1) > 1:
             raise ValueError(
-                f"longtail: num_beams={gen['num_beams']} is not supported; the in-LLM pruning loop decodes greedily or by "
+                f"num_beams={gen['num_beams']} is not supported by methods that prune inside the LLM; the loop decodes greedily or by "
                 "sampling only (beam search would need per-beam kept sets and caches)"
             )
 
@@ -289,137 +347,100 @@ class TokenChooser:
         return torch.argmax(scores, dim=-1)
 
 
-# ----------------------------------------------------------------------------------------- the loop
-def _layer_call(layer: nn.Module, h: torch.Tensor, mask, position_ids, cache, position_embeddings) -> torch.Tensor:
-    out = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True, position_embeddings=position_embeddings)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _evict_one_per_row(scores, valid, prunable, heavy, recent) -> List[int]:
-    """Decode-time H2O step: rows whose prunable span exceeds heavy + recent lose their lowest-scoring
-    slot outside the recent window (ties: the earlier slot). Returns the rows that evicted."""
+def _evict_one_per_row(decode: DecodeEviction, valid: torch.Tensor) -> List[int]:
+    """Decode-time H2O step: rows whose prunable span exceeds heavy + recent lose their lowest-scoring slot
+    outside the recent window (ties: the earlier slot), from every layer's cache. Returns the rows that evicted."""
     evicted = []
     for row in range(valid.shape[0]):
-        cand = torch.nonzero(valid[row] & prunable[row]).flatten()
-        n, m = int(cand.numel()), int(recent[row])
-        if n <= int(heavy[row]) + m:
+        cand = torch.nonzero(valid[row] & decode.prunable[row]).flatten()
+        n, m = int(cand.numel()), int(decode.recent[row])
+        if n <= int(decode.heavy[row]) + m:
             continue
         rest = cand[: n - m]
-        worst = torch.sort(scores[row, rest], descending=False, stable=True).indices[0]
+        worst = torch.sort(decode.scores[row, rest], descending=False, stable=True).indices[0]
         valid[row, rest[worst]] = False
         evicted.append(row)
     return evicted
 
 
 @torch.inference_mode()
-def generate_with_pruning(
+def generate_pruned(
     model: nn.Module,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
-    plan: Optional[PrunePlan],
+    image_mask: torch.Tensor,
+    plan: Optional[LLMPlan],
     gen: Dict[str, Any],
     eos_token_id: Optional[int],
     pad_token_id: int,
     score_chunk: int = 256,
     keep_logits: bool = False,
     on_step: Optional[Callable[[], None]] = None,
+    timed: bool = False,
 ) -> GenerationOutput:
-    """Prefill (with the H2O prune at `plan.llm_layer`) and decode over LLaVA's language model.
+    """Prefill with the plan's cuts, then decode over each layer's kept cache (LLaVA model: its lm_head is used).
 
-    plan=None prunes nothing (then the result is token-identical to `model.generate` on the same
-    inputs_embeds / attention_mask). `on_step` is called once per step right after the forward pass
-    (before the token is chosen), where generate() calls its logits processors (latency marks).
+    plan=None prunes nothing (token-identical to `model.generate` on the same inputs_embeds / attention_mask).
+    `on_step` is called once per step right after the forward pass (before the token is chosen), where
+    generate() calls its logits processors (latency marks).
     """
-    from transformers import DynamicCache
-
     parts = decoder_parts(model)
+    if parts.lm_head is None:
+        raise ValueError("generation needs the LLaVA model (its lm_head), not the bare language model")
     chooser = TokenChooser(gen, getattr(model, "generation_config", None))
     max_new = int(gen.get("max_new_tokens", 20))
+    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan, score_chunk, timed)
     impl, dtype = parts.attn_implementation, inputs_embeds.dtype
-    num_layers = len(parts.layers)
-    valid = attention_mask.bool()
-    batch, width = valid.shape
-    prompt_lengths = valid.sum(dim=1).tolist()
-    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-    orig_slot = torch.arange(width, device=valid.device).expand(batch, -1)
-    k_layer = num_layers if plan is None else plan.llm_layer
-    if plan is not None and not 0 <= plan.llm_layer < num_layers:
-        raise ValueError(f"longtail: llm_layer={plan.llm_layer} is outside the language model's layers 0..{num_layers - 1}")
-
-    cache = DynamicCache(config=parts.config)
-    h = inputs_embeds
-    pe = parts.rotary(h, positions)
-    mask = decoder_mask(valid, width, impl, dtype)
-    for i in range(k_layer):
-        h = _layer_call(parts.layers[i], h, mask, positions, cache, pe)
-
-    scores = prunable = None
-    if plan is not None:
-        layer = parts.layers[k_layer]
-        q, k = project_query_key(layer, h, pe)
-        scores = attention_scores(q, k, layer.self_attn.scaling, valid, valid, chunk=score_chunk)
-        prunable = plan.prunable.to(valid.device) & valid
-        keep = h2o_keep(scores, valid, prunable, plan.heavy, plan.recent)
-        if not bool(torch.equal(keep, valid)):
-            index, new_valid = pack_left(keep)
-            h = _gather_slots(h, index, 1)
-            positions = torch.gather(positions, 1, index).masked_fill(~new_valid, 0)
-            scores = torch.gather(scores, 1, index)
-            prunable = torch.gather(prunable, 1, index) & new_valid
-            orig_slot = torch.gather(orig_slot, 1, index)
-            for i in range(k_layer):  # H2O eviction from the layers that saw everything
-                lay = cache.layers[i]
-                lay.keys = _gather_slots(lay.keys, index, 2)
-                lay.values = _gather_slots(lay.values, index, 2)
-            valid = new_valid
-            pe = parts.rotary(h, positions)
-            mask = decoder_mask(valid, valid.shape[1], impl, dtype)
-        for i in range(k_layer, num_layers):
-            h = _layer_call(parts.layers[i], h, mask, positions, cache, pe)
-
-    kept_counts = valid.sum(dim=1).tolist()
-    pads = [int(width - L) for L in prompt_lengths]
-    kept_positions = [orig_slot[row][valid[row]] - pads[row] for row in range(batch)]
-    layer_lengths = [[int(prompt_lengths[row])] * k_layer + [int(kept_counts[row])] * (num_layers - k_layer) for row in range(batch)]
-    logits = parts.lm_head(parts.norm(h[:, -1:]))[:, -1].float()
-
-    evicting = plan is not None and plan.decode_eviction
-    rows_prune = prunable.any(dim=1) if plan is not None else None
+    cache, decode = done.cache, done.decode
+    batch = inputs_embeds.shape[0]
+    device = inputs_embeds.device
+    # layers that share a padding mask share one tensor: group them, so a step builds each mask once and an
+    # H2O eviction (in place) reaches every layer
+    groups: List[Tuple[torch.Tensor, torch.Tensor, List[int]]] = []
+    for i, (valid, base) in enumerate(zip(done.layer_valid, done.layer_base)):
+        if groups and groups[-1][0] is valid and groups[-1][1] is base:
+            groups[-1][2].append(i)
+        else:
+            groups.append((valid, base, [i]))
+    valids = [g[0] for g in groups]
+    logits = parts.lm_head(parts.norm(done.final.h[:, -1:]))[:, -1].float()
     evicted = [0] * batch
-    next_pos = torch.tensor(prompt_lengths, device=valid.device, dtype=torch.long)
-    generated = torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=valid.device)
+    generated = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     step_logits: Optional[List[torch.Tensor]] = [] if keep_logits else None
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=device)
     for step in range(max_new):
         if on_step is not None:
             on_step()
         if step_logits is not None:
             step_logits.append(logits.clone())
         token = chooser(generated, logits)
-        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         generated = torch.cat([generated, token[:, None]], dim=1)
         if eos_token_id is not None:
-            done |= token == eos_token_id
-        if bool(done.all()) or step == max_new - 1:
+            finished |= token == eos_token_id
+        if bool(finished.all()) or step == max_new - 1:
             break
         h = parts.embed(token[:, None])
-        pos = next_pos[:, None]
-        pe = parts.rotary(h, pos)
-        valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=valid.device)], dim=1)
-        mask = decoder_mask(valid, 1, impl, dtype)
+        valids = [torch.cat([v, ones], dim=1) for v in valids]
+        if decode is not None:  # one group (the H2O cut evicted from every layer): extend its accumulated state
+            decode.scores = torch.cat([decode.scores, torch.zeros(batch, 1, device=device)], dim=1)
+            decode.prunable = torch.cat([decode.prunable, decode.prunable.any(dim=1, keepdim=True)], dim=1)
         q_new = None
-        for i, layer in enumerate(parts.layers):
-            if evicting and i == k_layer:
-                q_new, _ = project_query_key(layer, h, pe)
-            h = _layer_call(layer, h, mask, pos, cache, pe)
-        if evicting:
-            keys = cache.layers[k_layer].keys
-            step_scores = attention_scores(q_new, keys, parts.layers[k_layer].self_attn.scaling, valid, torch.ones(batch, 1, dtype=torch.bool, device=valid.device))
-            scores = torch.cat([scores, torch.zeros(batch, 1, device=scores.device)], dim=1) + step_scores
-            prunable = torch.cat([prunable, rows_prune[:, None]], dim=1)
-            for row in _evict_one_per_row(scores, valid, prunable, plan.heavy, plan.recent):
+        for (_, base, members), valid in zip(groups, valids):
+            pos = (base + step)[:, None]
+            pe = parts.rotary(h, pos)
+            mask = decoder_mask(valid, 1, impl, dtype)
+            for i in members:
+                if decode is not None and i == decode.layer:
+                    q_new, _ = project_query_key(parts.layers[i], h, pe)
+                h = _layer_call(parts.layers[i], h, mask, pos, cache, pe)
+        if decode is not None:
+            valid = valids[0]
+            keys = cache.layers[decode.layer].keys
+            decode.scores = decode.scores + attention_scores(q_new, keys, parts.layers[decode.layer].self_attn.scaling, valid, ones)
+            for row in _evict_one_per_row(decode, valid):
                 evicted[row] += 1
-        next_pos = next_pos + 1
         logits = parts.lm_head(parts.norm(h))[:, -1].float()
 
     tokens = []
@@ -427,4 +448,7 @@ def generate_with_pruning(
         if eos_token_id is not None and eos_token_id in row:
             row = row[: row.index(eos_token_id)]
         tokens.append(row)
-    return GenerationOutput(tokens, [int(x) for x in prompt_lengths], kept_positions, layer_lengths, evicted, step_logits, generated)
+    final = done.final
+    kept_positions = [final.orig[b][final.valid[b]] for b in range(batch)]
+    return GenerationOutput(tokens, done.prompt_lengths, kept_positions, done.layer_lengths, evicted, step_logits, generated,
+                            done.visual_per_layer, done.kept_positions, done.cut_ms)

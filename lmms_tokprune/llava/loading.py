@@ -10,6 +10,9 @@ import torch
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 IMAGE_BACKENDS = ("pil", "torchvision")
+# float32: the CLIP tower stays in fp32 whatever the model dtype, as LLaVA-1.5's released evaluation runs it (its
+# loader never casts the tower); "model": the tower in the model's dtype (transformers' / lmms-eval's llava_hf way).
+VISION_DTYPES = ("float32", "model")
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -91,6 +94,7 @@ def load_llava(
     dtype: Any = "auto",
     attn_implementation: Optional[str] = "sdpa",
     image_backend: str = "pil",
+    vision_dtype: str = "float32",
 ) -> Tuple[torch.nn.Module, Any]:
     """Model (eval mode, on `device`) and processor with the pinned image backend."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -118,6 +122,10 @@ def load_llava(
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would silently initialise them at random
         raise ValueError(f"pretrained={pretrained!r} lacks {len(missing)} weight tensors (e.g. {missing[0]}); the checkpoint is incomplete")
+    if vision_dtype not in VISION_DTYPES:
+        raise ValueError(f"unknown vision_dtype {vision_dtype!r}; valid: {', '.join(VISION_DTYPES)}")
+    if vision_dtype == "float32":
+        model.model.vision_tower.to(torch.float32)
     model.to(device).eval()
     try:
         processor = AutoProcessor.from_pretrained(path, backend=image_backend)

@@ -8,9 +8,8 @@ counts (padded with a key-padding mask, or run image by image; each image gets w
 alone gives). LLaVA's feature layer (penultimate block) of the kept patches is what the projector
 gets.
 
-Stage 2 runs inside the LLM: `llm_pruning.generate_with_pruning` (H2O heavy hitters + recent
-window over the visual + text span; our own prefill/decode loop over the decoder's layers, SDPA
-kept). See that module for positions, masks and the KV cache.
+Stage 2 runs inside the LLM on the one decoder loop (`llm_pruning`): H2O heavy hitters + recent window over the
+visual + text span, one cut before `llm_layer` (`methods.longtail.h2o_plan`).
 
 Counts per sample (`SampleStats`):
   visual_tokens_in    576 per image;
@@ -26,17 +25,19 @@ Counts per sample (`SampleStats`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Sequence
 
 import torch
 
 from ..efficiency.timing import StepClock
 from ..methods import BoundMethod, CompressedImage
 from ..methods.longtail import stage1_keep
+from ..methods.llm_stages import LLMPlan
 from .batch import CompressResult, PreparedBatch
-from .engine import CompressedLlava
-from .llm_pruning import PrunePlan, decoder_parts, generate_with_pruning, h2o_budgets
+from .llm_engine import PrunedLLMLlava
+from .llm_pruning import GenerationOutput
 from .vision import clip_parts, resolve_layer, run_clip
+from .decoder import decoder_parts
 
 
 @dataclass
@@ -64,11 +65,10 @@ def pack_kept(kept: Sequence[torch.Tensor], device: torch.device):
     return positions, valid
 
 
-class LongtailLlava(CompressedLlava):
-    """CompressedLlava with the long-tail split inside CLIP and H2O pruning inside the LLM."""
+class LongtailLlava(PrunedLLMLlava):
+    """The in-LLM engine with the long-tail split inside CLIP (stage 1) before its H2O cut (stage 2)."""
 
     ragged = "auto"  # how later CLIP blocks run images with different token counts (see vision.run_clip)
-    score_chunk = 256  # query rows per chunk when computing the stage-2 attention scores
 
     def __init__(self, model: torch.nn.Module, processor: Any, method: BoundMethod, **kwargs: Any) -> None:
         super().__init__(model, processor, method, **kwargs)
@@ -80,9 +80,7 @@ class LongtailLlava(CompressedLlava):
                 f"longtail: clip_layer={self.params['clip_layer']} must be within 1..{feature_block} "
                 f"(the vision tower has {num_blocks} blocks and LLaVA takes features after block {feature_block})"
             )
-        parts = decoder_parts(model)  # also checks the attention implementation takes 4-D masks
-        if not 0 <= self.params["llm_layer"] < len(parts.layers):
-            raise ValueError(f"longtail: llm_layer={self.params['llm_layer']} is outside the language model's layers 0..{len(parts.layers) - 1}")
+        decoder_parts(model)  # checks the attention implementation takes 4-D masks (the plan checked llm_layer)
 
     # -- stage 1 ---------------------------------------------------------------------------
     def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
@@ -114,61 +112,16 @@ class LongtailLlava(CompressedLlava):
         return CompressResult(out, clock.elapsed_ms() if clock is not None else 0.0)
 
     # -- stage 2 ---------------------------------------------------------------------------
-    def plan(self, batch: PreparedBatch) -> PrunePlan:
-        p = self.params
-        image_mask = batch.llm.image_mask
-        valid = batch.llm.attention_mask.bool()
-        has_image = image_mask.any(dim=1)
-        first_image = torch.where(has_image, image_mask.float().argmax(dim=1), torch.full_like(has_image, valid.shape[1], dtype=torch.long))
-        slots = torch.arange(valid.shape[1], device=valid.device)
-        prunable = valid & has_image[:, None]
-        if p["exempt_system_prompt"]:
-            prunable &= slots[None, :] >= first_image[:, None]
-        heavy, recent = [], []
-        for row in range(valid.shape[0]):
-            base = {
-                "visual": int(image_mask[row].sum()),
-                "span": int(prunable[row].sum()),
-                "sequence": int(valid[row].sum()),
-            }[p["budget_base"]]
-            h, m = h2o_budgets(base, p["heavy_ratio"], p["recent_ratio"])
-            heavy.append(h)
-            recent.append(m)
-        return PrunePlan(p["llm_layer"], prunable, heavy, recent, p["decode_eviction"])
+    def plan(self, batch: PreparedBatch) -> LLMPlan:
+        return self.llm_plan(batch)
 
-    def run_llm(self, batch: PreparedBatch, kwargs: Dict[str, Any], clock: Optional[StepClock]) -> torch.Tensor:
-        """Our prefill/decode loop with the H2O stage; fills the per-sample counts; returns new tokens [B, n]."""
-        images = batch.llm.image_mask
-        plan = self.plan(batch)
-        out = generate_with_pruning(
-            self.model,
-            batch.llm.inputs_embeds,
-            batch.llm.attention_mask,
-            plan,
-            kwargs,
-            self.tokenizer.eos_token_id,
-            self.pad_token_id,
-            score_chunk=self.score_chunk,
-            on_step=clock.mark if clock is not None else None,
+    def details(self, batch: PreparedBatch, out: GenerationOutput, plan: LLMPlan, row: int) -> Any:
+        return LongtailDetails(
+            stage1_counts=[c.num_tokens for c in batch.compressed[row]],
+            llm_prompt_length=out.prompt_lengths[row],
+            llm_kept_positions=out.kept_positions[row],
+            visual_kept=out.visual_per_layer[row][-1],
+            heavy=plan.notes["heavy"][row],
+            recent=plan.notes["recent"][row],
+            evicted_in_decode=out.evicted_in_decode[row],
         )
-        width = images.shape[1]
-        for row, st in enumerate(batch.stats):
-            real_images = images[row, width - out.prompt_lengths[row]:]
-            visual_kept = int(real_images[out.kept_positions[row]].sum())
-            entering = int(real_images.sum())  # visual tokens after stage 1, what layers < llm_layer compute on
-            layers = len(out.layer_lengths[row])
-            k = plan.llm_layer
-            st.visual_tokens_equivalent = (k * entering + (layers - k) * visual_kept) / layers
-            st.visual_tokens_kept = visual_kept
-            st.layer_lengths = out.layer_lengths[row]
-            st.llm_prefill_tokens = float(sum(st.layer_lengths)) / len(st.layer_lengths)
-            st.details = LongtailDetails(
-                stage1_counts=[c.num_tokens for c in batch.compressed[row]],
-                llm_prompt_length=out.prompt_lengths[row],
-                llm_kept_positions=out.kept_positions[row],
-                visual_kept=visual_kept,
-                heavy=plan.heavy[row],
-                recent=plan.recent[row],
-                evicted_in_decode=out.evicted_in_decode[row],
-            )
-        return out.sequences

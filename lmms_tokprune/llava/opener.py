@@ -2,7 +2,8 @@
 
 The harness, `visualize` and `bench` all call `open_engine`, so what they run (and measure) is the same
 path. The engine class follows the method's stage (the catalog): pre-projector methods use
-`CompressedLlava` as is; methods that also prune inside CLIP and the LLM use their subclass.
+`CompressedLlava` as is; methods that prune inside the LLM run `PrunedLLMLlava` (the one decoder loop), and the
+long-tail method, which also prunes inside CLIP, its subclass.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from typing import Any, Optional
 
 import torch
 
-from ..catalog import STAGE_IN_CLIP_AND_LLM
+from ..catalog import STAGE_IN_CLIP_AND_LLM, STAGE_IN_LLM
 from .engine import CompressedLlava
+from .llm_engine import PrunedLLMLlava
 from .loading import load_llava
 from .longtail_engine import LongtailLlava
 from .options import EngineOptions
 
-ENGINES = {STAGE_IN_CLIP_AND_LLM: LongtailLlava}
+ENGINES = {STAGE_IN_CLIP_AND_LLM: LongtailLlava, STAGE_IN_LLM: PrunedLLMLlava}
 
 
 def default_device(options: EngineOptions) -> torch.device:
@@ -32,8 +34,9 @@ def open_engine(options: EngineOptions, device: Optional[torch.device] = None, m
     `text_guide` to reuse a CLIP text encoder; what is not given is loaded from the options."""
     device = device or default_device(options)
     if model is None or processor is None:
-        model, processor = load_llava(options.pretrained, device, options.dtype, options.attn_implementation, options.image_backend)
-    if text_guide is None and "text" in options.method.needs:
+        model, processor = load_llava(options.pretrained, device, options.dtype, options.attn_implementation, options.image_backend,
+                                      options.vision_dtype)
+    if text_guide is None and options.method.spec.needs_text_encoder:
         from .text_guide import load_text_guide  # only text-guided methods need the CLIP text tower
 
         text_guide = load_text_guide(options.text_encoder, model, device, options.text_source)

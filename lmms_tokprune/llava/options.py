@@ -11,7 +11,7 @@ from ..catalog import BOTH_VARIANTS
 from ..coerce import is_none_word, to_bool, to_int
 from ..methods import BoundMethod, bind, get_method, method_names
 from ..methods.registry import did_you_mean
-from .loading import ATTN_IMPLEMENTATIONS, DTYPES, IMAGE_BACKENDS
+from .loading import ATTN_IMPLEMENTATIONS, DTYPES, IMAGE_BACKENDS, VISION_DTYPES
 from .prompts import PROMPT_STYLES
 
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
@@ -71,6 +71,7 @@ ENGINE_OPTIONS: Tuple[Option, ...] = (
     Option("text_encoder", str, DEFAULT_TEXT_ENCODER),
     Option("text_source", str, "question", TEXT_SOURCES),
     Option("dtype", str, "auto", ("auto",) + tuple(DTYPES)),
+    Option("vision_dtype", str, "float32", VISION_DTYPES),
     Option("attn_implementation", str, "sdpa", ATTN_IMPLEMENTATIONS),
     Option("image_backend", str, "pil", IMAGE_BACKENDS),
     Option("device", str, None),
@@ -89,6 +90,7 @@ class EngineOptions:
     text_encoder: str = DEFAULT_TEXT_ENCODER
     text_source: str = "question"
     dtype: str = "auto"
+    vision_dtype: str = "float32"
     attn_implementation: str = "sdpa"
     image_backend: str = "pil"
     device: Optional[str] = None

@@ -20,7 +20,16 @@ from typing import Any, Iterator, List, Sequence, Tuple
 import torch
 from loguru import logger
 
-from .prompts import question_text
+from .prompts import IMAGE_PLACEHOLDER, question_text
+
+# What the released CDPruner loader removes from a question (model_vqa_loader.py); other instructions stay.
+CDPRUNER_STRIPPED = "\nAnswer the question using a single word or phrase."
+
+
+def cdpruner_text(context: str) -> str:
+    """The question CDPruner conditions on: the lmms-eval context minus the image placeholder and minus exactly
+    the single-word answer instruction (no other change: the released loader does not strip whitespace)."""
+    return context.replace(IMAGE_PLACEHOLDER, "").replace(CDPRUNER_STRIPPED, "")
 
 REFERENCE_MAX_LENGTH = 20
 CLIP_MAX_LENGTH = 77
@@ -102,6 +111,28 @@ class TextGuide:
             embeds = out.text_embeds
         return embeds, self.visual_projection
 
+    @torch.inference_mode()
+    def segments(self, texts: Sequence[str]) -> List[torch.Tensor]:
+        """CDPruner's text: per text, one text_embeds row per 77-token segment of its CLIP tokens.
+
+        Tokenised without truncation or padding (BOS ... EOS); the ids are right-padded with 0 (mask 0) to a
+        multiple of 77 and the rows of 77 run through the text tower with projection, as the released loader
+        does; pooling is transformers' for the checkpoint's text config (the openai configs carry the legacy
+        eos id: each row pools at its highest token id). float32.
+        """
+        out = []
+        for text in texts:
+            ids = self.tokenizer(text, padding=False, truncation=False)["input_ids"]
+            rows = -(-len(ids) // CLIP_MAX_LENGTH)
+            padded = torch.zeros(rows * CLIP_MAX_LENGTH, dtype=torch.long)
+            mask = torch.zeros_like(padded)
+            padded[: len(ids)] = torch.tensor(ids)
+            mask[: len(ids)] = 1
+            embeds = self.text_model(input_ids=padded.view(rows, CLIP_MAX_LENGTH).to(self.device),
+                                     attention_mask=mask.view(rows, CLIP_MAX_LENGTH).to(self.device)).text_embeds
+            out.append(embeds.float())
+        return out
+
 
 def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: torch.device, source: str = "question") -> TextGuide:
     """Load the CLIP text tower at model-load time, so a missing encoder fails before any request."""
@@ -136,6 +167,7 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
     width = llava_model.config.vision_config.hidden_size
     if visual_projection.shape[1] != width:
         raise ValueError(f"text_encoder {text_encoder!r} projects {visual_projection.shape[1]}-d vision states; LLaVA's CLIP is {width}-d")
-    dtype = next(llava_model.parameters()).dtype
-    text_model.to(device=device, dtype=dtype).eval()
-    return TextGuide(text_model, tokenizer, visual_projection.to(device=device, dtype=dtype), source)
+    # float32 whatever the LLaVA dtype: CLIP signals are computed in fp32 (the CDPruner release loads its text tower
+    # and visual_projection in fp32; the text tower is small)
+    text_model.to(device=device, dtype=torch.float32).eval()
+    return TextGuide(text_model, tokenizer, visual_projection.to(device=device, dtype=torch.float32), source)

@@ -27,6 +27,8 @@ class VisionStates:
     q: Optional[torch.Tensor] = None  # last block q_proj output
     k: Optional[torch.Tensor] = None  # last block k_proj output
     last_hidden: Optional[torch.Tensor] = None  # last block output, no post-layernorm
+    feature_q: Optional[torch.Tensor] = None  # q_proj output of the feature block (whose output is `hidden`)
+    feature_k: Optional[torch.Tensor] = None  # k_proj output of the feature block
     kept_index: Optional[torch.Tensor] = None  # [B, 1+N'] patch positions kept by an in-CLIP stage
     token_mask: Optional[torch.Tensor] = None  # [B, 1+N'] bool: real tokens (False = padding) when counts differ per image
 
@@ -145,11 +147,13 @@ def run_clip(
     feature_layer: int = -2,
     need_last_block: bool = False,
     need_qk: bool = False,
+    need_feature_qk: bool = False,
     token_filter: Optional[TokenFilter] = None,
     filter_after_block: int = 0,
     ragged: str = "auto",
 ) -> VisionStates:
-    """Run CLIP; return the feature layer (incl. CLS) and, if asked, the last block's q/k/output.
+    """Run CLIP; return the feature layer (incl. CLS) and, if asked, the last block's q/k/output and the feature
+    block's own q/k (`need_feature_qk`: the peer methods' block 22).
 
     token_filter, if given, is called after block `filter_after_block` (1-based, at most the feature
     block) with that block's output and raw q/k; the tokens it keeps are the only ones the later
@@ -175,7 +179,8 @@ def run_clip(
     token_mask: Optional[torch.Tensor] = None
     for block_no in range(1, last_needed + 1):
         layer = layers[block_no - 1]
-        want_qk = (need_qk and block_no == num_layers) or (token_filter is not None and block_no == filter_after_block)
+        want_qk = ((need_qk and block_no == num_layers) or (need_feature_qk and block_no == feature_blocks)
+                   or (token_filter is not None and block_no == filter_after_block))
         h, q, k = _run_block(layer, h, token_mask, mode, want_qk)
         if token_filter is not None and block_no == filter_after_block:
             kept = token_filter(h, q, k)
@@ -187,6 +192,8 @@ def run_clip(
                 states.token_mask = token_mask
         if block_no == feature_blocks:
             states.hidden = h
+            if need_feature_qk:
+                states.feature_q, states.feature_k = q, k
         if block_no == num_layers and need_qk:
             states.q, states.k = q, k
     if need_last_block:

@@ -7,7 +7,7 @@ hand-built test cases and on the authors' golden inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -30,6 +30,13 @@ class VisionInputs:
     visual_projection: [Dt, D] CLIP visual_projection weight (recover).
     image_keys: optional stable integer per image; the `random` baseline seeds from it so a
         sample draws the same tokens whatever batch or rank it lands in.
+
+    Peer methods (shared/PEERS.md) read, when they declare them:
+    feature_q, feature_k: [B, 1+N, D] raw q_proj / k_proj outputs of the CLIP block whose OUTPUT is `hidden`
+        (LLaVA-1.5: block 22 of 0..23); num_heads: that block's attention heads (16), for per-head attention.
+    projected: [B, N, D_llm] mm-projector outputs of the N patches (DivPrune, CDPruner).
+    patch_embeds: [B, N, Dt] CLIP visual_projection(post_layernorm(hidden[:, 1:])) (CDPruner).
+    text_segments: B tensors [S_b, Dt], CLIP text_embeds of the question, one row per 77-token segment (CDPruner).
     """
 
     hidden: torch.Tensor
@@ -39,6 +46,12 @@ class VisionInputs:
     text_embeds: Optional[torch.Tensor] = None
     visual_projection: Optional[torch.Tensor] = None
     image_keys: Optional[Sequence[int]] = None
+    feature_q: Optional[torch.Tensor] = None
+    feature_k: Optional[torch.Tensor] = None
+    num_heads: Optional[int] = None
+    projected: Optional[torch.Tensor] = None
+    patch_embeds: Optional[torch.Tensor] = None
+    text_segments: Optional[List[torch.Tensor]] = None
 
     @property
     def batch_size(self) -> int:
@@ -58,7 +71,9 @@ class VisionInputs:
         one = lambda t: None if t is None else t[b : b + 1]  # noqa: E731
         keys = None if self.image_keys is None else [self.image_keys[b]]
         return VisionInputs(one(self.hidden), one(self.q), one(self.k), one(self.last_hidden), one(self.text_embeds),
-                            self.visual_projection, image_keys=keys)
+                            self.visual_projection, image_keys=keys, feature_q=one(self.feature_q), feature_k=one(self.feature_k),
+                            num_heads=self.num_heads, projected=one(self.projected), patch_embeds=one(self.patch_embeds),
+                            text_segments=None if self.text_segments is None else [self.text_segments[b]])
 
     def key_of(self, b: int) -> int:
         return int(self.image_keys[b]) if self.image_keys is not None else 0

@@ -54,6 +54,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .inputs import CompressedImage, VisionInputs
+from .llm_stages import Cut, CutDecision, DecodeEviction, LLMPlan
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
 from .signals import cls_attention
 
@@ -171,6 +172,66 @@ def stage1_keep(q: torch.Tensor, k: torch.Tensor, **params: Any) -> Tuple[torch.
     return attn, kept_patches(attn, counts)
 
 
+def h2o_budgets(base: int, heavy_ratio: float, recent_ratio: float) -> Tuple[int, int]:
+    """(heavy N, recent M) for a budget base: N = int(heavy_ratio * base), M = max(1, int(recent_ratio * base))."""
+    return int(heavy_ratio * base), max(1, int(recent_ratio * base))
+
+
+def h2o_keep(scores: torch.Tensor, valid: torch.Tensor, prunable: torch.Tensor, heavy: Sequence[int], recent: Sequence[int]) -> torch.Tensor:
+    """Which slots survive [B, T] bool.
+
+    Per row: the valid non-prunable slots always; of the prunable ones (in slot order), all when
+    they are at most heavy + recent, else the last `recent` plus the `heavy` highest-scoring of
+    the others (equal scores: the earlier slot wins).
+    """
+    keep = valid & ~prunable
+    for row in range(scores.shape[0]):
+        cand = torch.nonzero(valid[row] & prunable[row]).flatten()
+        n, m, h = int(cand.numel()), int(recent[row]), int(heavy[row])
+        if n <= h + m:
+            keep[row, cand] = True
+            continue
+        keep[row, cand[n - m:]] = True
+        rest = cand[: n - m]
+        top = torch.sort(scores[row, rest], descending=True, stable=True).indices[:h]
+        keep[row, rest[top]] = True
+    return keep
+
+
+def h2o_span(valid: torch.Tensor, image: torch.Tensor, exempt_system_prompt: bool) -> torch.Tensor:
+    """[B, T] bool: the prunable slots -- rows with an image only; from the first image token on when the system
+    prompt (and 'USER:') is exempt."""
+    has_image = image.any(dim=1)
+    first = torch.where(has_image, image.float().argmax(dim=1), torch.full_like(has_image, valid.shape[1], dtype=torch.long))
+    prunable = valid & has_image[:, None]
+    if exempt_system_prompt:
+        prunable &= torch.arange(valid.shape[1], device=valid.device)[None, :] >= first[:, None]
+    return prunable
+
+
+def h2o_plan(context: Any, variant: str = "fixed", **params: Any) -> LLMPlan:
+    """Stage 2 on the decoder loop: one cut before layer `llm_layer` ranking by the attention every token receives
+    at that layer (all query rows, accumulated), evicting the pruned tokens from the layers that ran before."""
+    if not 0 <= params["llm_layer"] < context.num_layers:
+        raise ValueError(f"longtail: llm_layer={params['llm_layer']} is outside the language model's layers 0..{context.num_layers - 1}")
+
+    plan = LLMPlan([], notes={"llm_layer": params["llm_layer"]})
+
+    def decide(view: Any) -> CutDecision:
+        prunable = h2o_span(view.valid, view.image, params["exempt_system_prompt"])
+        bases = {"visual": view.image.sum(dim=1), "span": prunable.sum(dim=1), "sequence": view.valid.sum(dim=1)}[params["budget_base"]]
+        budgets = [h2o_budgets(int(n), params["heavy_ratio"], params["recent_ratio"]) for n in bases.tolist()]
+        heavy, recent = [h for h, _ in budgets], [m for _, m in budgets]
+        plan.notes.update(heavy=heavy, recent=recent)
+        scores = view.attention_sum("own")
+        keep = h2o_keep(scores, view.valid, prunable, heavy, recent)
+        decode = DecodeEviction(params["llm_layer"], scores, prunable, heavy, recent) if params["decode_eviction"] else None
+        return CutDecision(keep, evict_earlier=True, decode=decode)
+
+    plan.cuts.append(Cut(params["llm_layer"], decide))
+    return plan
+
+
 def _longtail(inp: VisionInputs, variant: str, **params: Any) -> List[CompressedImage]:
     _, kept = stage1_keep(inp.q, inp.k, **params)
     return [CompressedImage(features=inp.patches[b, idx], index=idx) for b, idx in enumerate(kept)]
@@ -230,5 +291,6 @@ register(
         "(re-implementation, no reference code)",
         params=PARAMS,
         needs=frozenset({"qk"}),
+        plan=h2o_plan,
     )
 )

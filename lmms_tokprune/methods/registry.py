@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..catalog import BOTH_VARIANTS, METHODS, STAGE_IN_CLIP_AND_LLM, STAGE_PRE_PROJECTOR, method_entry  # noqa: F401 (re-exported stages)
-from ..coerce import is_none_word, to_kind
+from ..coerce import is_none_word, to_kind, to_list
 from .inputs import CompressedImage, VisionInputs
 
 VARIANTS = BOTH_VARIANTS
@@ -39,6 +39,7 @@ class Param:
     doc: str
     check: Callable[[Any], Optional[str]] = _no_check  # returns an error text or None
     choices: Optional[Tuple[Any, ...]] = None
+    item: Optional[type] = None  # kind=tuple: the type of each item (a list parameter)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,16 @@ class MethodSpec:
     fn: Callable[..., List[CompressedImage]]  # fn(inp, variant=..., **params) -> list per image
     doc: str
     params: Mapping[str, Param] = field(default_factory=dict)
-    needs: frozenset = frozenset()  # subset of {"qk", "last_hidden", "text"}
+    # what it reads: "qk" (last block q/k), "last_hidden", "text" (recover's text_embeds + visual_projection),
+    # "feature_qk" (feature block q/k + num_heads), "projected", "patch_embeds", "text_segments"
+    needs: frozenset = frozenset()
     # The released code compresses one image per call and crashes on more: reference runs image by image
     # (a multi-image document too) and a harness batch > 1 is refused at load time.
     reference_batch_one: bool = False
+    budget_sets: Tuple[str, ...] = ()  # released parameters that budget=N maps to (giving both is an error)
+    reference_short: bool = False  # reference may return fewer than `budget` tokens, where the released code does
+    # methods that prune inside the LLM: plan(context, variant=..., **params) -> methods.llm_stages.LLMPlan
+    plan: Optional[Callable[..., Any]] = None
 
     @property
     def stage(self) -> str:
@@ -68,6 +75,11 @@ class MethodSpec:
         return "qk" in self.needs
 
     @property
+    def needs_text_encoder(self) -> bool:
+        """The method reads something only a CLIP text encoder checkpoint provides (text tower, visual_projection)."""
+        return bool({"text", "patch_embeds", "text_segments"} & self.needs)
+
+    @property
     def needs_last_block(self) -> bool:
         """The last CLIP block's output is read (directly, or projected for text similarity)."""
         return bool({"last_hidden", "text"} & self.needs)
@@ -75,6 +87,13 @@ class MethodSpec:
 
 def positive_int(value: Any) -> Optional[str]:
     return None if value is None or (isinstance(value, int) and value >= 1) else "must be an integer >= 1"
+
+
+def required_positive_int(value: Any) -> Optional[str]:
+    """A budget the method cannot run without (the released default keeps every token)."""
+    if value is None:
+        return "is required: give budget=N (the released default, 576, keeps every token)"
+    return positive_int(value)
 
 
 def unit_interval(value: Any) -> Optional[str]:
@@ -88,6 +107,7 @@ def unit_interval(value: Any) -> Optional[str]:
 # Matched-budget and ratio parameters every method accepts (meaning per method, see METHODS.md).
 BUDGET = Param(None, int, "exact number of visual tokens per image (merged/extra tokens count)", positive_int)
 RATIO = Param(None, float, "fraction of the N patches to keep (per-method meaning)", unit_interval)
+REQUIRED_BUDGET = Param(None, int, "exact number of visual tokens per image (required; released visual_token_num)", required_positive_int)
 
 _SPECS: Dict[str, MethodSpec] = {}
 
@@ -132,9 +152,13 @@ def coerce_param(method: str, key: str, param: Param, value: Any) -> Any:
                              f"(none is only allowed where the default is none; default {param.default!r})")
         return None
     try:
+        if param.kind is tuple:
+            return to_list(value, param.item or float)
         return to_kind(param.kind, value)
-    except ValueError:
-        raise ValueError(f"{method}: parameter {key!r} must be of type {param.kind.__name__}, got {value!r}") from None
+    except ValueError as err:
+        kind = f"list of {(param.item or float).__name__}" if param.kind is tuple else param.kind.__name__
+        detail = f" ({err})" if param.kind is tuple else ""
+        raise ValueError(f"{method}: parameter {key!r} must be of type {kind}, got {value!r}{detail}") from None
 
 
 def did_you_mean(key: str, valid: Any) -> str:
@@ -169,13 +193,18 @@ def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[s
         if param.choices is not None and value not in param.choices:
             raise ValueError(f"{method}: parameter {key!r}={value!r} is not one of {', '.join(map(str, param.choices))}")
         problem = param.check(value)
-        if not problem and isinstance(value, float) and not math.isfinite(value):
+        floats = value if isinstance(value, tuple) else (value,)
+        if not problem and any(isinstance(v, float) and not math.isfinite(v) for v in floats):
             problem = "must be a finite number"
         if problem:
             raise ValueError(f"{method}: parameter {key!r}={value!r} {problem}")
         resolved[key] = value
     if resolved.get("budget") is not None and resolved.get("ratio") is not None:
         raise ValueError(f"{method}: give either budget or ratio, not both")
+    clash = [k for k in spec.budget_sets if k in params] if resolved.get("budget") is not None else []
+    if clash:
+        raise ValueError(f"{method}: budget={resolved['budget']} sets {', '.join(spec.budget_sets)}; give either budget or "
+                         f"{', '.join(clash)}, not both")
     return resolved
 
 
@@ -224,8 +253,43 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
             f"method {spec.name!r} needs CLIP text guidance: VisionInputs.text_embeds and .visual_projection "
             "(load a text encoder with text_encoder=...)"
         )
+    _validate_peer_inputs(spec, inp, batch)
     if inp.image_keys is not None and len(inp.image_keys) != batch:
         raise ValueError(f"VisionInputs.image_keys has {len(inp.image_keys)} entries for a batch of {batch}")
+
+
+def _validate_peer_inputs(spec: MethodSpec, inp: VisionInputs, batch: int) -> None:
+    """The peer methods' inputs (PEERS.md): present when declared, shaped like `hidden`, finite."""
+    h = inp.hidden
+    if "feature_qk" in spec.needs:
+        for name in ("feature_q", "feature_k"):
+            t = getattr(inp, name)
+            if t is None:
+                raise ValueError(f"method {spec.name!r} needs VisionInputs.{name} (raw q_proj / k_proj outputs of the feature block)")
+            _check_tensor(name, t, batch, 3)
+            if tuple(t.shape) != tuple(h.shape):
+                raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}, hidden has {tuple(h.shape)}")
+        heads = inp.num_heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or h.shape[2] % heads:
+            raise ValueError(f"VisionInputs.num_heads={heads!r} must be an integer >= 1 that divides the width {h.shape[2]}")
+    for name in ("projected", "patch_embeds"):
+        if name in spec.needs:
+            t = getattr(inp, name)
+            if t is None:
+                raise ValueError(f"method {spec.name!r} needs VisionInputs.{name}")
+            _check_tensor(name, t, batch, 3)
+            if t.shape[1] != inp.num_patches:
+                raise ValueError(f"VisionInputs.{name} has {t.shape[1]} rows per image for {inp.num_patches} patches")
+    if "text_segments" in spec.needs:
+        segs = inp.text_segments
+        if segs is None or len(segs) != batch:
+            raise ValueError(f"method {spec.name!r} needs VisionInputs.text_segments: one [S, Dt] tensor per image "
+                             "(load a CLIP text encoder with text_encoder=...)")
+        width = inp.patch_embeds.shape[2] if inp.patch_embeds is not None else None
+        for i, t in enumerate(segs):
+            _check_tensor(f"text_segments[{i}]", t, None, 2)
+            if t.shape[0] < 1 or (width is not None and t.shape[1] != width):
+                raise ValueError(f"VisionInputs.text_segments[{i}] has shape {tuple(t.shape)}; expected [S >= 1, {width}]")
 
 
 def check_budget(method: str, budget: Optional[int], n: int) -> None:
@@ -267,6 +331,12 @@ class BoundMethod:
         """The parameters the user set, coerced (what configs and labels carry)."""
         return {k: self.params[k] for k in self.given}
 
+    def llm_plan(self, context: Any) -> Any:
+        """The method's cuts inside the LLM for a decoder of context.num_layers layers (methods/llm_stages.py)."""
+        if self.spec.plan is None:
+            raise ValueError(f"method {self.name!r} does not prune inside the LLM")
+        return self.spec.plan(context, variant=self.variant, **self.params)
+
     def check_patches(self, n: int) -> None:
         """The budget must fit the model's N patches (known once a checkpoint is opened)."""
         check_budget(self.name, self.budget, n)
@@ -276,7 +346,7 @@ class BoundMethod:
         self.check_patches(inp.num_patches)
         with torch.no_grad():
             outs = self.spec.fn(inp, variant=self.variant, **self.params)
-        if self.budget is not None:
+        if self.budget is not None and not (self.variant == "reference" and self.spec.reference_short):
             for out in outs:
                 if out.num_tokens != self.budget:  # a method bug, never user input
                     raise RuntimeError(f"{self.name} returned {out.num_tokens} tokens for budget {self.budget}")

@@ -23,3 +23,17 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """L2-normalise along `dim` (cosine similarity becomes a dot product)."""
     return torch.nn.functional.normalize(x, p=2, dim=dim)
+
+
+def cls_attention_per_head(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, 1+N, D] raw q_proj / k_proj outputs -> [B, H, N]: per head h (dims h*D/H .. (h+1)*D/H - 1),
+    softmax_j(q_CLS,h . k_j,h / sqrt(D/H)) over all 1+N keys, CLS column dropped, no renormalisation.
+
+    Only the CLS row is computed (PEERS.md, "CLS attention per head"), so the tower keeps SDPA.
+    """
+    b, t, d = k.shape
+    head_dim = d // num_heads
+    qh = q[:, 0].reshape(b, num_heads, head_dim)
+    kh = k.reshape(b, t, num_heads, head_dim)
+    logits = torch.einsum("bhd,bthd->bht", qh, kh) * head_dim**-0.5
+    return torch.softmax(logits, dim=-1)[:, :, 1:]

@@ -70,6 +70,7 @@ class RunRow:
     limit: Optional[float]
     scores: Dict[str, Tuple[str, float]] = field(default_factory=dict)  # task -> (metric, value)
     visual_tokens: Optional[float] = None
+    visual_tokens_equivalent: Optional[float] = None  # per decoder layer, averaged (= kept for methods before the LLM)
     retention_pct: Optional[float] = None
     llm_prefill_tokens: Optional[float] = None
     prefill_tflops: Optional[float] = None
@@ -286,6 +287,8 @@ def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics
                 row.scores[task] = picked
     tp = data.get("throughput") or {}
     row.visual_tokens = _number(tp.get("avg_visual_tokens_kept"))
+    equivalent = _number(tp.get("avg_visual_tokens_equivalent"))
+    row.visual_tokens_equivalent = row.visual_tokens if equivalent is None else equivalent  # runs before the field: kept
     retention = _number(tp.get("avg_visual_retention"))
     if retention is None and row.visual_tokens is not None and _number(tp.get("avg_visual_tokens_in")):
         retention = row.visual_tokens / float(tp["avg_visual_tokens_in"])
@@ -384,7 +387,7 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
 
 
 CSV_FIXED = ["run", "model", "method", "variant", "budget", "ratio"]
-CSV_TAIL = ["visual_tokens_kept", "visual_retention_pct", "llm_prefill_tokens", "prefill_tflops", "relative_score_pct",
+CSV_TAIL = ["visual_tokens_kept", "visual_tokens_equivalent", "visual_retention_pct", "llm_prefill_tokens", "prefill_tflops", "relative_score_pct",
             "baseline", "limit", "results_file"]
 
 
@@ -399,6 +402,7 @@ def csv_rows(rows: Sequence[RunRow]) -> Tuple[List[str], List[Dict[str, Any]]]:
             rec[f"{t}/{m}"] = r.scores[t][1] if t in r.scores and r.scores[t][0] == m else ""
         rec.update({
             "visual_tokens_kept": "" if r.visual_tokens is None else r.visual_tokens,
+            "visual_tokens_equivalent": "" if r.visual_tokens_equivalent is None else r.visual_tokens_equivalent,
             "visual_retention_pct": "" if r.retention_pct is None else r.retention_pct,
             "llm_prefill_tokens": "" if r.llm_prefill_tokens is None else r.llm_prefill_tokens,
             "prefill_tflops": "" if r.prefill_tflops is None else r.prefill_tflops,
@@ -415,7 +419,7 @@ def markdown_table(rows: Sequence[RunRow], has_baseline: bool) -> str:
     cols = _task_columns(rows)
     rel = "vs baseline (%)" if has_baseline else "vs best run (%)"
     header = ["run", "method", "variant", "setting"] + [f"{t} ({m})" for t, m in cols] + [
-        "visual tokens", "retention (%)", "LLM prefill tokens", "prefill TFLOPs", rel]
+        "visual tokens", "equivalent tokens", "retention (%)", "LLM prefill tokens", "prefill TFLOPs", rel]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         name = f"**{r.name}** (baseline)" if r.is_baseline else r.name
@@ -423,7 +427,7 @@ def markdown_table(rows: Sequence[RunRow], has_baseline: bool) -> str:
         for t, m in cols:
             cells.append(_fmt(r.scores[t][1], 4) if t in r.scores and r.scores[t][0] == m else "")
         tflops = _fmt(r.prefill_tflops, 3) + ("*" if r.tflops_computed and r.prefill_tflops is not None else "")
-        cells += [_fmt(r.visual_tokens, 1), _fmt(r.retention_pct, 1), _fmt(r.llm_prefill_tokens, 1), tflops, _fmt(r.relative_pct, 1)]
+        cells += [_fmt(r.visual_tokens, 1), _fmt(r.visual_tokens_equivalent, 1), _fmt(r.retention_pct, 1), _fmt(r.llm_prefill_tokens, 1), tflops, _fmt(r.relative_pct, 1)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     if any(r.tflops_computed for r in rows):
@@ -456,7 +460,7 @@ def pareto_plot(rows: Sequence[RunRow], path: Path, has_baseline: bool) -> None:
         return r.relative_pct if use_relative else r.mean_score
     fig = Figure(figsize=(12, 5), dpi=110)
     FigureCanvasAgg(fig)
-    for ax, attr, xlabel in ((fig.add_subplot(1, 2, 1), "visual_tokens", "visual tokens kept (mean)"),
+    for ax, attr, xlabel in ((fig.add_subplot(1, 2, 1), "visual_tokens_equivalent", "equivalent visual tokens (per decoder layer, mean)"),
                              (fig.add_subplot(1, 2, 2), "prefill_tflops", "LLM prefill TFLOPs (mean)")):
         plotted = False
         groups: Dict[str, List[RunRow]] = {}

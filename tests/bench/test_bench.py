@@ -34,7 +34,6 @@ def test_compress_only_bench_times_every_method_and_variant(capsys):
 
 
 def test_bench_bad_numbers_fail_before_any_work(capsys):
-    import pytest
 
     for argv, message in [
         (["--images", "0"], "--images: must be an integer >= 1, got 0"),

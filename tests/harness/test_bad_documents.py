@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import textwrap
 
 import numpy as np
 import pytest
 import torch
+from lmms_eval_runs import read_run, run_lmms_eval
 from PIL import Image
 
-from lmms_eval_runs import read_run, run_lmms_eval
 from lmms_tokprune.llava.batch import DocumentError, Sample
 from lmms_tokprune.llava.images import check_complete, to_rgb
 
@@ -185,7 +184,7 @@ def test_reference_that_runs_one_image_per_call_refuses_a_batch_at_load_time():
     from lmms_tokprune.harness.args import parse_model_args
 
     for model_id in ("llava_recover", "llava_prumerge_plus"):
-        with pytest.raises(ValueError, match="reference\\): the released code compresses one image per call, so reference runs only "
+        with pytest.raises(ValueError, match="reference\\): the released code runs one image per call, so reference runs only "
                                              "with batch_size=1 \\(got 4\\)"):
             parse_model_args(model_id, {"variant": "reference", "batch_size": 4})
         assert parse_model_args(model_id, {"variant": "fixed", "batch_size": 4}).batch_size == 4

@@ -89,15 +89,19 @@ def test_bad_model_args_fail_without_results(tiny_llava, tmp_path):
 
 @pytest.mark.parametrize(
     "model_id,extra_args",
-    [("llava_prumerge", "variant=fixed"), ("llava_prumerge_plus", "variant=fixed,adaptive=false,ratio=0.125"), ("llava_recover", "variant=fixed"), ("llava_recover", "variant=reference,text_source=reference")],
+    [("llava_prumerge", "variant=fixed"), ("llava_prumerge_plus", "variant=fixed,adaptive=false,ratio=0.125"), ("llava_recover", "variant=fixed"), ("llava_recover", "variant=reference,text_source=reference"),
+     ("llava_visionzip", "variant=reference"), ("llava_visionzip", "variant=fixed,budget=40"),
+     ("llava_vispruner", "variant=reference,budget=64"), ("llava_vispruner", "variant=fixed,budget=40"),
+     ("llava_fastervlm", "variant=reference,budget=58"), ("llava_divprune", "variant=reference"), ("llava_divprune", "variant=fixed,budget=40"),
+     ("llava_cdpruner", "variant=reference,budget=64"), ("llava_cdpruner", "variant=fixed,budget=40")],
 )
 def test_paper_method_ids_run_end_to_end(model_id, extra_args, tiny_llava, tiny_clip, tmp_path):
     """Each paper method's model id through the real lmms-eval CLI computes what its engine computes in process
     (same answers, same per-sample visual token counts and prefill lengths), and compresses."""
     args = f"pretrained={tiny_llava},{extra_args}"
-    if model_id == "llava_recover":
+    if model_id in ("llava_recover", "llava_cdpruner"):
         args += f",text_encoder={tiny_clip}"
-    batch = 1 if "reference" in extra_args else 2
+    batch = 1 if "reference" in extra_args else 2  # reference batches are the release's (DivPrune: image 0 decides): replay is per doc
     out = tmp_path / "out"
     proc = run_lmms_eval(out, model_id, args, batch_size=batch, limit=6)
     run = read_run(out, proc)
@@ -118,3 +122,29 @@ def test_recover_without_text_encoder_fails_at_load_time(tiny_llava, tmp_path):
     proc = run_lmms_eval(out, "llava_recover", f"pretrained={tiny_llava},text_encoder={tmp_path}/no-clip", limit=2)
     assert not list(out.rglob("*_results.json"))
     assert "text_encoder folder" in proc.stdout + proc.stderr and "does not exist" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "model_id,extra_args",
+    [("llava_fastv", "variant=reference"), ("llava_fastv", "variant=fixed,budget=128"),
+     ("llava_pdrop", "variant=reference"), ("llava_pdrop", "variant=fixed,budget=192"),
+     ("llava_dart", "variant=reference"), ("llava_dart", "variant=fixed,budget=128"),
+     ("llava_sparsevlm", "variant=reference"), ("llava_sparsevlm", "variant=fixed,version=2.0,budget=64")],
+)
+def test_in_llm_method_ids_generate_end_to_end(model_id, extra_args, tiny_llava32, tmp_path):
+    """Every in-LLM id through the real lmms-eval CLI on a 32-layer LLM: the engine's answers and counts, the
+    equivalent visual tokens each sample reports (< the 576 entering the LLM), and the run means."""
+    args = f"pretrained={tiny_llava32},{extra_args}"
+    out = tmp_path / "out"
+    proc = run_lmms_eval(out, model_id, args, batch_size=1 if "reference" in extra_args else 3, limit=5)
+    run = read_run(out, proc)
+    samples = run["_samples"][TASK]
+    assert len(samples) == 5
+    replay = replay_in_process(model_id, args, samples)
+    for s in samples:
+        counts = s["token_counts"][0]
+        assert (s["filtered_resps"], counts["visual_tokens_kept"], counts["llm_prefill_tokens"]) == replay[s["doc_id"]]
+        assert counts["visual_tokens_kept"] < counts["visual_tokens_equivalent"] < counts["visual_tokens_in"] == 576
+        assert counts["llm_prefill_tokens"] < counts["input_tokens"] + 1 and counts["prefill_tflops"] > 0
+    eq = [s["token_counts"][0]["visual_tokens_equivalent"] for s in samples]
+    assert run["throughput"]["avg_visual_tokens_equivalent"] == pytest.approx(sum(eq) / len(eq))

@@ -34,6 +34,8 @@ def test_there_are_configs_for_every_method_and_baseline():
         assert {f"{method}/reference.yaml", f"{method}/fixed.yaml"} <= names
     assert {"longtail/fixed.yaml", "none/full.yaml", "none/paper.yaml", "prumerge/ratio_1_8_reference.yaml"} <= names
     assert {"recover/ratio5.yaml", "recover/ratio10.yaml", "recover/ratio50.yaml"} <= names
+    for method in ("visionzip", "vispruner", "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm"):  # the peers
+        assert {f"{method}/reference.yaml", f"{method}/budget64.yaml", f"{method}/budget128.yaml", f"{method}/budget192.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
@@ -45,4 +47,5 @@ def test_config_is_valid(path):
     raw = load_config_model_args(str(path))
     raw.pop("__model__")
     args = parse_model_args(data["model"], raw)
-    assert args.method in ("none", "topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail")
+    assert args.method in ("none", "topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail",
+                           "visionzip", "vispruner", "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm")

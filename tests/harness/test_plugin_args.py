@@ -9,7 +9,9 @@ import pytest
 
 from lmms_tokprune.harness.args import MODEL_IDS, parse_model_args
 
-IDS = ["llava_tokprune", "llava_recover", "llava_prumerge", "llava_prumerge_plus", "llava_longtail"]
+IDS = ["llava_tokprune", "llava_recover", "llava_prumerge", "llava_prumerge_plus", "llava_longtail",
+       "llava_visionzip", "llava_vispruner", "llava_fastervlm", "llava_divprune", "llava_cdpruner",
+       "llava_fastv", "llava_pdrop", "llava_dart", "llava_sparsevlm"]
 
 
 def test_all_ids_registered_in_a_fresh_interpreter():
@@ -71,6 +73,15 @@ def test_presets_match_ids():
         "llava_prumerge": "prumerge",
         "llava_prumerge_plus": "prumerge_plus",
         "llava_longtail": "longtail",
+        "llava_visionzip": "visionzip",
+        "llava_vispruner": "vispruner",
+        "llava_fastervlm": "fastervlm",
+        "llava_divprune": "divprune",
+        "llava_cdpruner": "cdpruner",
+        "llava_fastv": "fastv",
+        "llava_pdrop": "pdrop",
+        "llava_dart": "dart",
+        "llava_sparsevlm": "sparsevlm",
     }
 
 

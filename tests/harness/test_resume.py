@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +10,6 @@ import time
 from glob import glob
 
 import pytest
-
 from lmms_eval_runs import REPO, offline_env, read_run, run_lmms_eval
 
 pytestmark = pytest.mark.slow

@@ -12,15 +12,9 @@ from PIL import Image
 
 from lmms_tokprune.llava.batch import Sample
 from lmms_tokprune.llava.engine import clean_generation_kwargs
-from lmms_tokprune.llava.llm_pruning import (
-    accumulated_attention,
-    attention_scores,
-    decoder_parts,
-    generate_with_pruning,
-    h2o_budgets,
-    h2o_keep,
-    project_query_key,
-)
+from lmms_tokprune.llava.decoder import accumulated_attention, attention_scores, decoder_parts, project_query_key
+from lmms_tokprune.llava.llm_pruning import generate_pruned
+from lmms_tokprune.methods.longtail import h2o_budgets, h2o_keep, h2o_span
 from lmms_tokprune.llava.loading import load_llava
 from lmms_tokprune.llava.longtail_engine import LongtailLlava
 from lmms_tokprune.llava.opener import open_engine
@@ -280,7 +274,7 @@ def test_no_pruning_is_token_identical_to_generate(loaded):
         eos = processor.tokenizer.eos_token_id
         ref = model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=engine.pad_token_id, eos_token_id=eos)
         ref = [r[: r.index(eos)] if eos in r else r for r in ref.tolist()]
-        plain = generate_with_pruning(model, emb, mask, None, {"max_new_tokens": 8}, eos, engine.pad_token_id)
+        plain = generate_pruned(model, emb, mask, batch.llm.image_mask, None, {"max_new_tokens": 8}, eos, engine.pad_token_id)
         assert plain.tokens == ref
         toks, stats = engine.generate(samples, {"max_new_tokens": 8, "temperature": 0})
         assert toks == ref
@@ -344,7 +338,8 @@ def test_positions_and_kv_eviction_match_a_no_cache_recomputation(loaded, k_laye
     samples = _samples()[1:2]
     batch = engine.prepare(samples)
     plan = engine.plan(batch)
-    out = generate_with_pruning(model, batch.llm.inputs_embeds, batch.llm.attention_mask, plan, {"max_new_tokens": 6}, None, engine.pad_token_id, keep_logits=True)
+    out = generate_pruned(model, batch.llm.inputs_embeds, batch.llm.attention_mask, batch.llm.image_mask, plan, {"max_new_tokens": 6}, None,
+                          engine.pad_token_id, keep_logits=True)
     kept = out.kept_positions[0]
     assert kept.numel() < out.prompt_lengths[0]
     gen = out.tokens[0]
@@ -360,11 +355,12 @@ def test_decode_eviction_holds_the_budget(loaded):
     samples = _samples()[:2]
     batch = engine.prepare(samples)
     plan = engine.plan(batch)
-    out = generate_with_pruning(model, batch.llm.inputs_embeds, batch.llm.attention_mask, plan, {"max_new_tokens": 7}, None, engine.pad_token_id)
+    out = generate_pruned(model, batch.llm.inputs_embeds, batch.llm.attention_mask, batch.llm.image_mask, plan, {"max_new_tokens": 7}, None,
+                          engine.pad_token_id)
     assert out.evicted_in_decode == [6, 6]  # every fed token pushes the span over M + N once
-    span = plan.prunable.sum(dim=1).tolist()
+    span = h2o_span(batch.llm.attention_mask.bool(), batch.llm.image_mask, True).sum(dim=1).tolist()
     for row in range(2):
-        assert span[row] > plan.heavy[row] + plan.recent[row]
+        assert span[row] > plan.notes["heavy"][row] + plan.notes["recent"][row]
 
 
 def test_sdpa_stays_and_sampling_and_beams(loaded):

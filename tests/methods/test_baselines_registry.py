@@ -97,4 +97,5 @@ def test_nan_and_inf_inputs_are_rejected():
 
 
 def test_registry_lists_every_method():
-    assert method_names() == ["none", "random", "topk_cls", "spatial", "prumerge", "prumerge_plus", "recover", "longtail"]
+    assert method_names() == ["none", "random", "topk_cls", "spatial", "prumerge", "prumerge_plus", "recover", "longtail",
+                              "visionzip", "vispruner", "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm"]

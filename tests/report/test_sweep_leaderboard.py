@@ -207,7 +207,7 @@ def test_shipped_paper_sweeps_parse():
         assert {(model, "reference"), (model, "fixed")} <= models
     assert ("llava_longtail", "fixed") in models  # no released code: no reference variant
     budgets = load_sweep(SWEEPS / "llava15_7b_budgets.yaml")
-    assert len(budgets.runs) == 1 + 3 * 3 + 3 * 7
+    assert len(budgets.runs) == 1 + 3 * 3 + 3 * 7 + 3 * 5 + 3 * 4  # + the five pre-LLM and the four in-LLM peers, fixed
     for sweep in (paper, budgets):
         assert all(r.tasks == PAPER_TASKS for r in sweep.runs)
         assert all(r.model_args["pretrained"] == os.environ.get("LMMS_TOKPRUNE_PRETRAINED", "llava-hf/llava-1.5-7b-hf") for r in sweep.runs)
@@ -219,6 +219,8 @@ def test_shipped_paper_sweeps_parse():
             for v in ("reference", "fixed"):
                 assert (model, None, v, b) in seen
         assert ("llava_longtail", None, "fixed", b) in seen
+        for peer in ("visionzip", "vispruner", "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm"):
+            assert (f"llava_{peer}", None, "fixed", b) in seen
     # every run's model_args are valid for the wrappers (what `sweep` checks before launching anything)
     from lmms_tokprune.sweep import validate_model_args
 
@@ -536,7 +538,6 @@ def test_a_second_sweep_leaves_a_locked_run_folder_alone(tmp_path, fake_launcher
 def test_sigterm_to_the_sweep_stops_its_lmms_eval_child(tmp_path, fake_launcher, monkeypatch):
     import signal
     import subprocess
-    import time
 
     launcher, _ = fake_launcher
     pids = tmp_path / "pids.txt"

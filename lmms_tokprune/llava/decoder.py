@@ -1,0 +1,169 @@
+"""The pieces of a Llama-style decoder the pruning loop calls directly, and attention rows computed from q / k.
+
+Every decoder layer runs with the attention implementation it was loaded with (SDPA): when a method needs
+attention probabilities (the last prompt token's row, a few rater rows, or every row accumulated), they are
+computed here from the layer's own input norm, q_proj / k_proj and rotary embedding, only for the query rows
+asked for, in chunks -- never a full T x T map in memory, never eager attention in the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class DecoderParts:
+    """What the loop calls: embeddings, layers, rotary embedding, final norm (and lm_head when generating)."""
+
+    embed: nn.Module
+    layers: List[nn.Module]
+    rotary: nn.Module
+    norm: nn.Module
+    lm_head: Optional[nn.Module]
+    config: Any  # the text config
+    attn_implementation: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def decoder_parts(model: nn.Module) -> DecoderParts:
+    """A LlavaForConditionalGeneration (its language model + lm_head) or a bare Llama decoder (LLaVA's
+    `model.model.language_model`, no lm_head) -> its pieces; a clear error for anything else."""
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    head = getattr(model, "lm_head", None)
+    if lm is None:
+        lm, head = model, None
+    needed = ("embed_tokens", "layers", "rotary_emb", "norm")
+    if not all(hasattr(lm, n) for n in needed):
+        raise ValueError("the in-LLM pruning loop needs a LLaVA model or its Llama-style language model (embed_tokens, layers, rotary_emb, norm)")
+    impl = getattr(lm.config, "_attn_implementation", None) or "eager"
+    if impl not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"the in-LLM pruning loop needs an attention implementation that takes 4-D masks ({', '.join(MASKABLE_ATTENTION)}); "
+            f"the model runs {impl!r} (load it with attn_implementation=sdpa)"
+        )
+    return DecoderParts(lm.embed_tokens, list(lm.layers), lm.rotary_emb, lm.norm, head, lm.config, impl)
+
+
+def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Causal + padding mask [B, 1, q_len, S] for queries in the last q_len of S slots.
+
+    valid [B, S] bool marks real key slots. A query always sees its own slot (padded query rows
+    stay finite; nobody reads them). SDPA gets a boolean mask, or None when nothing is masked
+    beyond plain causality (what transformers does, so it can use is_causal); eager gets 0 / min.
+    """
+    s = valid.shape[1]
+    if implementation == "sdpa" and bool(valid.all()) and (q_len == 1 or q_len == s):
+        return None
+    kv = torch.arange(s, device=valid.device)
+    q_slot = kv[s - q_len:]
+    allowed = valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
+    allowed = allowed | (kv[None, None, None, :] == q_slot[None, None, :, None])
+    if implementation == "sdpa":
+        return allowed
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """GQA: [B, Hkv, S, d] -> [B, Hkv * groups, S, d], each key head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, heads, T, d] at the positions the (cos, sin) pair [B, T, d] was made for."""
+    cos, sin = position_embeddings
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def project_query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What `layer`'s attention computes as q and k from its input `hidden` [B, T, H]:
+    input_layernorm -> q_proj / k_proj -> heads -> rotary. Returns q [B, Hq, T, d], k [B, Hkv, T, d]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    return rope(q, position_embeddings), rope(k, position_embeddings)
+
+
+def layer_keys(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The keys `layer` caches for its input: k_proj of the normed input, heads, rotary -> [B, Hkv, T, d]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    b, t, _ = x.shape
+    return rope(attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2), position_embeddings)
+
+
+def query_rows(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """The queries of `layer` for the slots `rows` [B, R] only -> [B, Hq, R, d] (rotary at those slots' positions)."""
+    attn = layer.self_attn
+    picked = torch.gather(hidden, 1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    x = layer.input_layernorm(picked)
+    b, r, _ = x.shape
+    heads = attn.q_proj.out_features // attn.head_dim  # explicit: R may be 0
+    q = attn.q_proj(x).view(b, r, heads, attn.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    index = rows.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
+    return rope(q, (torch.gather(cos, 1, index), torch.gather(sin, 1, index)))
+
+
+def row_logits(q: torch.Tensor, k: torch.Tensor, scaling: float, rows: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, H, R, S] scaled logits of query slots `rows` over key slots, -inf for padding and for keys after the row."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1])
+    slots = torch.arange(k.shape[2], device=k.device)
+    allowed = key_valid[:, None, None, :] & (slots[None, None, None, :] <= rows[:, None, :, None])
+    return (torch.matmul(q, k.transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf"))
+
+
+def accumulated_attention(probs: torch.Tensor, query_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """probs [B, H, Q, K] attention probabilities -> [B, K]: sum over (valid) queries, mean over heads."""
+    if query_valid is not None:
+        probs = probs * query_valid[:, None, :, None].to(probs.dtype)
+    return probs.sum(dim=2).mean(dim=1)
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    key_valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Accumulated causal attention received by each key, float32.
+
+    q [B, Hq, Q, d] are the queries of the last Q of S key slots, k [B, Hkv, S, d] (GQA: repeated
+    to Hq heads); key_valid [B, S], query_valid [B, Q]. Query rows are processed `chunk` at a time.
+    """
+    b, hq, nq, _ = q.shape
+    s = k.shape[2]
+    k = repeat_kv(k, hq // k.shape[1]).float()
+    kv = torch.arange(s, device=q.device)
+    out = torch.zeros(b, s, dtype=torch.float32, device=q.device)
+    for start in range(0, nq, chunk):
+        qc = q[:, :, start:start + chunk].float()
+        q_slot = kv[s - nq + start: s - nq + start + qc.shape[2]]
+        allowed = key_valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
+        logits = torch.matmul(qc, k.transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked (padded) query rows
+        out += accumulated_attention(probs, query_valid[:, start:start + chunk])
+    return out

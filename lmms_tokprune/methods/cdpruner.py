@@ -1,0 +1,112 @@
+"""CDPruner (Zhang et al., NeurIPS'25; released code: Theia-4869/CDPruner @ 9541616, llava/model/llava_arch.py).
+
+A conditional DPP on the projector outputs, conditioned on the question, n tokens:
+1. rho_bj = mean over the question's 77-token segments s of ( -cos(patch_embeds_bj, text_s) ) -- the NEGATIVE
+   cosine (the maintainer calls it deliberate, issues #14 / #19) -- then rho = (rho - min + 1e-6) / (max - min).
+   patch_embeds = CLIP visual_projection(post_layernorm(penultimate patches)).
+2. S = Gram matrix of the L2-normalised projector outputs (normalised in their dtype, then fp32); K_ij = rho_i S_ij rho_j.
+3. Fast greedy MAP (Chen et al. 2018), n steps: d = diag(K); step t: j = argmax d (ties: the lowest index);
+   e_i = (K_ji - sum_{u<t} c_uj c_ui) / sqrt(d_j); c_t = e; d = d - e^2; d_j = -inf.
+4. Kept = the picks in ascending patch order; features = hidden rows.
+
+Variants: `reference` = the release: min and max over the whole batch tensor, the text of sample 0, no eps; past
+the kernel's numerical rank d_j <= 0, sqrt gives NaN, NaN spreads and argmax re-picks, so fewer than n distinct
+tokens come out (reproduced, the actual count reported). More than one image -> ValueError: the released vision
+step min-maxes over the batch and uses sample 0's text, then its pipeline fails at sample 1, so no batched
+result exists to reproduce. `fixed` = min-max per image, each sample's own text, eps in the norms, and exactly
+n tokens: once the best remaining d is <= 1e-10 or not finite, the remaining slots take the unpicked tokens of
+highest relevance (ties to the lowest index). The greedy steps run over the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .inputs import CompressedImage, VisionInputs
+from .registry import REQUIRED_BUDGET, MethodSpec, register
+from .vispruner import keep_patches
+
+RANK_FLOOR = 1e-10  # fixed: a gain at or below this is past the kernel's rank
+
+
+def relevance(inp: VisionInputs, variant: str) -> torch.Tensor:
+    """[B, N] rho: the mean negative cosine to the question's segments, min-maxed (over the batch in reference)."""
+    eps = 0.0 if variant == "reference" else 1e-12
+    patches = inp.patch_embeds.float()
+    patches = patches / (patches.norm(dim=-1, keepdim=True) + eps) if variant == "reference" else F.normalize(patches, dim=-1)
+    texts = inp.text_segments[:1] * inp.batch_size if variant == "reference" else inp.text_segments
+    rho = torch.stack([-(patches[b] @ (t.float() / (t.float().norm(dim=-1, keepdim=True) + eps)).T).mean(dim=1)
+                       for b, t in enumerate(texts)])
+    if variant == "reference":
+        lo, hi = rho.min(), rho.max()
+    else:
+        lo, hi = rho.min(dim=1, keepdim=True).values, rho.max(dim=1, keepdim=True).values
+    return (rho - lo + 1e-6) / (hi - lo if variant == "reference" else (hi - lo).clamp_min(1e-12))
+
+
+def dpp_kernel(inp: VisionInputs, rho: torch.Tensor, variant: str) -> torch.Tensor:
+    """[B, N, N] K = rho_i S_ij rho_j, S the cosine Gram matrix of the projector outputs."""
+    p = inp.projected
+    unit = (p / p.norm(dim=-1, keepdim=True) if variant == "reference" else F.normalize(p.float(), dim=-1)).float()
+    return rho[:, :, None] * torch.bmm(unit, unit.transpose(1, 2)) * rho[:, None, :]
+
+
+def greedy_map(kernel: torch.Tensor, count: int, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fast greedy MAP over [B, N, N] kernels, all images at once -> [B, count] picks.
+
+    fill [B, N] (fixed): when the best remaining gain is <= RANK_FLOOR or not finite, the pick is the unpicked
+    token of highest `fill` instead (ties: the lowest index); None (reference): the released arithmetic, NaN included.
+    """
+    b, n, _ = kernel.shape
+    rows = torch.arange(b, device=kernel.device)
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    c = torch.zeros(b, count, n, dtype=kernel.dtype, device=kernel.device)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
+    out = []
+    spent = torch.zeros(b, dtype=torch.bool, device=kernel.device)
+    for t in range(count):
+        j = torch.argmax(gains, dim=1)
+        if fill is not None:
+            best = gains[rows, j]
+            spent = spent | ~torch.isfinite(best) | (best <= RANK_FLOOR)
+            if bool(spent.any()):
+                backup = torch.argmax(fill.masked_fill(picked, float("-inf")), dim=1)
+                j = torch.where(spent, backup, j)
+        out.append(j)
+        picked[rows, j] = True
+        e = (kernel[rows, j] - torch.einsum("bu,bun->bn", c[rows, :t, j], c[:, :t])) / torch.sqrt(gains[rows, j])[:, None]
+        if fill is not None:  # a spent image keeps no DPP state: the rest of its slots come from `fill`
+            e = torch.where(spent[:, None], torch.zeros_like(e), e)
+        c[:, t] = e
+        gains = gains - e * e
+        gains[rows, j] = float("-inf")
+        if fill is not None:
+            gains = gains.masked_fill(picked, float("-inf"))
+    return torch.stack(out, dim=1)
+
+
+def _cdpruner(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
+    if variant == "reference" and inp.batch_size > 1:
+        raise ValueError("cdpruner (reference): the released code min-maxes over the batch, uses sample 0's text and then fails at "
+                         "sample 1, so it has no batched result; run one image at a time or use variant=fixed")
+    rho = relevance(inp, variant)
+    kernel = dpp_kernel(inp, rho, variant)
+    if variant == "reference":
+        return keep_patches(inp, torch.unique(greedy_map(kernel, budget)[0]).expand(1, -1))
+    return keep_patches(inp, greedy_map(kernel, budget, fill=rho))
+
+
+register(
+    MethodSpec(
+        "cdpruner",
+        _cdpruner,
+        "CDPruner: conditional DPP (question relevance x projector-output similarity), fast greedy MAP, spatial order",
+        params={"budget": REQUIRED_BUDGET},
+        needs=frozenset({"projected", "patch_embeds", "text_segments"}),
+        reference_batch_one=True,
+        reference_short=True,
+    )
+)

@@ -1,0 +1,82 @@
+"""DivPrune (Alvar et al., CVPR'25; released code: vbdi/divprune @ 799e2d9, LLaVA/llava/model/llava_arch.py).
+
+A max-min diversity selection on the projector outputs (`projected`, what the LLM receives), n tokens:
+1. D_ij = 1 - cos(P_i, P_j), rows L2-normalised (in P's dtype: fp16 in real runs).
+2. First pick: per token, the second-smallest entry of its column of D (its own ~0 is the smallest); argmax.
+3. Next picks: score_j = min over the picked s of D_sj; argmax (ties: the lowest index).
+4. Kept = the picked set in ascending patch order; features = hidden rows (the projector is per token).
+
+n = budget, else int(round(ratio * N)) (released SUBSET_RATIO 0.098 -> 56; budgets 64 / 128 / 192 are the
+released interface's ratio n/576).
+
+Variants: `reference` = the release: image 0 decides for the batch (it reads the LLM input embeddings of
+sample 0 at hard-coded positions and applies those indices to every image), picked tokens are NOT masked, so
+once everything left is a duplicate a picked token (score ~0) is picked again: the release sorts its keep
+indices with the repeats and indexes the embeddings with them, so the LLM gets n tokens of which fewer are
+distinct (a re-picked token sits at several consecutive positions; reproduced: `index` repeats). Not reproduced: the release's windows when the image does not start
+at position 35, and its unpruned labels (a loglikelihood-only crash). `fixed` = per image, fp32, picked tokens
+masked (exactly n), ties to the lowest index.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .inputs import CompressedImage, VisionInputs
+from .registry import BUDGET, MethodSpec, Param, register, unit_interval
+from .vispruner import keep_patches
+
+DEFAULT_RATIO = 0.098  # the release's SUBSET_RATIO
+
+
+def keep_count(n: int, budget: Optional[int], ratio: Optional[float]) -> int:
+    return int(budget) if budget is not None else int(round((DEFAULT_RATIO if ratio is None else ratio) * n))
+
+
+def cosine_distance(p: torch.Tensor, variant: str) -> torch.Tensor:
+    """[B, N, d] -> [B, N, N] 1 - cosine; reference in P's own dtype, fixed in fp32."""
+    x = p if variant == "reference" else p.float()
+    unit = x / x.norm(dim=-1, keepdim=True) if variant == "reference" else F.normalize(x, dim=-1, eps=1e-12)
+    return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
+
+
+def max_min_picks(dist: torch.Tensor, count: int, mask_picked: bool) -> torch.Tensor:
+    """Greedy max-min over [B, N, N] distances, all images at once -> [B, count] picks (repeats possible unless masked)."""
+    b, n, _ = dist.shape
+    rows = torch.arange(b, device=dist.device)
+    first = torch.topk(dist, 2, dim=1, largest=False).values[:, 1]  # per column: the second-smallest entry
+    picks = [torch.argmax(first, dim=1)]
+    score = dist[rows, picks[0]]  # min over the picked of D_sj, with one pick: that row
+    for _ in range(count - 1):
+        if mask_picked:
+            score = score.index_put((rows, picks[-1]), torch.tensor(float("-inf"), dtype=score.dtype, device=score.device))
+        picks.append(torch.argmax(score, dim=1))
+        score = torch.minimum(score, dist[rows, picks[-1]])
+    return torch.stack(picks, dim=1)
+
+
+def _divprune(inp: VisionInputs, variant: str, ratio: Optional[float] = None, budget: Optional[int] = None) -> List[CompressedImage]:
+    count = keep_count(inp.num_patches, budget, ratio)
+    if count < 1:
+        raise ValueError(f"divprune: ratio={ratio} keeps int(round(ratio * {inp.num_patches})) = 0 tokens; give a larger ratio or budget")
+    if variant == "reference":
+        picks = max_min_picks(cosine_distance(inp.projected[:1], variant), count, mask_picked=False)
+        return keep_patches(inp, picks.expand(inp.batch_size, -1))  # sorted with the repeats, as released
+    return keep_patches(inp, max_min_picks(cosine_distance(inp.projected, variant), count, mask_picked=True))
+
+
+register(
+    MethodSpec(
+        "divprune",
+        _divprune,
+        "DivPrune: a max-min diversity subset of the projector outputs (cosine distance), spatial order",
+        params={
+            "ratio": Param(None, float, f"kept fraction of the N patches, n = round(ratio * N) (released SUBSET_RATIO {DEFAULT_RATIO})", unit_interval),
+            "budget": BUDGET,
+        },
+        needs=frozenset({"projected"}),
+    )
+)

@@ -1,0 +1,125 @@
+"""PyramidDrop (Xing et al., CVPR'25; released code: Cooperx521/PyramidDrop @ 6444f30,
+llava/model/modeling_llama_pdrop.py pdrop_forward / pdrop_rank_drop). Cuts before each layer of `layer_list`:
+
+With r_0 = 1 prepended, the cut before layer l_s keeps int(N * r_s) of the int(N * r_{s-1}) current image tokens
+(counts come from the ratios, not from the sequence: int(576 * 0.0676) = 38).
+1. At cut l_s, before that layer runs: ITS input norm and q / k on its input, rotary at the current positions;
+   row = the last prompt token; softmax over the keys, head mean; columns = the current image span; topk,
+   kept in sequence order. System and text tokens stay.
+2. Positions are RENUMBERED 0..T'-1 after every cut; each layer caches what it processed (641 / 353 / 209 / 137
+   for a 30-token question); a decoded token's position at a layer = that layer's prefill length + t.
+
+N = the row's image tokens (576 per image). `budget=n` (equivalent visual tokens, input counting): keeps
+`layer_list` and sets the ratios to [λ, λ², λ³, ...], λ on a 0.001 grid, every stage >= 1 token, the nearest
+equivalent (the smallest λ on ties): [8,16,24] reaches 163.5..576 (192 -> λ 0.254: 146/37/9); [2,6,12] reaches
+46.75..576 (128 -> 0.463, 64 -> 0.240). No official 192/128/64 settings exist (PyramidDrop issues #10, #27).
+
+Variants: `reference` = the release: per row, the softmax in fp32 cast to the model dtype with the heads averaged
+in it, torch.topk; a padded row (the release's mask preparation crashes on it) -> ValueError. `fixed` = per row
+with left padding (renumbered over the valid slots, decoded per row), fp32 scores, stable ties; the ratios must
+be non-increasing in (0, 1].
+In model_args a list is written with '/': layer_list=8/16/24,image_token_ratio_list=0.5/0.25/0.125.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+
+from .fastv import in_llm_only
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, top_slots
+from .registry import BUDGET, MethodSpec, Param, register
+
+LAMBDA_GRID = 1000  # λ in steps of 0.001
+
+
+def stage_counts(n: int, ratios: Sequence[float]) -> List[int]:
+    return [int(n * r) for r in ratios]
+
+
+def equivalent(layer_list: Sequence[int], counts: Sequence[int], n: int, layers: int) -> float:
+    """sum_s (l_{s+1} - l_s) * n_s / L with l_0 = 0, n_0 = N, l_{S+1} = L."""
+    bounds = [0, *layer_list, layers]
+    sizes = [n, *counts]
+    return sum((bounds[s + 1] - bounds[s]) * sizes[s] for s in range(len(sizes))) / layers
+
+
+def resolve_ratios(budget: int, layer_list: Sequence[int], n: int, layers: int) -> tuple:
+    """The geometric ratios [λ, λ², ...] whose equivalent is nearest to the budget (smallest λ on ties)."""
+    options = []
+    for step in range(1, LAMBDA_GRID + 1):
+        lam = step / LAMBDA_GRID
+        ratios = tuple(lam ** (s + 1) for s in range(len(layer_list)))
+        counts = stage_counts(n, ratios)
+        if min(counts) >= 1:
+            options.append((lam, ratios, equivalent(layer_list, counts, n, layers)))
+    values = [o[2] for o in options]
+    if not options or not min(values) <= budget <= max(values):
+        low = min(values) if values else n
+        raise budget_error("pdrop", budget, low, n, "earlier cuts in layer_list lower the floor, e.g. layer_list=2/6/12 reaches 46.75")
+    best = min(range(len(options)), key=lambda i: (abs(values[i] - budget), options[i][0]))
+    return options[best][1]
+
+
+def _check_lists(layer_list: Sequence[int], ratios: Sequence[float], layers: int, variant: str) -> None:
+    if len(layer_list) != len(ratios):
+        raise ValueError(f"pdrop: layer_list has {len(layer_list)} layers but image_token_ratio_list {len(ratios)} ratios")
+    if list(layer_list) != sorted(set(layer_list)) or not all(0 < l < layers for l in layer_list):
+        raise ValueError(f"pdrop: layer_list={list(layer_list)} must be increasing layers within 1..{layers - 1}")
+    if variant == "fixed" and (any(not 0.0 < r <= 1.0 for r in ratios) or any(b > a for a, b in zip(ratios, ratios[1:]))):
+        raise ValueError(f"pdrop: image_token_ratio_list={list(ratios)} must be non-increasing ratios in (0, 1]")
+
+
+def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int] = (8, 16, 24),
+          image_token_ratio_list: Sequence[float] = (0.5, 0.25, 0.125), budget: Optional[int] = None) -> LLMPlan:
+    layers, n = context.num_layers, context.num_patches
+    ratios = tuple(image_token_ratio_list)
+    if budget is not None:
+        ratios = resolve_ratios(budget, layer_list, n, layers)
+    _check_lists(layer_list, ratios, layers, variant)
+
+    def cut(stage: int) -> Cut:
+        def decide(view: Any) -> CutDecision:
+            if variant == "reference" and not bool(view.valid.all()):
+                raise ValueError("pdrop (reference): the released code's mask preparation crashes on padded rows; run batch_size=1 "
+                                 "or variant=fixed")
+            images = view.image & view.valid
+            rows = torch.full((view.hidden.shape[0], 1), view.hidden.shape[1] - 1, dtype=torch.long, device=view.hidden.device)
+            probs = view.attention("own", rows)[:, :, 0]  # [B, H, W] float32
+            scores = probs.to(view.model_dtype).mean(dim=1) if variant == "reference" else probs.mean(dim=1)
+            counts = [int(start * ratios[stage]) for start in view.initial_images.tolist()]  # from the ratios, not the sequence
+            chosen = top_slots(scores, images, [min(c, int(m)) for c, m in zip(counts, images.sum(dim=1).tolist())], variant)
+            return CutDecision((view.valid & ~view.image) | chosen, renumber=True)
+        return Cut(layer_list[stage], decide)
+
+    counts = stage_counts(n, ratios)
+    return LLMPlan([cut(s) for s in range(len(layer_list))], "cache",
+                   notes={"layer_list": list(layer_list), "image_token_ratio_list": [round(r, 6) for r in ratios],
+                          "visual_tokens_equivalent": equivalent(layer_list, counts, n, layers)})
+
+
+def _layers(value: Any) -> Optional[str]:
+    return None if all(isinstance(v, int) and v >= 1 for v in value) else "must be decoder layer indices >= 1"
+
+
+def _ratios(value: Any) -> Optional[str]:
+    return None if all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in value) else "must be ratios in [0, 1]"
+
+
+register(
+    MethodSpec(
+        "pdrop",
+        in_llm_only("pdrop"),
+        "PyramidDrop: image tokens dropped in stages before the layers of layer_list, ranked by the last token's attention",
+        params={
+            "layer_list": Param((8, 16, 24), tuple, "decoder layers before which a stage drops (released default 8/16/24)", _layers, item=int),
+            "image_token_ratio_list": Param((0.5, 0.25, 0.125), tuple, "image tokens kept per stage, as a fraction of N (released 0.5/0.25/0.125)",
+                                            _ratios, item=float),
+            "budget": BUDGET,
+        },
+        budget_sets=("image_token_ratio_list",),
+        plan=_plan,
+        reference_batch_one=True,
+    )
+)
