@@ -37,7 +37,8 @@ QUESTION_WORDS = "what colour is the large object on the left of the picture and
 @dataclass
 class BenchRow:
     method: str
-    visual_tokens: float
+    visual_tokens: float  # kept: what the last layer sees for an in-LLM method
+    visual_tokens_equivalent: float  # layer-averaged visual tokens (= kept for a method acting before the LLM)
     llm_seq_len: float  # layer-averaged when the method prunes inside the LLM
     prefill_tflops: float
     prefill_ms: float
@@ -152,6 +153,7 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
     for options, engine in zip(configs, engines):
         times: Dict[str, List[float]] = {"prefill": [], "compress": [], "vision": []}
         kept: List[float] = []
+        equivalent: List[float] = []
         seq: List[float] = []
         tflops: List[float] = []
         peak: Optional[float] = None
@@ -167,12 +169,14 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
                 times["compress"].append(lat["compress_ms"])
                 times["vision"].append(lat["vision_and_compress_ms"] - (lat["compress_ms"] - lat["cut_ms"]))
                 kept.append(st.visual_tokens_kept)
+                equivalent.append(st.visual_tokens_equivalent)
                 seq.append(st.llm_prefill_tokens)
                 tflops.append(st.prefill_tflops)
                 peak = lat.get("peak_memory_mb", peak)
         rows.append(BenchRow(
             method=options.method.name,
             visual_tokens=statistics.mean(kept),
+            visual_tokens_equivalent=statistics.mean(equivalent),
             llm_seq_len=statistics.mean(seq),
             prefill_tflops=statistics.mean(tflops),
             prefill_ms=min(times["prefill"]),  # best of the timed passes: least disturbed by other load
@@ -190,10 +194,10 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    head = "| method | visual tokens | LLM seq len | prefill TFLOPs | prefill ms | compress ms | vision ms | speed-up | FLOPs ratio | speed-up / FLOPs ratio | overhead % | peak MB |"
-    lines = [head, "|" + "---|" * 12]
+    head = "| method | visual kept | equivalent tokens | LLM seq len | prefill TFLOPs | prefill ms | compress ms | vision ms | speed-up | FLOPs ratio | speed-up / FLOPs ratio | overhead % | peak MB |"
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r.method} | {r.visual_tokens:.1f} | {r.llm_seq_len:.1f} | {r.prefill_tflops:.4f} | {r.prefill_ms:.1f} | {r.compress_ms:.2f} | "
+        lines.append(f"| {r.method} | {r.visual_tokens:.1f} | {r.visual_tokens_equivalent:.1f} | {r.llm_seq_len:.1f} | {r.prefill_tflops:.4f} | {r.prefill_ms:.1f} | {r.compress_ms:.2f} | "
                      f"{r.vision_ms:.1f} | {r.speedup:.2f}x | {r.flops_ratio:.2f}x | {100 * r.speedup / r.flops_ratio:.0f}% | {r.overhead_pct:.2f} | "
                      f"{'-' if r.peak_memory_mb is None else f'{r.peak_memory_mb:.0f}'} |")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from ..efficiency.timing import StepClock
 from ..methods import CompressedImage
 from ..methods.llm_stages import LLMContext, LLMPlan
 from .batch import CompressResult, PreparedBatch
-from .engine import CompressedLlava
 from .decoder import decoder_parts
+from .engine import CompressedLlava
 from .llm_pruning import GenerationOutput, generate_pruned
 from .vision import run_clip
 

@@ -31,13 +31,13 @@ import torch
 
 from ..efficiency.timing import StepClock
 from ..methods import BoundMethod, CompressedImage
-from ..methods.longtail import stage1_keep
 from ..methods.llm_stages import LLMPlan
+from ..methods.longtail import stage1_keep
 from .batch import CompressResult, PreparedBatch
+from .decoder import decoder_parts
 from .llm_engine import PrunedLLMLlava
 from .llm_pruning import GenerationOutput
 from .vision import clip_parts, resolve_layer, run_clip
-from .decoder import decoder_parts
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, RATIO, MethodSpec, Param, register
-from .signals import cls_attention
+from .signals import cls_attention, take_rows
 
 DEFAULT_RATIO = 0.25
 
@@ -28,7 +28,7 @@ def keep_count(n: int, budget: Optional[int], ratio: Optional[float], default_ra
 def gather_sorted(inp: VisionInputs, keep: torch.Tensor) -> List[CompressedImage]:
     """keep: [B, M] patch indices -> per-image features in ascending (spatial) order."""
     keep = torch.sort(keep, dim=1).values
-    feats = torch.gather(inp.patches, 1, keep.unsqueeze(-1).expand(-1, -1, inp.patches.shape[-1]))
+    feats = take_rows(inp.patches, keep)
     return [CompressedImage(features=feats[b], index=keep[b]) for b in range(keep.shape[0])]
 
 

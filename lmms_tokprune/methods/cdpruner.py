@@ -25,9 +25,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, register
-from .vispruner import keep_patches
 
 RANK_FLOOR = 1e-10  # fixed: a gain at or below this is past the kernel's rank
 
@@ -95,8 +95,8 @@ def _cdpruner(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> 
     rho = relevance(inp, variant)
     kernel = dpp_kernel(inp, rho, variant)
     if variant == "reference":
-        return keep_patches(inp, torch.unique(greedy_map(kernel, budget)[0]).expand(1, -1))
-    return keep_patches(inp, greedy_map(kernel, budget, fill=rho))
+        return gather_sorted(inp, torch.unique(greedy_map(kernel, budget)[0]).expand(1, -1))
+    return gather_sorted(inp, greedy_map(kernel, budget, fill=rho))
 
 
 register(

@@ -18,7 +18,8 @@ commit: llava/model/language_model/modeling_llama_self.py). One cut before decod
 "DART 128" keeps 132 = 159.75 equivalent tokens. (The scripts' reduction ratio 0.778 is used only when
 max_num_trunction is None, never from their CLI: not exposed.)
 
-Variants: `reference` = the release: batch 1 only (it asserts it: ValueError for more), torch.topk, the set order.
+Variants: `reference` = the release: batch 1 only (it asserts it: ValueError for more), torch.topk, the set order;
+where the release crashes (fewer text tokens than text pivots, P * t above the pool) -> ValueError.
 `fixed` = per row, pivots visited in selection order (image pivots by descending L1 norm, then text), ties to the
 lower position, and guards: fewer text tokens than pivots takes what there is, a pool that runs out stops.
 """
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from .fastv import in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index
-from .registry import BUDGET, MethodSpec, Param, positive_int, register
+from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 
 
 def equivalent(k: int, kept: int, n: int, layers: int) -> float:
@@ -92,6 +93,15 @@ def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunc
     if variant == "fixed" and pivot_image_token + max_num_trunction > n:
         raise ValueError(f"dart: pivot_image_token + max_num_trunction = {pivot_image_token + max_num_trunction} exceeds the {n} image tokens")
 
+    def check_pool(m: int) -> None:
+        """The release's last pivot takes topk(t) of what is left: a pool shorter than t crashes there, so refuse."""
+        per_pivot = (max_num_trunction * m) // pivots
+        if variant == "reference" and pivots * per_pivot > m * n - pivot_image_token:
+            raise ValueError(f"dart (reference): {pivots} pivots x {per_pivot} picks exceed the {m * n - pivot_image_token} image tokens "
+                             f"left after the pivots (the release's topk crashes); lower max_num_trunction or use variant=fixed")
+
+    check_pool(1)
+
     def decide(view: Any) -> CutDecision:
         batch = view.hidden.shape[0]
         if variant == "reference" and batch > 1:
@@ -109,6 +119,7 @@ def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunc
             if variant == "reference" and after.numel() < pivot_text_token:
                 raise ValueError(f"dart (reference): only {after.numel()} text tokens after the image for pivot_text_token="
                                  f"{pivot_text_token}; use variant=fixed")
+            check_pool(m)
             per_pivot = (max_num_trunction * m) // pivots
             keep[b, row_selection(keys[b], feats[b], images, after, view.orig[b], pivot_image_token, pivot_text_token, per_pivot, variant)] = True
         return CutDecision(keep)
@@ -128,7 +139,7 @@ register(
             "max_num_trunction": Param(128, int, "picks over all pivots per image (released default 128)", positive_int),
             "pivot_image_token": Param(4, int, "image pivots (released default 4)", positive_int),
             "pivot_text_token": Param(4, int, "text pivots after the image (released default 4)", positive_int),
-            "budget": BUDGET,
+            "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("max_num_trunction",),
         plan=_plan,

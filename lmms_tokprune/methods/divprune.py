@@ -25,9 +25,9 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, register, unit_interval
-from .vispruner import keep_patches
 
 DEFAULT_RATIO = 0.098  # the release's SUBSET_RATIO
 
@@ -64,8 +64,8 @@ def _divprune(inp: VisionInputs, variant: str, ratio: Optional[float] = None, bu
         raise ValueError(f"divprune: ratio={ratio} keeps int(round(ratio * {inp.num_patches})) = 0 tokens; give a larger ratio or budget")
     if variant == "reference":
         picks = max_min_picks(cosine_distance(inp.projected[:1], variant), count, mask_picked=False)
-        return keep_patches(inp, picks.expand(inp.batch_size, -1))  # sorted with the repeats, as released
-    return keep_patches(inp, max_min_picks(cosine_distance(inp.projected, variant), count, mask_picked=True))
+        return gather_sorted(inp, picks.expand(inp.batch_size, -1))  # sorted with the repeats, as released
+    return gather_sorted(inp, max_min_picks(cosine_distance(inp.projected, variant), count, mask_picked=True))
 
 
 register(

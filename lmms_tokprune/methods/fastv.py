@@ -28,7 +28,7 @@ import torch
 
 from .inputs import CompressedImage, VisionInputs
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, top_slots
-from .registry import BUDGET, MethodSpec, Param, positive_int, register
+from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 
 
 def equivalent(k: int, rank: int, n: int, layers: int) -> float:
@@ -99,7 +99,7 @@ register(
         params={
             "k": Param(2, int, "the cut is before decoder layer k (1 <= k < L; released default 2)", positive_int),
             "rank": Param(288, int, "image tokens kept per image (released default 288 = 50%)", positive_int),
-            "budget": BUDGET,
+            "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("rank",),
         plan=_plan,

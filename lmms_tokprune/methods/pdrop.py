@@ -15,7 +15,8 @@ equivalent (the smallest λ on ties): [8,16,24] reaches 163.5..576 (192 -> λ 0.
 46.75..576 (128 -> 0.463, 64 -> 0.240). No official 192/128/64 settings exist (PyramidDrop issues #10, #27).
 
 Variants: `reference` = the release: per row, the softmax in fp32 cast to the model dtype with the heads averaged
-in it, torch.topk; a padded row (the release's mask preparation crashes on it) -> ValueError. `fixed` = per row
+in it, torch.topk; a padded row (the release's mask preparation crashes on it), or a stage asking for more tokens than the previous one
+left (its topk crashes) -> ValueError. `fixed` = per row
 with left padding (renumbered over the valid slots, decoded per row), fp32 scores, stable ties; the ratios must
 be non-increasing in (0, 1].
 In model_args a list is written with '/': layer_list=8/16/24,image_token_ratio_list=0.5/0.25/0.125.
@@ -29,7 +30,7 @@ import torch
 
 from .fastv import in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, top_slots
-from .registry import BUDGET, MethodSpec, Param, register
+from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 
 LAMBDA_GRID = 1000  # λ in steps of 0.001
 
@@ -62,13 +63,17 @@ def resolve_ratios(budget: int, layer_list: Sequence[int], n: int, layers: int) 
     return options[best][1]
 
 
-def _check_lists(layer_list: Sequence[int], ratios: Sequence[float], layers: int, variant: str) -> None:
+def _check_lists(layer_list: Sequence[int], ratios: Sequence[float], layers: int, n: int, variant: str) -> None:
     if len(layer_list) != len(ratios):
         raise ValueError(f"pdrop: layer_list has {len(layer_list)} layers but image_token_ratio_list {len(ratios)} ratios")
     if list(layer_list) != sorted(set(layer_list)) or not all(0 < l < layers for l in layer_list):
         raise ValueError(f"pdrop: layer_list={list(layer_list)} must be increasing layers within 1..{layers - 1}")
     if variant == "fixed" and (any(not 0.0 < r <= 1.0 for r in ratios) or any(b > a for a, b in zip(ratios, ratios[1:]))):
         raise ValueError(f"pdrop: image_token_ratio_list={list(ratios)} must be non-increasing ratios in (0, 1]")
+    counts = [n, *stage_counts(n, ratios)]
+    if variant == "reference" and any(b > a for a, b in zip(counts, counts[1:])):
+        raise ValueError(f"pdrop (reference): image_token_ratio_list={list(ratios)} asks a stage for more image tokens than the "
+                         f"previous one left ({counts[1:]} of {n}); the release's topk crashes there; use non-increasing ratios")
 
 
 def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int] = (8, 16, 24),
@@ -77,7 +82,7 @@ def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int]
     ratios = tuple(image_token_ratio_list)
     if budget is not None:
         ratios = resolve_ratios(budget, layer_list, n, layers)
-    _check_lists(layer_list, ratios, layers, variant)
+    _check_lists(layer_list, ratios, layers, n, variant)
 
     def cut(stage: int) -> Cut:
         def decide(view: Any) -> CutDecision:
@@ -116,7 +121,7 @@ register(
             "layer_list": Param((8, 16, 24), tuple, "decoder layers before which a stage drops (released default 8/16/24)", _layers, item=int),
             "image_token_ratio_list": Param((0.5, 0.25, 0.125), tuple, "image tokens kept per stage, as a fraction of N (released 0.5/0.25/0.125)",
                                             _ratios, item=float),
-            "budget": BUDGET,
+            "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("image_token_ratio_list",),
         plan=_plan,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
-from types import MappingProxyType
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -107,6 +107,8 @@ def unit_interval(value: Any) -> Optional[str]:
 # Matched-budget and ratio parameters every method accepts (meaning per method, see METHODS.md).
 BUDGET = Param(None, int, "exact number of visual tokens per image (merged/extra tokens count)", positive_int)
 RATIO = Param(None, float, "fraction of the N patches to keep (per-method meaning)", unit_interval)
+EQUIVALENT_BUDGET = Param(None, int, "equivalent visual tokens per image: the mean over decoder layers of the visual tokens each "
+                          "computes on (input counting), mapped to the nearest released setting", positive_int)
 REQUIRED_BUDGET = Param(None, int, "exact number of visual tokens per image (required; released visual_token_num)", required_positive_int)
 
 _SPECS: Dict[str, MethodSpec] = {}

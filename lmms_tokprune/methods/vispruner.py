@@ -30,9 +30,10 @@ from typing import List, Optional
 
 import torch
 
+from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, Param, register
-from .signals import cls_attention_per_head
+from .signals import cls_attention_per_head, take_rows
 
 ROUND_DROP = 8  # the release removes at most 8 duplicated tokens per round
 EPS = 1e-6
@@ -49,18 +50,6 @@ def head_mean_attention(inp: VisionInputs) -> torch.Tensor:
 def descending_order(scores: torch.Tensor, variant: str) -> torch.Tensor:
     """argsort descending; reference: torch's default (unstable) sort, fixed: stable (ties to the lower position)."""
     return torch.argsort(scores, dim=-1, descending=True, stable=variant != "reference")
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, N, D], [B, M] -> [B, M, D]."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def keep_patches(inp: VisionInputs, kept: torch.Tensor) -> List[CompressedImage]:
-    """[B, n] patch indices -> outputs in ascending patch order, features = hidden rows."""
-    kept = torch.sort(kept, dim=1).values
-    feats = gather_rows(inp.patches, kept)
-    return [CompressedImage(feats[b], kept[b]) for b in range(kept.shape[0])]
 
 
 def released_survivors(order: torch.Tensor, length: int, drop: int) -> torch.Tensor:
@@ -98,10 +87,10 @@ def diverse_rounds(x: torch.Tensor, residual: torch.Tensor, diverse: int, varian
             break
         evens, odds = residual[:, 0::2], residual[:, 1::2]
         if gram is None:
-            similarity = torch.bmm(gather_rows(x, evens), gather_rows(x, odds).transpose(1, 2))  # [B, |E|, |O|]
+            similarity = torch.bmm(take_rows(x, evens), take_rows(x, odds).transpose(1, 2))  # [B, |E|, |O|]
         else:
-            rows = torch.arange(gram.shape[0], device=gram.device)[:, None, None]
-            similarity = gram[rows, evens[:, :, None], odds[:, None, :]]
+            block = take_rows(gram, evens)  # [B, |E|, N], then the odd columns (faster than one 2-D fancy index)
+            similarity = torch.gather(block, 2, odds[:, None, :].expand(-1, block.shape[1], -1))
         order = descending_order(similarity.max(dim=2).values, variant)
         kept_evens = order[:, drop:] if variant != "reference" else released_survivors(order, length, drop)
         residual = torch.cat([torch.gather(evens, 1, kept_evens), odds], dim=1)
@@ -115,11 +104,11 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
     important = int(budget * important_ratio)
     order = descending_order(head_mean_attention(inp), variant)
     if budget == important:  # no diverse tokens: the release keeps the important ones only
-        return keep_patches(inp, order[:, :important])
+        return gather_sorted(inp, order[:, :important])
     norm = inp.patches.norm(dim=-1, keepdim=True)
     x = inp.patches / (norm if variant == "reference" else norm.clamp_min(EPS))
     residual = diverse_rounds(x, order[:, important:], budget - important, variant)
-    return keep_patches(inp, torch.cat([order[:, :important], residual], dim=1))
+    return gather_sorted(inp, torch.cat([order[:, :important], residual], dim=1))
 
 
 def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
@@ -128,7 +117,7 @@ def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) ->
         kept = torch.topk(attn, budget, dim=1).indices
     else:
         kept = descending_order(attn, variant)[:, :budget]
-    return keep_patches(inp, kept)
+    return gather_sorted(inp, kept)
 
 
 register(

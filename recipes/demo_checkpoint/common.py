@@ -9,9 +9,10 @@ from typing import List
 import numpy as np
 import torch
 
-from ..shapes_vqa import FAMILIES, corpus_sentences, render
 from lmms_tokprune.testing import tiny
 from lmms_tokprune.testing.tiny import CLIP_MEAN, CLIP_STD, clip_vision_config
+
+from ..shapes_vqa import FAMILIES, corpus_sentences, render
 
 
 @dataclass

@@ -44,7 +44,6 @@ import torch
 
 from ..shapes_vqa.generator import COLOURS, PLURALS, SHAPES, Obj, box_patches
 
-
 SINK = ()  # the empty object group: attend to the attention sink (<s>)
 
 

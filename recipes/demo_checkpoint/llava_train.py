@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from lmms_tokprune.llava.prompts import llava_v1_prompt
-from ..shapes_vqa import POST_PROMPT, caption, sample_scene, scene_questions
 from lmms_tokprune.testing.tiny import NUM_PATCHES, llama_text_config
+
+from ..shapes_vqa import POST_PROMPT, caption, sample_scene, scene_questions
+from ..shapes_vqa.generator import box_patches
 from .attention_rows import AttentionRows
 from .common import Log, Sizes, llama_tokenizer, penultimate_tokens, scene_pixels, vision_config
-from ..shapes_vqa.generator import box_patches
 from .grounding import GroundedRow, asked_words, attention_groups, attention_loss, canonical_relation, object_words, readout_loss
-
 
 CAPTION_PROMPT = "Describe the image briefly."
 

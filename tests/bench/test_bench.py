@@ -55,3 +55,16 @@ def test_bench_budget_out_of_range_is_rejected_before_the_model_is_built(capsys,
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model built")))
     assert main(["bench", "--preset", "tiny", "--methods", "none,topk_cls", "--param", "topk_cls:ratio=2"]) == 2
     assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_bench_counts_in_llm_methods_per_layer(capsys):
+    """An in-LLM cut: the last layer sees `rank` image tokens, the layer average is the equivalent count, and the
+    prefill FLOPs follow the per-layer lengths."""
+    code = main(["bench", "--preset", "tiny", "--llm-layers", "4", "--methods", "none,fastv", "--param", "fastv:k=1",
+                 "--param", "fastv:rank=100", "--images", "1", "--repeats", "1", "--json"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows["none"]["visual_tokens_equivalent"] == 576
+    assert rows["fastv"]["visual_tokens"] == 100 and rows["fastv"]["visual_tokens_equivalent"] == (576 + 3 * 100) / 4
+    assert rows["fastv"]["llm_seq_len"] == rows["none"]["llm_seq_len"] - 3 * 476 / 4
+    assert rows["fastv"]["flops_ratio"] > 1.5

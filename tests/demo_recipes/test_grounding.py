@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from recipes.demo_checkpoint.grounding import SINK, attention_groups, attention_loss, object_words, readout_loss
 from recipes.shapes_vqa import sample_scene, scene_questions
 from recipes.shapes_vqa.generator import box_patches
-from recipes.demo_checkpoint.grounding import SINK, attention_groups, attention_loss, object_words, readout_loss
 
 
 def _tiny_llama():
@@ -232,8 +232,8 @@ def test_grounded_step_adds_the_comparison_loss_of_the_middle_layers():
 
 
 def test_asked_words_are_the_colour_and_shape_a_question_names():
-    from recipes.shapes_vqa.generator import Question
     from recipes.demo_checkpoint.grounding import asked_words
+    from recipes.shapes_vqa.generator import Question
 
     def q(family: str, text: str) -> Question:
         return Question(family, text, "x", ())

@@ -15,8 +15,9 @@ TASK_DIR = REPO / "tasks" / "shapes_vqa"
 
 
 def test_generator_is_deterministic():
-    import numpy as np
     import random
+
+    import numpy as np
 
     for split in ("train", "val", "test"):
         a, b = sample_scene(split, 7), sample_scene(split, 7)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from lmms_eval_runs import read_run, replay_in_process, run_lmms_eval
 
 pytestmark = pytest.mark.slow

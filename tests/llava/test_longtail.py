@@ -11,17 +11,16 @@ import torch
 from PIL import Image
 
 from lmms_tokprune.llava.batch import Sample
-from lmms_tokprune.llava.engine import clean_generation_kwargs
 from lmms_tokprune.llava.decoder import accumulated_attention, attention_scores, decoder_parts, project_query_key
+from lmms_tokprune.llava.engine import clean_generation_kwargs
 from lmms_tokprune.llava.llm_pruning import generate_pruned
-from lmms_tokprune.methods.longtail import h2o_budgets, h2o_keep, h2o_span
 from lmms_tokprune.llava.loading import load_llava
 from lmms_tokprune.llava.longtail_engine import LongtailLlava
 from lmms_tokprune.llava.opener import open_engine
 from lmms_tokprune.llava.options import engine_options
 from lmms_tokprune.llava.vision import capture_outputs, clip_parts, run_clip
 from lmms_tokprune.methods import VisionInputs, bind, compress, get_method
-from lmms_tokprune.methods.longtail import longtail_counts, scaled_count, split_objective, split_point
+from lmms_tokprune.methods.longtail import h2o_budgets, h2o_keep, h2o_span, longtail_counts, scaled_count, split_objective, split_point
 from lmms_tokprune.methods.registry import STAGE_IN_CLIP_AND_LLM
 
 QUESTIONS = ["What colour is the square?", "How many circles are there in the picture?", "Is there a red triangle?", "What shape is it?"]

@@ -34,8 +34,8 @@ def test_overlay_dims_dropped_patches_and_tints_the_others():
 def test_visualize_maps_exactly_what_the_method_keeps(tiny_llava, tmp_path):
     """The map of topk_cls at 32 tokens marks exactly the 32 patches of highest CLS attention of the checkpoint's
     own last CLIP block (recomputed here from a plain run of the tower), and nothing else."""
-    from lmms_tokprune.llava.loading import load_llava
     from lmms_tokprune.llava.images import ImagePreparer
+    from lmms_tokprune.llava.loading import load_llava
     from lmms_tokprune.llava.vision import as_vision_inputs, run_clip
     from lmms_tokprune.methods.signals import cls_attention
 
