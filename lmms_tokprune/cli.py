@@ -75,20 +75,37 @@ def _sweep(args: argparse.Namespace) -> int:
     from .sweep import outcomes_as_json, sweep_main
 
     code, outcomes = sweep_main(args.file, overrides=args.set or [], pretrained=args.pretrained, output_dir=args.output_dir,
-                                limit=args.limit, only=args.only, dry_run=args.dry_run, leaderboard=args.leaderboard)
+                                limit=args.limit, only=args.only, dry_run=args.dry_run, leaderboard=args.leaderboard,
+                                shard=args.shard, list_only=args.list)
     if args.json:
         print(json.dumps({"runs": outcomes_as_json(outcomes), "failed": code != 0}))
     return code
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from .report.leaderboard import parse_metric_overrides, write_leaderboard
+    """Read and check everything, then write: a bad input leaves nothing half-written."""
+    from .report.leaderboard import build_rows, parse_metric_overrides, render, write_outputs
+    from .report.regression import check_rows, load_baseline, write_baseline
 
-    written = write_leaderboard(args.runs, args.out, metrics=parse_metric_overrides(args.metric), baseline=args.baseline)
-    for warning in written["warnings"]:
+    if args.check and args.write_baseline:
+        raise ValueError("--check and --write-baseline: use one (check against the old baseline first, then write the new one)")
+    if args.tolerance is not None and not args.check:
+        raise ValueError("--tolerance applies to --check only")
+    baseline = load_baseline(args.check) if args.check else None
+    warnings: list = []
+    rows, has_baseline = build_rows(args.runs, parse_metric_overrides(args.metric), args.baseline, warnings)
+    report = check_rows(rows, baseline, 0.01 if args.tolerance is None else args.tolerance, str(args.check)) if baseline else None
+    files = render(rows, has_baseline, warnings, report.markdown() if report else "")
+    written = write_outputs(args.out, files)
+    for warning in warnings:
         print(f"lmms-tokprune: warning: {warning}", file=sys.stderr)
-    print(written["table"])
-    print(f"wrote {written['markdown']}, {written['csv']}, {written['png']}")
+    print(files["table"])
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    if args.write_baseline:
+        print(f"wrote baseline {write_baseline(rows, args.write_baseline)} ({len(rows)} runs)")
+    if report is not None:
+        print("\n".join(report.lines()))
+        return 1 if report.failed else 0
     return 0
 
 
@@ -248,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--only", default=None, help="comma-separated run names to consider")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands without running them")
     sweep.add_argument("--leaderboard", action="store_true", help="write <output_dir>/leaderboard/ when done")
+    sweep.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only shard I of N (runs I, I+N, I+2N, ... of the file); each of N jobs runs one, `leaderboard` merges them")
+    sweep.add_argument("--list", action="store_true", help="print the runs (of the shard) and whether each is finished; run nothing")
     sweep.add_argument("--json", action="store_true", help="also print a JSON summary of the runs")
     sweep.set_defaults(func=_sweep)
 
@@ -283,11 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="leaderboard.md/.csv and pareto.png from lmms-eval result folders")
     board.add_argument("runs", nargs="+", help="sweep output folders or run folders (searched for *_results.json)")
-    board.add_argument("--out", required=True, help="folder for leaderboard.md, leaderboard.csv, pareto.png")
+    board.add_argument("--out", required=True, help="folder for leaderboard.md / .csv / .json and pareto.png")
     board.add_argument("--metric", action="append", metavar="TASK=METRIC",
                        help="main metric of a task, e.g. pope=pope_f1_score (repeatable)")
     board.add_argument("--baseline", default=None,
-                       help="run name of the uncompressed baseline (default: the method=none run of each sweep)")
+                       help="run name of the uncompressed baseline (default: the method=none run on each run's checkpoint)")
+    board.add_argument("--check", default=None, metavar="BASELINE.json",
+                       help="exit 1 when a run scores worse than this baseline by more than --tolerance, or its token counts changed, "
+                            "or runs are missing / new")
+    board.add_argument("--tolerance", type=float, default=None,
+                       help="allowed score drop as a fraction of the baseline score (default 0.01 = 1%%)")
+    board.add_argument("--write-baseline", default=None, metavar="FILE", help="write the runs' scores and counts as a baseline for --check")
     board.set_defaults(func=_leaderboard)
 
     train = sub.add_parser("train-demo", help="train the shipped demo checkpoint (CLIP pre-training, then projector + LLM) on CPU; "

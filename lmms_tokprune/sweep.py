@@ -36,7 +36,10 @@ Each run is the real lmms-eval CLI in a subprocess::
 (several include paths: the lmms-eval CLI takes one ``--include_path``, so the run gets ``--config
 <output_dir>/<name>/include_paths.yaml`` holding the list; lmms-eval's TaskManager takes a list there.)
 
-with its output in ``<output_dir>/<name>/run.log``. A run whose folder already holds a results JSON
+with its output in ``<output_dir>/<name>/run.log``. ``--shard I/N`` runs only the runs at positions I-1, I-1+N,
+I-1+2N, ... of the file (1-based I): every run is in exactly one of the N shards, and appending runs to the file
+never moves an existing one to another shard; N jobs (CI matrix entries, SLURM array tasks, machines) each run
+one shard, each a resumable sweep of its own, and ``leaderboard`` merges their folders. A run whose folder already holds a results JSON
 covering the requested tasks is finished and skipped. lmms-eval exits 0 on many failures, so a run
 succeeds only if it exits 0 AND leaves such a results file; failed runs are reported with the tail of
 their log, the others go on, and the sweep's exit status is 1 if any run failed. Each run folder is locked
@@ -133,6 +136,7 @@ class Sweep:
     path: Path
     output_dir: Path
     runs: List[RunSpec]
+    shard: Optional[Tuple[int, int]] = None  # (I, N) when only shard I of N is run
 
 
 @dataclass
@@ -543,7 +547,33 @@ def _write_manifest(sweep: Sweep, outcomes: Mapping[str, RunOutcome]) -> None:
             "results_file": str(outcome.results_file) if outcome and outcome.results_file else None,
         })
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    (sweep.output_dir / MANIFEST_NAME).write_text(json.dumps({"sweep_file": str(sweep.path), "runs": entries}, indent=2) + "\n")
+    manifest = {"sweep_file": str(sweep.path), "shard": None if sweep.shard is None else f"{sweep.shard[0]}/{sweep.shard[1]}", "runs": entries}
+    (sweep.output_dir / manifest_name(sweep.shard)).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# -- shards --------------------------------------------------------------------------------------
+def parse_shard(text: str) -> Tuple[int, int]:
+    """'2/4' -> (2, 4): shard 2 of 4 (1-based). One clear error for anything else ('3/2', '0/0', 'x')."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 1/4 (shard I of N, 1 <= I <= N)")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1:
+        raise ValueError(f"--shard {text!r}: the number of shards N must be at least 1")
+    if not 1 <= index <= count:
+        raise ValueError(f"--shard {text!r}: the shard index must be within 1..{count}")
+    return index, count
+
+
+def shard_runs(runs: Sequence[RunSpec], index: int, count: int) -> List[RunSpec]:
+    """The runs of shard `index` of `count`: positions index-1, index-1+count, ... (round robin over the file's
+    order: balanced, and a run keeps its shard when runs are appended)."""
+    return [run for position, run in enumerate(runs) if position % count == index - 1]
+
+
+def manifest_name(shard: Optional[Tuple[int, int]]) -> str:
+    """sweep.json, or sweep.shard-I-of-N.json (shards may share an output_dir)."""
+    return MANIFEST_NAME if shard is None else f"sweep.shard-{shard[0]}-of-{shard[1]}.json"
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -734,11 +764,30 @@ def _split_only(text: Optional[str]) -> Optional[List[str]]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def list_runs(sweep: Sweep, out: Optional[TextIO] = None) -> None:
+    """`--list`: one line per run of the (shard of the) sweep, nothing run."""
+    stream = out or sys.stdout
+    where = "" if sweep.shard is None else f" (shard {sweep.shard[0]}/{sweep.shard[1]})"
+    for run in sweep.runs:
+        state = "finished" if finished_results(run) is not None else "to run"
+        stream.write(f"{run.name}\t{run.model}\t{run.model_args_string()}\t{','.join(run.tasks)}\t{state}\n")
+    stream.write(f"{len(sweep.runs)} runs{where} of {sweep.path.name}\n")
+
+
 def sweep_main(file: str, overrides: Sequence[str] = (), pretrained: Optional[str] = None, output_dir: Optional[str] = None,
                limit: Optional[float] = None, only: Optional[str] = None, dry_run: bool = False,
-               leaderboard: bool = False) -> Tuple[int, List[RunOutcome]]:
+               leaderboard: bool = False, shard: Optional[str] = None, list_only: bool = False) -> Tuple[int, List[RunOutcome]]:
     """What `lmms-tokprune sweep` does; returns (exit status, outcomes)."""
+    chosen = parse_shard(shard) if shard is not None else None  # a bad spec fails before the file is read
     sweep = load_sweep(file, overrides, pretrained=pretrained, output_dir=output_dir, limit=limit)
+    if chosen is not None:
+        sweep = dataclasses.replace(sweep, runs=shard_runs(sweep.runs, *chosen), shard=chosen)
+    if list_only:
+        list_runs(sweep)
+        return 0, []
+    if not sweep.runs:
+        print(f"shard {chosen[0]}/{chosen[1]} of {sweep.path.name} has no runs (the file has fewer than {chosen[1]})")
+        return 0, []
     try:
         outcomes = run_sweep(sweep, only=_split_only(only), dry_run=dry_run)
     except SweepInterrupted as stop:

@@ -20,7 +20,8 @@ SUBSET = 10
 
 
 def _row(r, wall_s: float) -> dict:
-    return {"method": r.method, "budget": r.budget, "visual_tokens": r.visual_tokens, "llm_prefill_tokens": r.llm_prefill_tokens,
+    return {"method": r.method, "budget": r.budget, "visual_tokens": r.visual_tokens, "visual_tokens_equivalent": r.visual_tokens_equivalent,
+            "llm_prefill_tokens": r.llm_prefill_tokens,
             "accuracy": r.accuracy, "per_task": {k.replace("shapes_vqa_", ""): v for k, v in r.per_task.items()}, "wall_s": wall_s}
 
 
@@ -49,38 +50,50 @@ def evaluate_demo(pretrained: str = "demo", text_encoder: Optional[str] = "demo"
     }
 
 
+def equivalent_of(row: dict) -> float:
+    """Equivalent visual tokens of a row (rows written before the field existed: the tokens kept)."""
+    return float(row.get("visual_tokens_equivalent") or row["visual_tokens"])
+
+
 def markdown_table(full: Sequence[dict]) -> str:
-    """One row per (method, budget): visual tokens kept, mean accuracy and per-family accuracy."""
+    """One row per (method, budget): visual tokens kept (the last layer's, for a method inside the LLM), equivalent
+    tokens (per decoder layer, averaged), mean accuracy and per-family accuracy."""
     fams = list(full[0]["per_task"])
-    lines = ["| method | budget | visual tokens | mean | " + " | ".join(fams) + " |", "|---|---|---|---|" + "---|" * len(fams)]
+    lines = ["| method | budget | visual tokens | equivalent tokens | mean | " + " | ".join(fams) + " |",
+             "|---|---|---|---|---|" + "---|" * len(fams)]
     for r in full:
         budget = "-" if r["budget"] is None else str(r["budget"])
         cells = " | ".join(f"{r['per_task'][f]:.2f}" for f in fams)
-        lines.append(f"| {r['method']} | {budget} | {r['visual_tokens']:.0f} | {r['accuracy']:.3f} | {cells} |")
+        lines.append(f"| {r['method']} | {budget} | {r['visual_tokens']:.0f} | {equivalent_of(r):.1f} | {r['accuracy']:.3f} | {cells} |")
     return "\n".join(lines)
 
 
 def pareto_plot(full: Sequence[dict], path: Path) -> Path:
-    """Mean accuracy vs visual tokens kept, one line per method, the uncompressed model as a star."""
+    """Mean accuracy vs equivalent visual tokens (= kept, before the LLM), one line per method (dashed: inside the
+    LLM), the uncompressed model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    from ..catalog import STAGE_IN_LLM, method_entry
+
+    fig, ax = plt.subplots(figsize=(7.6, 5.0), dpi=110)
     methods = sorted({r["method"] for r in full if r["method"] != "none"})
-    for m in methods:
-        pts = sorted((r["visual_tokens"], r["accuracy"]) for r in full if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    colours = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):
+        pts = sorted((equivalent_of(r), r["accuracy"]) for r in full if r["method"] == m)
+        style = "--" if method_entry(m).stage == STAGE_IN_LLM else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=4, color=colours[i % len(colours)], label=m)
     for r in full:
         if r["method"] == "none":
-            ax.scatter([r["visual_tokens"]], [r["accuracy"]], marker="*", s=160, color="black", label="none (576)", zorder=5)
+            ax.scatter([equivalent_of(r)], [r["accuracy"]], marker="*", s=160, color="black", label="none (576)", zorder=5)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens kept per image (log scale)")
+    ax.set_xlabel("equivalent visual tokens per image (log scale; dashed = pruned inside the LLM)")
     ax.set_ylabel("shapes_vqa mean exact match")
-    ax.set_title("demo checkpoint: accuracy vs visual tokens")
+    ax.set_title("demo checkpoint: accuracy vs equivalent visual tokens")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ COUNT_FIELDS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_equival
 LATENCY_FIELDS = ("compress_ms", "cut_ms", "vision_and_compress_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "peak_memory_mb")
 # Provenance: `config` = digest of the resolved configuration, `method_args` = the resolved method and the
 # parameters set (what a label must show even when a config file changed later); `error` = why this
-# document was not run.
-NOTE_FIELDS = ("config", "method_args", "error")
+# document was not run; `provenance` = versions, source commit, checkpoint, prompt style (harness/provenance.py).
+NOTE_FIELDS = ("config", "method_args", "error", "provenance")
 
 
 @dataclass
@@ -35,6 +35,7 @@ class TokPruneTokenCounts(TokenCounts):
     config: Optional[str] = None
     method_args: Optional[str] = None
     error: Optional[str] = None
+    provenance: Optional[Dict[str, str]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = super().to_dict()

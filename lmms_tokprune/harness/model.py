@@ -24,6 +24,7 @@ from ..llava.opener import open_engine
 from . import response_cache
 from .args import EvalConfig, parse_model_args
 from .counts import SampleRecord, TokPruneTokenCounts, run_means
+from .provenance import provenance
 
 
 def image_key(task: str, split: str, doc_id: Any, index: int) -> int:
@@ -77,6 +78,7 @@ class LlavaTokPrune(lmms):
         self.engine = open_engine(args.engine, device)
         self._model = self.engine.model
         self.batch_size_per_gpu = args.batch_size
+        self._provenance = provenance(args)
         self._records: List[SampleRecord] = []
         self._seconds = 0.0  # per document, of the last batch
         if self._rank == 0:
@@ -173,6 +175,7 @@ class LlavaTokPrune(lmms):
                 prefill_tflops=st.prefill_tflops,
                 config=self.args.digest,
                 method_args=self.args.method_args,
+                provenance=self._provenance,
                 **st.latency,
             )
             out.append(GenerationResult(text=text, token_counts=counts))
@@ -185,7 +188,7 @@ class LlavaTokPrune(lmms):
         message = f"{task} doc {doc_id}: {first if isinstance(err, (ValueError, OSError)) else f'{type(err).__name__}: {first}'}"
         logger.warning(f"{self.MODEL_ID}: not run: {message}")
         return GenerationResult(text="", token_counts=TokPruneTokenCounts(config=self.args.digest, method_args=self.args.method_args,
-                                                                          error=message))
+                                                                          provenance=self._provenance, error=message))
 
     def record(self, req: Instance, result: GenerationResult, cached: bool = False) -> None:
         """One document's counts for the run means (padding copies are skipped)."""

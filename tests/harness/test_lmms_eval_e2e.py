@@ -35,6 +35,16 @@ def test_counts_in_samples_and_results(batch_runs):
         assert counts["visual_tokens_kept"] == 32 * images
         assert counts["llm_prefill_tokens"] == counts["input_tokens"] > counts["visual_tokens_kept"]
         assert counts["prefill_tflops"] > 0
+    # how the run was made, for the leaderboard's provenance block (the same for every sample)
+    import lmms_eval
+    import torch
+    import transformers
+
+    prov = samples[0]["token_counts"][0]["provenance"]
+    assert prov["torch"] == torch.__version__.split("+")[0] or prov["torch"] == torch.__version__
+    assert prov["transformers"] == transformers.__version__ and prov["lmms_eval"] == getattr(lmms_eval, "__version__", prov["lmms_eval"])
+    assert prov["checkpoint"] == str(run["config"]["model_args"]).split("pretrained=")[1].split(",")[0] and prov["prompt_style"] == "llava_v1"
+    assert all(s["token_counts"][0]["provenance"] == prov for s in samples)
     means = run["throughput"]
     kept = [s["token_counts"][0]["visual_tokens_kept"] for s in samples]
     prefill = [s["token_counts"][0]["llm_prefill_tokens"] for s in samples]

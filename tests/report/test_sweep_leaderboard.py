@@ -65,7 +65,8 @@ stamp = time.strftime("%Y%m%d_%H%M%S")
 data = {
     "results": {t: {"alias": t, "exact_match,none": score, "exact_match_stderr,none": 0.01} for t in tasks},
     "group_subtasks": {t: [] for t in tasks},
-    "config": {"model": args["model"], "model_args": args["model_args"], "limit": float(args["limit"]) if "limit" in args else None},
+    # fake_ok stands for our generic id in the results (the leaderboard reads only lmms_tokprune runs)
+    "config": {"model": "llava_tokprune" if args["model"] == "fake_ok" else args["model"], "model_args": args["model_args"], "limit": float(args["limit"]) if "limit" in args else None},
     "throughput": {"avg_visual_tokens_kept": float(model_args.get("kept", 576)), "avg_visual_tokens_in": 576.0,
                    "avg_llm_prefill_tokens": float(model_args.get("kept", 576)) + 60,
                    **({"avg_failed_docs": float(model_args["failed"])} if "failed" in model_args else {})},
@@ -352,13 +353,16 @@ def test_leaderboard_rows_and_relative_scores(synthetic_sweep):
     by = {r.name: r for r in rows}
     assert by["none"].relative_pct == pytest.approx(100.0)
     assert by["prumerge-ref-b128"].relative_pct == pytest.approx(100.0)  # newest results file used
-    assert by["topk-b64"].relative_pct == pytest.approx(100 * (1200 / 1500 + 0.5 + 0.5) / 3)
+    # MME perception and cognition are two columns: (1200/1500, 250/300, textvqa 0.5, pope 0.5)
+    assert by["topk-b64"].relative_pct == pytest.approx(100 * (1200 / 1500 + 250 / 300 + 0.5 + 0.5) / 4)
+    assert by["topk-b64"].relative[("mme", "mme_cognition_score")] == pytest.approx(100 * 250 / 300)
     assert by["recover-fix"].relative_pct == pytest.approx(50.0)
     pm = by["prumerge-ref-b128"]
     assert (pm.method, pm.variant, pm.budget) == ("prumerge", "reference", "128")
     assert (by["recover-fix"].method, by["recover-fix"].variant, by["recover-fix"].ratio) == ("recover", "fixed", "0.1")
     assert (by["topk-b64"].method, by["topk-b64"].budget) == ("topk_cls", "64")
-    assert by["none"].scores["mme"] == ("mme_perception_score", 1500.0)
+    assert by["none"].scores[("mme", "mme_perception_score")] == 1500.0 and by["none"].scores[("mme", "mme_cognition_score")] == 300.0
+    assert list(by["none"].scores)[:2] == [("mme", "mme_perception_score"), ("mme", "mme_cognition_score")]
     assert by["topk-b64"].prefill_tflops == 1.6 and not by["topk-b64"].tflops_computed
     from lmms_tokprune.efficiency import prefill_tflops_for
 
@@ -571,14 +575,19 @@ def test_every_results_file_is_a_row_or_a_named_warning(tmp_path, capsys):
     write_results(logs, "llava_tokprune", "pretrained=x,method=none", {"pope": {"pope_accuracy": 0.8}}, kept=576, stamp="20250101_000000")
     write_results(logs, "llava_tokprune", "pretrained=x,method=topk_cls,budget=64", {"pope": {"pope_accuracy": 0.6}}, kept=64,
                   stamp="20250101_000100")
-    broken = write_results(tmp_path / "other", "llava_tokprune", "pretrained=x,method=spatial,budget=64", {"pope": {"pope_accuracy": 0.7}},
-                           kept=64)
+    broken = write_results(tmp_path / "other" / "spatial", "llava_tokprune", "pretrained=x,method=spatial,budget=64",
+                           {"pope": {"pope_accuracy": 0.7}}, kept=64)
     broken.write_text(broken.read_text()[:40])
+    # a folder given on the command line whose only results file is broken: one error line, nothing written
+    assert main(["leaderboard", str(logs), str(tmp_path / "other"), "--out", str(tmp_path / "board")]) == 2
+    assert "no lmms-eval *_results.json in this folder" in capsys.readouterr().err and not (tmp_path / "board").exists()
+    write_results(tmp_path / "other" / "random", "llava_tokprune", "pretrained=x,method=random,budget=64", {"pope": {"pope_accuracy": 0.7}},
+                  kept=64)
     assert main(["leaderboard", str(logs), str(tmp_path / "other"), "--out", str(tmp_path / "board")]) == 0
     captured = capsys.readouterr()
     with open(tmp_path / "board" / "leaderboard.csv") as fh:
         records = {r["run"]: r for r in csv.DictReader(fh)}
-    assert set(records) == {"logs/none", "logs/topk_cls-budget64"}
+    assert set(records) == {"logs/none", "logs/topk_cls-budget64", "random"}
     assert records["logs/topk_cls-budget64"]["baseline"] == "logs/none"
     assert float(records["logs/topk_cls-budget64"]["relative_score_pct"]) == pytest.approx(75.0)
     assert f"warning: skipped {broken}: not a complete results JSON" in captured.err
