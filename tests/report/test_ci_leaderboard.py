@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
-from test_sweep_leaderboard import fake_launcher, write_sweep  # noqa: F401  (fixture)
+from test_sweep_leaderboard import write_sweep
 
 from lmms_tokprune.cli import main
 from lmms_tokprune.report.leaderboard import build_rows
