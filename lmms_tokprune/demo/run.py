@@ -167,8 +167,10 @@ def run_demo(pretrained: Optional[str], methods: Optional[Sequence[str]], budget
         with held_back_stderr(enabled=not verbose):
             rows.append(run_method(pretrained, m, b, batch_size, limit, text_encoder=text_encoder, verbosity="INFO" if verbose else "WARNING"))
         if progress is not None:
-            progress(f"[{i}/{len(runs)}] {m}{'' if b is None else f' budget {b}'}: accuracy {rows[-1].accuracy:.3f}, "
-                     f"{rows[-1].visual_tokens:.0f} visual tokens ({time.time() - started:.0f} s)")
+            row = rows[-1]
+            equivalent = f", {row.visual_tokens_equivalent:.0f} equivalent" if abs(row.visual_tokens_equivalent - row.visual_tokens) >= 0.5 else ""
+            progress(f"[{i}/{len(runs)}] {m}{'' if b is None else f' budget {b}'}: accuracy {row.accuracy:.3f}, "
+                     f"{row.visual_tokens:.0f} visual tokens{equivalent} ({time.time() - started:.0f} s)")
     return rows
 
 
