@@ -24,22 +24,31 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, register
+from .signals import cosine_gram
 
 RANK_FLOOR = 1e-10  # fixed: a gain at or below this is past the kernel's rank
 
 
 def relevance(inp: VisionInputs, variant: str) -> torch.Tensor:
-    """[B, N] rho: the mean negative cosine to the question's segments, min-maxed (over the batch in reference)."""
+    """[B, N] rho: the mean negative cosine to the question's segments, min-maxed (over the batch in reference).
+
+    The samples' segment lists are ragged (one row per 77 tokens of each question): they are zero-padded into one
+    [B, S, Dt] tensor and averaged over each sample's own rows, so the whole batch is one matmul.
+    """
     eps = 0.0 if variant == "reference" else 1e-12
     patches = inp.patch_embeds.float()
     patches = patches / (patches.norm(dim=-1, keepdim=True) + eps) if variant == "reference" else F.normalize(patches, dim=-1)
     texts = inp.text_segments[:1] * inp.batch_size if variant == "reference" else inp.text_segments
-    rho = torch.stack([-(patches[b] @ (t.float() / (t.float().norm(dim=-1, keepdim=True) + eps)).T).mean(dim=1)
-                       for b, t in enumerate(texts)])
+    padded = pad_sequence(texts, batch_first=True).float()  # [B, S, Dt], zero rows past each sample's segments
+    # reference runs one sample (no padding); fixed's F.normalize leaves the zero rows zero
+    padded = padded / (padded.norm(dim=-1, keepdim=True) + eps) if variant == "reference" else F.normalize(padded, dim=-1)
+    counts = torch.tensor([t.shape[0] for t in texts], dtype=patches.dtype, device=patches.device)
+    rho = -torch.bmm(patches, padded.transpose(1, 2)).sum(dim=-1) / counts[:, None]  # padded rows add exactly 0
     if variant == "reference":
         lo, hi = rho.min(), rho.max()
     else:
@@ -50,7 +59,9 @@ def relevance(inp: VisionInputs, variant: str) -> torch.Tensor:
 def dpp_kernel(inp: VisionInputs, rho: torch.Tensor, variant: str) -> torch.Tensor:
     """[B, N, N] K = rho_i S_ij rho_j, S the cosine Gram matrix of the projector outputs."""
     p = inp.projected
-    unit = (p / p.norm(dim=-1, keepdim=True) if variant == "reference" else F.normalize(p.float(), dim=-1)).float()
+    if variant != "reference":
+        return cosine_gram(p).mul_(rho[:, :, None]).mul_(rho[:, None, :])
+    unit = (p / p.norm(dim=-1, keepdim=True)).float()  # normalised in P's dtype, as released
     return rho[:, :, None] * torch.bmm(unit, unit.transpose(1, 2)) * rho[:, None, :]
 
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, register, unit_interval
+from .signals import cosine_gram
 
 DEFAULT_RATIO = 0.098  # the release's SUBSET_RATIO
 
@@ -37,9 +37,10 @@ def keep_count(n: int, budget: Optional[int], ratio: Optional[float]) -> int:
 
 
 def cosine_distance(p: torch.Tensor, variant: str) -> torch.Tensor:
-    """[B, N, d] -> [B, N, N] 1 - cosine; reference in P's own dtype, fixed in fp32."""
-    x = p if variant == "reference" else p.float()
-    unit = x / x.norm(dim=-1, keepdim=True) if variant == "reference" else F.normalize(x, dim=-1, eps=1e-12)
+    """[B, N, d] -> [B, N, N] 1 - cosine; reference in P's own dtype (normalised rows, as released), fixed in fp32."""
+    if variant != "reference":
+        return cosine_gram(p).neg_().add_(1.0)
+    unit = p / p.norm(dim=-1, keepdim=True)
     return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
 
 

@@ -498,3 +498,21 @@ def test_divprune_fixed_ranks_in_fp32():
     assert divprune_margin(p32, 64) > 1e-6
     out = compress("divprune", inp, variant="fixed", budget=64)[0]
     assert out.index.tolist() == sorted(divprune_picks(p32, 64, mask_picked=True))
+
+
+def test_cosine_gram_equals_sklearns_cosine_similarity_zero_rows_included():
+    """The fixed paths' cosines come from the raw Gram scaled by its diagonal; sklearn (normalise first) is the oracle."""
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    from lmms_tokprune.methods.signals import cosine_gram
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 40, 96, generator=g) * torch.rand(3, 40, 1, generator=g) * 5
+    x[1, 5] = 0.0  # a zero row: cosine 0 with everything, itself included (F.normalize / sklearn agree)
+    x[2, 9] = x[2, 3]  # an exact duplicate: cosine 1
+    got = cosine_gram(x.half())  # fp16 inputs (real runs) come back fp32
+    assert got.dtype == torch.float32
+    for b in range(3):
+        expected = torch.from_numpy(cosine_similarity(x[b].half().float().numpy())).float()
+        torch.testing.assert_close(got[b], expected, atol=1e-6, rtol=0)
+    assert float(got[1, 5].abs().max()) == 0.0
