@@ -31,13 +31,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .fastv import in_llm_only
+from .fastv import equivalent, in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
-
-
-def equivalent(k: int, kept: int, n: int, layers: int) -> float:
-    return (k * n + (layers - k) * kept) / layers
 
 
 def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int) -> int:

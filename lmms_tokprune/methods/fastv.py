@@ -27,13 +27,13 @@ from typing import Any, List, Optional
 import torch
 
 from .inputs import CompressedImage, VisionInputs
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 
 
 def equivalent(k: int, rank: int, n: int, layers: int) -> float:
-    """Input-counted equivalent visual tokens of one cut before layer k keeping `rank` of n."""
-    return (k * n + (layers - k) * rank) / layers
+    """Input-counted equivalent visual tokens of one cut before layer k keeping `rank` of n (also DART's)."""
+    return planned_equivalent([k], [rank], n, layers)
 
 
 def resolve_rank(budget: int, k: int, n: int, layers: int) -> int:

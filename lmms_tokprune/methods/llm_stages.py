@@ -111,6 +111,14 @@ def top_slots(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[i
     return keep & candidates
 
 
+def planned_equivalent(cut_layers: Sequence[int], counts: Sequence[int], n: int, layers: int) -> float:
+    """Input-counted equivalent visual tokens of cuts before layers l_1 < l_2 < ... keeping n_1, n_2, ... of n:
+    sum_s (l_{s+1} - l_s) * n_s / L with l_0 = 0, n_0 = n, l_{S+1} = L (README "Equivalent tokens")."""
+    bounds = [0, *cut_layers, layers]
+    sizes = [n, *counts]
+    return sum((bounds[s + 1] - bounds[s]) * sizes[s] for s in range(len(sizes))) / layers
+
+
 def nearest_index(values: Sequence[float], target: float) -> int:
     """Index of the value nearest to target; ties to the smaller value (fewer tokens)."""
     return min(range(len(values)), key=lambda i: (abs(values[i] - target), values[i]))

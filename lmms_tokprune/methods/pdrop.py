@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 
 from .fastv import in_llm_only
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 
 LAMBDA_GRID = 1000  # λ in steps of 0.001
@@ -37,13 +37,6 @@ LAMBDA_GRID = 1000  # λ in steps of 0.001
 
 def stage_counts(n: int, ratios: Sequence[float]) -> List[int]:
     return [int(n * r) for r in ratios]
-
-
-def equivalent(layer_list: Sequence[int], counts: Sequence[int], n: int, layers: int) -> float:
-    """sum_s (l_{s+1} - l_s) * n_s / L with l_0 = 0, n_0 = N, l_{S+1} = L."""
-    bounds = [0, *layer_list, layers]
-    sizes = [n, *counts]
-    return sum((bounds[s + 1] - bounds[s]) * sizes[s] for s in range(len(sizes))) / layers
 
 
 def resolve_ratios(budget: int, layer_list: Sequence[int], n: int, layers: int) -> tuple:
@@ -54,13 +47,12 @@ def resolve_ratios(budget: int, layer_list: Sequence[int], n: int, layers: int) 
         ratios = tuple(lam ** (s + 1) for s in range(len(layer_list)))
         counts = stage_counts(n, ratios)
         if min(counts) >= 1:
-            options.append((lam, ratios, equivalent(layer_list, counts, n, layers)))
+            options.append((lam, ratios, planned_equivalent(layer_list, counts, n, layers)))
     values = [o[2] for o in options]
     if not options or not min(values) <= budget <= max(values):
         low = min(values) if values else n
         raise budget_error("pdrop", budget, low, n, "earlier cuts in layer_list lower the floor, e.g. layer_list=2/6/12 reaches 46.75")
-    best = min(range(len(options)), key=lambda i: (abs(values[i] - budget), options[i][0]))
-    return options[best][1]
+    return options[nearest_index(values, budget)][1]  # values grow with λ: ties to the smaller value = the smaller λ
 
 
 def _check_lists(layer_list: Sequence[int], ratios: Sequence[float], layers: int, n: int, variant: str) -> None:
@@ -101,7 +93,7 @@ def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int]
     counts = stage_counts(n, ratios)
     return LLMPlan([cut(s) for s in range(len(layer_list))], "cache",
                    notes={"layer_list": list(layer_list), "image_token_ratio_list": [round(r, 6) for r in ratios],
-                          "visual_tokens_equivalent": equivalent(layer_list, counts, n, layers)})
+                          "visual_tokens_equivalent": planned_equivalent(layer_list, counts, n, layers)})
 
 
 def _layers(value: Any) -> Optional[str]:

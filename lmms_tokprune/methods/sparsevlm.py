@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .fastv import in_llm_only
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, nearest_index, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 
 RETAIN = {
@@ -75,9 +75,7 @@ def visual_per_stage(n: int, lists: Sequence[int], version: str) -> List[int]:
 
 def equivalent(n: int, lists: Sequence[int], version: str, prune_layers: Sequence[int], layers: int) -> float:
     """Input counting: layers 0..l_1 compute on N, then each stage's tokens until the next pruning layer."""
-    bounds = [0, *[l + 1 for l in prune_layers], layers]
-    sizes = [n, *visual_per_stage(n, lists, version)]
-    return sum((bounds[s + 1] - bounds[s]) * sizes[s] for s in range(len(sizes))) / layers
+    return planned_equivalent([l + 1 for l in prune_layers], visual_per_stage(n, lists, version), n, layers)
 
 
 def resolve_retain(budget: int, n: int, version: str, prune_layers: Sequence[int], layers: int) -> int:

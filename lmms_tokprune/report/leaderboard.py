@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from .files import write_atomic
 from .runs import BASELINE_METHOD, Column, RunRow, find_results, main_metric, read_run  # noqa: F401  (re-exported)
 
 PROVENANCE_KEYS = ("lmms_tokprune", "lmms_eval", "transformers", "torch", "git_commit")
@@ -308,18 +309,7 @@ def render(rows: Sequence[RunRow], has_baseline: bool, warnings: Sequence[str], 
 
 def write_outputs(out_dir: os.PathLike, files: Mapping[str, Any]) -> Dict[str, Path]:
     """Write the rendered files (each through a temporary name, so none is ever half-written)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, content in files.items():
-        if name == "table":
-            continue
-        target = out / name
-        tmp = out / f".{name}.tmp"
-        tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-        os.replace(tmp, target)
-        paths[name] = target
-    return paths
+    return {name: write_atomic(Path(out_dir) / name, content) for name, content in files.items() if name != "table"}
 
 
 def write_leaderboard(paths: Sequence[os.PathLike], out_dir: os.PathLike, metrics: Optional[Mapping[str, str]] = None,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .files import write_atomic
 from .runs import RunRow
 
 FORMAT = "lmms_tokprune-leaderboard-baseline/1"
@@ -48,12 +49,7 @@ def baseline_of(rows: Sequence[RunRow]) -> Dict[str, Any]:
 
 
 def write_baseline(rows: Sequence[RunRow], path: os.PathLike) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(baseline_of(rows), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, target)
-    return target
+    return write_atomic(path, json.dumps(baseline_of(rows), indent=2, sort_keys=True) + "\n")
 
 
 def load_baseline(path: os.PathLike) -> Dict[str, Any]:
