@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half  # Llama's own GQA repeat and rotary half-turn
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
@@ -72,19 +73,6 @@ def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: to
         return allowed
     bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """GQA: [B, Hkv, S, d] -> [B, Hkv * groups, S, d], each key head repeated for its query heads."""
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rope(x: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
