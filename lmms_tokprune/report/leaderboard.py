@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .files import write_atomic
-from .runs import BASELINE_METHOD, Column, RunRow, find_results, main_metric, read_run  # noqa: F401  (re-exported)
+from .runs import BASELINE_METHOD, Column, RunRow, column_name, find_results, main_metric, read_run  # noqa: F401  (re-exported)
 
 PROVENANCE_KEYS = ("lmms_tokprune", "lmms_eval", "transformers", "torch", "git_commit")
 
@@ -184,7 +184,7 @@ def markdown_table(rows: Sequence[RunRow], has_baseline: bool) -> str:
     show_ms = any(r.prefill_ms is not None for r in rows)
     header = ["run", "method", "variant", "setting"]
     for t, m in cols:
-        header += [f"{t} ({m})", f"{t} {rel}"]
+        header += [column_name(t, m), f"{t} {rel}"]
     header += ["mean " + rel, "visual tokens", "equivalent tokens", "retention (%)", "LLM prefill tokens", "prefill TFLOPs"]
     header += ["prefill ms"] if show_ms else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

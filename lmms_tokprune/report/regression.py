@@ -21,15 +21,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .files import write_atomic
-from .runs import RunRow
+from .runs import RunRow, column_name
 
 FORMAT = "lmms_tokprune-leaderboard-baseline/1"
 COUNTS = ("visual_tokens_kept", "visual_tokens_equivalent", "llm_prefill_tokens")
 COUNT_NOISE = 1e-6  # relative: counts are means of integers; anything above this is a real change
-
-
-def _column(task: str, metric: str) -> str:
-    return f"{task} ({metric})"
 
 
 def _counts_of(row: RunRow) -> Dict[str, Optional[float]]:
@@ -43,7 +39,7 @@ def baseline_of(rows: Sequence[RunRow]) -> Dict[str, Any]:
     for r in rows:
         runs[r.name] = {
             "model": r.model, "method": r.method, "variant": r.variant, "setting": r.setting, "checkpoint": r.checkpoint,
-            "limit": r.limit, "config": r.config_hash, "scores": {_column(t, m): v for (t, m), v in r.scores.items()}, **_counts_of(r),
+            "limit": r.limit, "config": r.config_hash, "scores": {column_name(t, m): v for (t, m), v in r.scores.items()}, **_counts_of(r),
         }
     return {"format": FORMAT, "runs": runs}
 
@@ -121,7 +117,7 @@ def check_rows(rows: Sequence[RunRow], baseline: Dict[str, Any], tolerance: floa
             report.new.append(f"{row.name} ({row.method}, {row.setting})")
             continue
         report.checked += 1
-        scores = {_column(t, m): v for (t, m), v in row.scores.items()}
+        scores = {column_name(t, m): v for (t, m), v in row.scores.items()}
         for column in sorted(set(base["scores"]) | set(scores)):
             was, now = base["scores"].get(column), scores.get(column)
             if was is None or now is None:

@@ -54,6 +54,11 @@ COUNT_KEYS = ("avg_visual_tokens_kept", "avg_visual_tokens_equivalent", "avg_llm
 Column = Tuple[str, str]  # (task, metric)
 
 
+def column_name(task: str, metric: str) -> str:
+    """How a (task, metric) column is named in the tables, the check's lines and the baseline file."""
+    return f"{task} ({metric})"
+
+
 @dataclass
 class RunRow:
     name: str
