@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .fastv import equivalent, in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
+from .signals import top_indices
 
 
 def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int) -> int:
@@ -46,10 +47,7 @@ def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_t
 
 
 def _top(scores: torch.Tensor, count: int, variant: str) -> torch.Tensor:
-    count = min(count, int(scores.numel()))
-    if variant == "reference":
-        return torch.topk(scores, count).indices
-    return torch.sort(scores, descending=True, stable=True).indices[:count]
+    return top_indices(scores, min(count, int(scores.numel())), variant)
 
 
 def row_selection(keys: torch.Tensor, feats: torch.Tensor, slots_image: torch.Tensor, slots_text: torch.Tensor, orig: torch.Tensor,

@@ -21,6 +21,8 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 
+from .signals import top_indices
+
 
 class CutView(Protocol):
     """What the loop shows a cut (see the module docstring)."""
@@ -103,11 +105,7 @@ def top_slots(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[i
     for row, count in enumerate(counts):
         if count <= 0:
             continue
-        if variant == "reference":
-            index = torch.topk(masked[row], int(count)).indices
-        else:
-            index = torch.sort(masked[row], descending=True, stable=True).indices[: int(count)]
-        keep[row, index] = True
+        keep[row, top_indices(masked[row], int(count), variant)] = True
     return keep & candidates
 
 

@@ -49,7 +49,7 @@ from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionI
 from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import cls_attention
+from .signals import cls_attention, top_indices
 
 REFERENCE_RATIO = 1.0 / 8.0  # the released default reduction_ratio when adaptive is off
 
@@ -62,14 +62,6 @@ class Selection:
     kept: list[int]  # per image: leading top-attention centres
     spatial: list[int]  # per image: stride-sampled centres after them
     pool: torch.Tensor | None = None  # [B, N] bool; None = every patch takes part
-
-
-def descending(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
-    """Top-k patch indices, highest first. reference: torch.topk (the released tie order);
-    fixed: stable sort, ties to the lower index, identical at any batch size."""
-    if variant == "reference":
-        return torch.topk(scores, k, dim=1).indices
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def ranks(order: torch.Tensor) -> torch.Tensor:
@@ -137,7 +129,7 @@ def top_selection(attn: torch.Tensor, k: torch.Tensor, variant: str) -> Selectio
     """Centres = top-k_b by attention (descending), padded to max k."""
     counts = k.tolist()
     kmax = max(counts)
-    return Selection(descending(attn, kmax, variant), counts, [0] * len(counts))
+    return Selection(top_indices(attn, kmax, variant), counts, [0] * len(counts))
 
 
 def top_rank(attn: torch.Tensor, k: torch.Tensor, variant: str) -> torch.Tensor:
@@ -150,7 +142,7 @@ def top_rank(attn: torch.Tensor, k: torch.Tensor, variant: str) -> torch.Tensor:
     kmax = int(k.max())
     pos = torch.arange(kmax, device=attn.device).expand(b, kmax)
     rank = torch.full((b, n), 2 * n, dtype=torch.long, device=attn.device)
-    return rank.scatter_(1, descending(attn, kmax, variant), torch.where(pos < k[:, None], pos, 2 * n))
+    return rank.scatter_(1, top_indices(attn, kmax, variant), torch.where(pos < k[:, None], pos, 2 * n))
 
 
 def plus_selection(attn: torch.Tensor, k: torch.Tensor, stride: torch.Tensor, variant: str) -> Selection:
@@ -171,7 +163,7 @@ def plus_budget_selection(attn: torch.Tensor, centres: int, variant: str) -> Sel
     along the attention order, so each distinct stride (a few dozen) costs one cumsum over [B, N].
     """
     _b, n = attn.shape
-    order = descending(attn, n, variant)
+    order = top_indices(attn, n, variant)
     rank = ranks(order)
     ks = torch.arange(1, centres + 1, device=attn.device)
     strides = stride_of(ks, n).clamp(min=1)

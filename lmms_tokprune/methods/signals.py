@@ -20,6 +20,14 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)[:, 1:]
 
 
+def top_indices(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
+    """Indices of the k largest along the last dim, highest first. reference: torch.topk (the released op and its
+    tie order); fixed: a stable sort, ties to the lower index, identical at any batch size."""
+    if variant == "reference":
+        return torch.topk(scores, k, dim=-1).indices
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, N, D], [B, M] -> [B, M, D]: x[b, index[b, m]]. Advanced indexing, not `gather` with an expanded index
     (4x slower on a CPU for 1024-wide rows)."""

@@ -46,6 +46,7 @@ import torch
 from .fastv import in_llm_only
 from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
+from .signals import top_indices
 
 RETAIN = {
     "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
@@ -199,8 +200,7 @@ def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", ret
                 if version == "1.5" and bool(pruned.any()):
                     slots = torch.nonzero(pruned).flatten()  # ascending
                     n_cand = int(0.3 * slots.numel()) + 1
-                    top = torch.topk(score[slots], n_cand).indices if variant == "reference" else \
-                        torch.sort(score[slots].float(), descending=True, stable=True).indices[:n_cand]
+                    top = top_indices(score[slots] if variant == "reference" else score[slots].float(), n_cand, variant)
                     x = view.hidden[b, slots[top]]
                     inserted.append(dpc_knn_merge(x, int(n_cand / 10) + 1, seeded_noise(n_cand)))
                 else:

@@ -34,7 +34,7 @@ import torch
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, positive_int, register
-from .signals import cls_attention_per_head, take_rows
+from .signals import cls_attention_per_head, take_rows, top_indices
 
 DEFAULT_DOMINANT = 191
 DEFAULT_CONTEXTUAL = 30
@@ -45,13 +45,6 @@ def split_budget(budget: int) -> tuple:
     """budget n -> (dominant, contextual) = (n - floor(5n/32), floor(5n/32))."""
     contextual = 5 * budget // 32
     return budget - contextual, contextual
-
-
-def top_patches(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
-    """[B, N] -> [B, k] indices of the k largest; reference: torch.topk's order, fixed: ties to the lower index."""
-    if variant == "reference":
-        return torch.topk(scores, k, dim=1).indices
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def merge_metric(feature_k: torch.Tensor, num_heads: int, variant: str) -> torch.Tensor:
@@ -77,7 +70,7 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
     scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads).sum(dim=1)  # [B, N]
     chosen = torch.zeros(b, n, dtype=torch.bool, device=dev)
     if kept_count:
-        chosen.scatter_(1, top_patches(scores, kept_count, variant), True)
+        chosen.scatter_(1, top_indices(scores, kept_count, variant), True)
     patch = torch.arange(n, device=dev).expand(b, n)
     kept = patch[chosen].view(b, kept_count)  # ascending
     rest = patch[~chosen].view(b, n - kept_count)  # ascending
