@@ -31,8 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .fastv import equivalent, in_llm_only
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, in_llm_only, nearest_index, planned_equivalent
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 from .signals import top_indices
 
@@ -40,7 +39,7 @@ from .signals import top_indices
 def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int) -> int:
     pivots = p_img + p_txt
     ts = list(range(0, (n - p_img) // pivots + 1))
-    values = [equivalent(k, p_img + pivots * t, n, layers) for t in ts]
+    values = [planned_equivalent([k], [p_img + pivots * t], n, layers) for t in ts]
     if not values[0] <= budget <= values[-1]:
         raise budget_error("dart", budget, values[0], values[-1], "a smaller k or fewer pivot_image_token lower the floor")
     return ts[nearest_index(values, budget)] * pivots
@@ -120,7 +119,7 @@ def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunc
 
     kept = pivot_image_token + pivots * (max_num_trunction // pivots)
     return LLMPlan([Cut(k, decide)], "original", notes={"k": k, "max_num_trunction": max_num_trunction,
-                                                        "visual_tokens_equivalent": equivalent(k, kept, n, layers)})
+                                                        "visual_tokens_equivalent": planned_equivalent([k], [kept], n, layers)})
 
 
 register(

@@ -22,17 +22,16 @@ position wins).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import torch
 
-from .inputs import CompressedImage, VisionInputs
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, planned_equivalent, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, in_llm_only, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 
 
 def equivalent(k: int, rank: int, n: int, layers: int) -> float:
-    """Input-counted equivalent visual tokens of one cut before layer k keeping `rank` of n (also DART's)."""
+    """Input-counted equivalent visual tokens of one cut before layer k keeping `rank` of n."""
     return planned_equivalent([k], [rank], n, layers)
 
 
@@ -81,14 +80,6 @@ def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, rank: int = 2
 
     return LLMPlan([Cut(k, decide)], "original", notes={"k": k, "rank": rank,
                                                         "visual_tokens_equivalent": equivalent(k, rank, n, layers)})
-
-
-def in_llm_only(name: str):
-    """The `compress` entry of a method that acts inside the LLM: a clear error."""
-    def refuse(inp: VisionInputs, variant: str, **params: Any) -> List[CompressedImage]:
-        raise ValueError(f"{name} prunes inside the LLM: run it through the engine (lmms-eval model llava_{name}) or "
-                         "lmms_tokprune.llava.prune_prefill, not compress()")
-    return refuse
 
 
 register(

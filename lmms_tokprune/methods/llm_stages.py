@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Protocol, Sequence
 
 import torch
 
+from .inputs import CompressedImage, VisionInputs
 from .signals import top_indices
 
 
@@ -107,6 +108,14 @@ def top_slots(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[i
             continue
         keep[row, top_indices(masked[row], int(count), variant)] = True
     return keep & candidates
+
+
+def in_llm_only(name: str):
+    """The `compress` entry of a method that acts inside the LLM: a clear error."""
+    def refuse(inp: VisionInputs, variant: str, **params: object) -> List[CompressedImage]:
+        raise ValueError(f"{name} prunes inside the LLM: run it through the engine (lmms-eval model llava_{name}) or "
+                         "lmms_tokprune.llava.prune_prefill, not compress()")
+    return refuse
 
 
 def planned_equivalent(cut_layers: Sequence[int], counts: Sequence[int], n: int, layers: int) -> float:

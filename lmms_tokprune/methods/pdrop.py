@@ -28,8 +28,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from .fastv import in_llm_only
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, nearest_index, planned_equivalent, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, in_llm_only, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 
 LAMBDA_GRID = 1000  # λ in steps of 0.001

@@ -43,8 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .fastv import in_llm_only
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, nearest_index, planned_equivalent, top_slots
+from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, in_llm_only, nearest_index, planned_equivalent, top_slots
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 from .signals import top_indices
 
