@@ -546,9 +546,10 @@ def _write_manifest(sweep: Sweep, outcomes: Mapping[str, RunOutcome]) -> None:
             "status": outcome.status if outcome else "not run",
             "results_file": str(outcome.results_file) if outcome and outcome.results_file else None,
         })
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    from .report.files import write_atomic  # a sweep killed while writing keeps the previous manifest whole
+
     manifest = {"sweep_file": str(sweep.path), "shard": None if sweep.shard is None else f"{sweep.shard[0]}/{sweep.shard[1]}", "runs": entries}
-    (sweep.output_dir / manifest_name(sweep.shard)).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_atomic(sweep.output_dir / manifest_name(sweep.shard), json.dumps(manifest, indent=2) + "\n")
 
 
 # -- shards --------------------------------------------------------------------------------------
