@@ -2,6 +2,10 @@
 
 `ratio` keeps int(N * ratio) tokens (at least 1); `budget` keeps exactly `budget`. Kept tokens
 stay in spatial (raster) order, the order LLaVA feeds them.
+
+topk_cls: reference ranks the fp32 CLS attention with torch.topk; fixed ranks the settled float64 attention
+(signals.cls_attention with dtype float64) with ties to the lower patch index, so its kept set does not depend
+on the BLAS summation order. none, random and spatial read no scores.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, RATIO, MethodSpec, Param, register
-from .signals import cls_attention, take_rows
+from .signals import cls_attention, signal_dtype, take_rows, top_indices
 
 DEFAULT_RATIO = 0.25
 
@@ -50,9 +54,10 @@ def _random(inp: VisionInputs, variant: str, budget=None, ratio=None, seed: int 
 
 
 def _topk_cls(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[CompressedImage]:
-    attn = cls_attention(inp.q, inp.k)
+    """reference: fp32 attention, torch.topk; fixed: settled float64 attention, ties to the lower patch index."""
+    attn = cls_attention(inp.q, inp.k, signal_dtype(variant))
     m = keep_count(inp.num_patches, budget, ratio)
-    return gather_sorted(inp, torch.topk(attn, m, dim=1).indices)
+    return gather_sorted(inp, top_indices(attn, m, variant))
 
 
 def grid_indices(n: int, m: int, device: torch.device) -> torch.Tensor:

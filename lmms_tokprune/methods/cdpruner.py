@@ -15,7 +15,10 @@ tokens come out (reproduced, the actual count reported). More than one image -> 
 step min-maxes over the batch and uses sample 0's text, then its pipeline fails at sample 1, so no batched
 result exists to reproduce. `fixed` = min-max per image, each sample's own text, eps in the norms, and exactly
 n tokens: once the best remaining d is <= 1e-10 or not finite, the remaining slots take the unpicked tokens of
-highest relevance (ties to the lowest index). The greedy steps run over the whole batch at once.
+highest relevance (ties to the lowest index). The greedy steps run over the whole batch at once. fixed computes
+relevance, kernel and greedy steps in float64 from settled cosines (signals.settle): the picks do not depend on the
+BLAS summation order, and past the kernel's rank the gains fall to ~1e-16 (float64 noise) instead of fp32's ~1e-7,
+so the 1e-10 floor marks the rank.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, register
-from .signals import cosine_gram
+from .signals import FIXED_DTYPE, cosine_cross, cosine_gram
 
 RANK_FLOOR = 1e-10  # fixed: a gain at or below this is past the kernel's rank
 
@@ -40,15 +42,17 @@ def relevance(inp: VisionInputs, variant: str) -> torch.Tensor:
     The samples' segment lists are ragged (one row per 77 tokens of each question): they are zero-padded into one
     [B, S, Dt] tensor and averaged over each sample's own rows, so the whole batch is one matmul.
     """
-    eps = 0.0 if variant == "reference" else 1e-12
-    patches = inp.patch_embeds.float()
-    patches = patches / (patches.norm(dim=-1, keepdim=True) + eps) if variant == "reference" else F.normalize(patches, dim=-1)
     texts = inp.text_segments[:1] * inp.batch_size if variant == "reference" else inp.text_segments
     padded = pad_sequence(texts, batch_first=True).float()  # [B, S, Dt], zero rows past each sample's segments
-    # reference runs one sample (no padding); fixed's F.normalize leaves the zero rows zero
-    padded = padded / (padded.norm(dim=-1, keepdim=True) + eps) if variant == "reference" else F.normalize(padded, dim=-1)
-    counts = torch.tensor([t.shape[0] for t in texts], dtype=patches.dtype, device=patches.device)
-    rho = -torch.bmm(patches, padded.transpose(1, 2)).sum(dim=-1) / counts[:, None]  # padded rows add exactly 0
+    if variant == "reference":  # one sample (no padding), no eps, fp32
+        patches = inp.patch_embeds.float()
+        patches = patches / patches.norm(dim=-1, keepdim=True)
+        padded = padded / padded.norm(dim=-1, keepdim=True)
+        cos = torch.bmm(patches, padded.transpose(1, 2))
+    else:  # settled float64 cosines; F.normalize's eps leaves the zero rows zero
+        cos = cosine_cross(inp.patch_embeds, padded)
+    counts = torch.tensor([t.shape[0] for t in texts], dtype=cos.dtype, device=cos.device)
+    rho = -cos.sum(dim=-1) / counts[:, None]  # padded rows add exactly 0
     if variant == "reference":
         lo, hi = rho.min(), rho.max()
     else:
@@ -60,7 +64,7 @@ def dpp_kernel(inp: VisionInputs, rho: torch.Tensor, variant: str) -> torch.Tens
     """[B, N, N] K = rho_i S_ij rho_j, S the cosine Gram matrix of the projector outputs."""
     p = inp.projected
     if variant != "reference":
-        return cosine_gram(p).mul_(rho[:, :, None]).mul_(rho[:, None, :])
+        return cosine_gram(p, dtype=FIXED_DTYPE).mul_(rho[:, :, None]).mul_(rho[:, None, :])
     unit = (p / p.norm(dim=-1, keepdim=True)).float()  # normalised in P's dtype, as released
     return rho[:, :, None] * torch.bmm(unit, unit.transpose(1, 2)) * rho[:, None, :]
 

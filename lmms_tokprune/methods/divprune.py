@@ -14,8 +14,9 @@ sample 0 at hard-coded positions and applies those indices to every image), pick
 once everything left is a duplicate a picked token (score ~0) is picked again: the release sorts its keep
 indices with the repeats and indexes the embeddings with them, so the LLM gets n tokens of which fewer are
 distinct (a re-picked token sits at several consecutive positions; reproduced: `index` repeats). Not reproduced: the release's windows when the image does not start
-at position 35, and its unpruned labels (a loglikelihood-only crash). `fixed` = per image, fp32, picked tokens
-masked (exactly n), ties to the lowest index.
+at position 35, and its unpruned labels (a loglikelihood-only crash). `fixed` = per image, picked tokens masked
+(exactly n), ties to the lowest index, distances from settled float64 cosines (signals.cosine_gram): the max-min
+ranking then does not depend on the BLAS summation order, and exact duplicates are exactly at distance 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, register, unit_interval
-from .signals import cosine_gram
+from .signals import FIXED_DTYPE, cosine_gram
 
 DEFAULT_RATIO = 0.098  # the release's SUBSET_RATIO
 
@@ -37,9 +38,10 @@ def keep_count(n: int, budget: Optional[int], ratio: Optional[float]) -> int:
 
 
 def cosine_distance(p: torch.Tensor, variant: str) -> torch.Tensor:
-    """[B, N, d] -> [B, N, N] 1 - cosine; reference in P's own dtype (normalised rows, as released), fixed in fp32."""
+    """[B, N, d] -> [B, N, N] 1 - cosine; reference in P's own dtype (normalised rows, as released), fixed from
+    settled float64 cosines."""
     if variant != "reference":
-        return cosine_gram(p).neg_().add_(1.0)
+        return cosine_gram(p, dtype=FIXED_DTYPE).neg_().add_(1.0)
     unit = p / p.norm(dim=-1, keepdim=True)
     return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
 

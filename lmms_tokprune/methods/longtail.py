@@ -7,7 +7,9 @@ labelled "re-implementation, no reference code".
 Stage 1 (this module, pure torch; also what the engine runs inside CLIP after block `clip_layer`):
 
 1. d = CLS attention of the block (`signals.cls_attention`: one head over all D dims of the raw
-   q_proj / k_proj outputs, softmax over all 1+N keys, CLS row without the CLS column), paper eq. 1.
+   q_proj / k_proj outputs, softmax over all 1+N keys, CLS row without the CLS column), paper eq. 1;
+   logits in float64 and settled (signals.settle), so the split and the kept set do not depend on
+   the BLAS summation order.
 2. Sort descending, d_1 >= ... >= d_n (stable: equal values keep ascending patch order).
 3. Split objective (eq. 2-3), 1-based i as in the paper:
        f(i) = (n - i) * (d_1 - d_i) / (d_1 - d_n),   i in {1, ..., n-1},   i* = argmax f
@@ -56,7 +58,7 @@ import torch
 from .inputs import CompressedImage, VisionInputs
 from .llm_stages import Cut, CutDecision, DecodeEviction, LLMPlan
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import cls_attention
+from .signals import FIXED_DTYPE, cls_attention
 
 ALPHA_MODES = ("expand", "scale", "offset", "none")
 FLAT_CURVE = ("keep_all", "keep_one")
@@ -166,7 +168,7 @@ def stage1_keep(q: torch.Tensor, k: torch.Tensor, **params: Any) -> Tuple[torch.
     `params` are the stage-1 parameters (alpha, alpha_mode, include_split, flat_curve, budget, ratio);
     others are ignored. Used both by `compress` and by the engine inside CLIP.
     """
-    attn = cls_attention(q.float(), k.float())
+    attn = cls_attention(q, k, FIXED_DTYPE)
     keys = ("alpha", "alpha_mode", "include_split", "flat_curve", "budget", "ratio")
     counts = longtail_counts(attn, **{key: params[key] for key in keys if key in params})
     return attn, kept_patches(attn, counts)

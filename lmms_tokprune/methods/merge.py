@@ -7,6 +7,9 @@ concatenation the released code builds per centre, so `torch.topk` sees the same
 resolves ties the same way. Score = key cosine (+ an optional per-candidate bias, RC's
 50 * text score). Output c_i -> h_c + sum_j a_j h_j with the raw attention a_j (NOT
 normalised); the extra token is sum_j a_j h_j over the non-centre pool patches.
+variant="fixed" ranks the candidates with ties to the earlier candidate (signals.top_indices). The key cosines stay
+fp32 for both variants: the neighbours only shape a merged token's features, never which patches are kept, and the
+features are fp32 sums anyway (float64 here cost PruMerge+ 3 ms per image, a third of its time).
 
 All of it is padded batched tensor work: per-image centre counts are a mask, never a loop.
 """
@@ -17,6 +20,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .signals import top_indices
 
 
 def reference_complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -67,6 +72,7 @@ def knn_merge(
     pool: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     num_candidates: int | None = None,
+    variant: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge each centre with its nearest candidates; returns (merged [B, M, D], extra [B, D]).
 
@@ -81,6 +87,7 @@ def knn_merge(
     num_candidates: length of the candidate vector handed to topk (default N - 1; invalid
         entries at its end are -inf). The released code builds exactly pool size - 1 entries,
         and topk's tie order depends on that length: pass it to reproduce ties bit for bit.
+    variant: "reference" (torch.topk's tie order) or "fixed" (ties to the earlier candidate).
     Centres may repeat (the released PruMerge+ training branch): every slot is a candidate.
     With fewer valid candidates than num_neighbors a centre merges all of them (callers that
     must reproduce the released crash check the counts first). Padded centre rows come back as
@@ -98,7 +105,7 @@ def knn_merge(
     k = min(int(num_neighbors), length)
     if m == 0 or k <= 0:
         return centre_feats, extra
-    nb_patch, weight = neighbours(attn, keys, centres, n_centres, rest, k, length, bias)
+    nb_patch, weight = neighbours(attn, keys, centres, n_centres, rest, k, length, bias, variant)
     return centre_feats + weighted_sum(feats, nb_patch, weight.to(feats.dtype)), extra
 
 
@@ -111,11 +118,13 @@ def neighbours(
     k: int,
     length: int,
     bias: torch.Tensor | None,
+    variant: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k candidates per centre -> (patch ids [B, M, k], weights a_j [B, M, k], 0 if invalid).
 
     Row i of the score matrix is laid out in candidate-sequence order with slot i removed,
-    i.e. exactly the vector the released loop hands to topk (valid entries first).
+    i.e. exactly the vector the released loop hands to topk (valid entries first); fixed ranks with
+    signals.top_indices (ties to the earlier candidate).
     """
     b, m = centres.shape
     n = rest.shape[1]
@@ -131,7 +140,7 @@ def neighbours(
     score = score.gather(2, cand)
     usable = seq_valid.sum(dim=1) - 1  # valid candidates per image (own slot removed)
     score = score.masked_fill(j[None, None, :] >= usable[:, None, None], float("-inf"))
-    pick = torch.topk(score, k, dim=2).indices  # [B, M, k], descending score
+    pick = top_indices(score, k, variant)  # [B, M, k], descending score
     nb_patch = cand.gather(2, pick)
     ok = (pick < usable[:, None, None]).to(attn.dtype)
     weight = attn.gather(1, nb_patch.reshape(b, -1)).view(b, m, k) * ok
@@ -176,18 +185,16 @@ def weighted_sum(feats: torch.Tensor, nb_patch: torch.Tensor, weight: torch.Tens
     return torch.bmm(dense.scatter_add_(2, nb_patch, weight), feats)
 
 
-def single_token(feats: torch.Tensor, attn: torch.Tensor, variant: str) -> list:
+def single_token(feats: torch.Tensor, attn: torch.Tensor, variant: str, scores: torch.Tensor | None = None) -> list:
     """budget=1 for the merging methods: the top-attention patch c with every other patch merged into it,
     h_c + sum_{j != c} a_j h_j (the centre's merge and the extra token's sum in one token; roles: kept).
 
-    reference: torch.topk's tie order; fixed: ties to the lower patch index.
+    reference: torch.topk's tie order; fixed: ties to the lower patch index. `scores` (fixed: the settled
+    float64 attention) decide c when given; `attn` is always the merge weight.
     """
     from .inputs import ROLE_KEPT, CompressedImage
 
-    if variant == "reference":
-        top = torch.topk(attn, 1, dim=1).indices[:, 0]
-    else:
-        top = torch.sort(attn, dim=1, descending=True, stable=True).indices[:, 0]
+    top = top_indices(attn if scores is None else scores, 1, variant)[:, 0]
     rows = torch.arange(attn.shape[0], device=attn.device)
     weight = attn.clone()
     weight[rows, top] = 0.0

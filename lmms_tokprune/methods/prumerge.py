@@ -23,6 +23,11 @@ Variants (see shared/METHODS.md):
              stride >= 1, ties broken towards the lower patch index (a stable sort, so the
              result does not depend on the batch), the adaptive-branch stride rule in both
              modes, num_neighbors capped at N - 1. For one tie-free image fixed == reference.
+             Every pick (the IQR fence, the top-k, the PruMerge+ sample rule) is taken on settled
+             float64 attention logits (signals.settle), so the kept patches do not depend on the
+             BLAS summation order; what only shapes the merged features stays as released (fp32
+             key cosines for the neighbours, ties to the earlier candidate; the fp32 attention as
+             weights).
 
 `ratio` only applies with adaptive=false (default 1/8 there); giving it with adaptive=true is
 an error rather than silently ignored.
@@ -49,7 +54,7 @@ from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionI
 from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import cls_attention, top_indices
+from .signals import FIXED_DTYPE, cls_attention, top_indices
 
 REFERENCE_RATIO = 1.0 / 8.0  # the released default reduction_ratio when adaptive is off
 
@@ -231,10 +236,17 @@ def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor, num_patc
 
 
 def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_neighbors: int, variant: str = "reference") -> list[CompressedImage]:
-    """Run the shared kNN merge over the selected centres and build the outputs."""
+    """Run the shared kNN merge over the selected centres and build the outputs (attn: the merge weights)."""
     counts = torch.tensor([a + s for a, s in zip(sel.kept, sel.spatial)], device=attn.device)
-    merged, extra = knn_merge(inp.patches, attn, inp.k[:, 1:], sel.centres, counts, num_neighbors, pool=sel.pool)
+    merged, extra = knn_merge(inp.patches, attn, inp.k[:, 1:], sel.centres, counts, num_neighbors, pool=sel.pool, variant=variant)
     return assemble(sel, merged, extra, inp.num_patches, variant)
+
+
+def attention_signals(inp: VisionInputs, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(merge weights, ranking scores): the fp32 CLS attention as released for both in reference; fixed ranks
+    the settled float64 attention instead (same values up to fp32 rounding, summation-order free)."""
+    attn = cls_attention(inp.q, inp.k)
+    return attn, attn if variant == "reference" else cls_attention(inp.q, inp.k, FIXED_DTYPE)
 
 
 def _prumerge(
@@ -247,18 +259,18 @@ def _prumerge(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge", adaptive, ratio)
-    attn = cls_attention(inp.q, inp.k)
+    attn, scores = attention_signals(inp, variant)
     if budget == 1:
-        return single_token(inp.patches, attn, variant)
+        return single_token(inp.patches, attn, variant, scores)
     n = inp.num_patches
     _check_neighbours("prumerge", variant, n, num_neighbors)
     if budget is not None:
         k = torch.full((inp.batch_size,), budget - 1, dtype=torch.long, device=attn.device)
     elif adaptive:
-        k = adaptive_counts(attn, whisker, variant)[0]
+        k = adaptive_counts(scores, whisker, variant)[0]
     else:
         k = torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
-    return merge_selection(inp, attn, top_selection(attn, k, variant), num_neighbors, variant)
+    return merge_selection(inp, attn, top_selection(scores, k, variant), num_neighbors, variant)
 
 
 def _plus_adaptive_reference(attn: torch.Tensor, whisker: float) -> Selection:
@@ -292,24 +304,24 @@ def _prumerge_plus(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge_plus", adaptive, ratio)
-    attn = cls_attention(inp.q, inp.k)
+    attn, scores = attention_signals(inp, variant)
     if budget == 1:
-        return single_token(inp.patches, attn, variant)
+        return single_token(inp.patches, attn, variant, scores)
     n = inp.num_patches
     _check_neighbours("prumerge_plus", variant, n, num_neighbors)
     if budget is not None:
-        sel = plus_budget_selection(attn, budget - 1, variant)
+        sel = plus_budget_selection(scores, budget - 1, variant)
     elif variant == "reference" and adaptive:
         sel = _plus_adaptive_reference(attn, whisker)
     elif variant == "reference":
         sel = plus_reference_training_branch(attn, REFERENCE_RATIO if ratio is None else ratio)
     else:
         k = (
-            adaptive_counts(attn, whisker, variant)[0]
+            adaptive_counts(scores, whisker, variant)[0]
             if adaptive
             else torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
         )
-        sel = plus_selection(attn, k, stride_of(k, n).clamp(min=1), variant)
+        sel = plus_selection(scores, k, stride_of(k, n).clamp(min=1), variant)
     return merge_selection(inp, attn, sel, num_neighbors, variant)
 
 

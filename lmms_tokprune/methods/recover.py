@@ -26,6 +26,12 @@ Variants:
              centres, and never an empty output: when V, T and the centres are all empty
              (flat attention and flat text) the extra token (sum of a_j h_j over all patches)
              is kept. The reference then returns 0 tokens, as the released code does.
+             Every pick (the three LOF fractions, V, T, the centres) is taken on settled float64
+             scores: the CLS logits, the visual projection and text cosine (signals.settle), so
+             the kept patches do not depend on the BLAS summation order (the LOF fits see those
+             scores rounded once to float32, as scikit-learn fits them). What only shapes the
+             merged features stays as released: fp32 key cosines for the neighbours (plus the
+             text bias), the fp32 attention as weights.
 Which text is encoded and how it is pooled (the released code: the system-prompt line, EOS
 position without mask, max_length 20) is the model wrapper's business; compress only reads
 text_embeds.
@@ -54,7 +60,7 @@ from . import outliers
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
 from .registry import BUDGET, MethodSpec, Param, non_negative, positive_int, register
-from .signals import cls_attention
+from .signals import FIXED_DTYPE, cls_attention, settle
 
 
 @dataclass
@@ -81,11 +87,17 @@ def _no_ratio(value: object) -> str | None:
     )
 
 
-def text_similarity(last_hidden: torch.Tensor, text: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+def text_similarity(last_hidden: torch.Tensor, text: torch.Tensor, projection: torch.Tensor,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, 1+N, D], text [T, Dt] (T = 1 or B), W [Dt, D] -> [B, N] cosine(t, P_j) / sqrt(Dt).
 
-    Op order as released: project all 1+N tokens, slice, normalise, matmul, then scale.
+    dtype None: op order as released: project all 1+N tokens, slice, normalise, matmul, then scale.
+    dtype float64 (fixed): the patches projected, normalised and dotted in float64, the cosine settled, then scaled.
     """
+    if dtype is not None:  # image by image: one image's float64 rows stay in cache
+        w, t = projection.to(dtype), F.normalize(text.to(dtype), p=2, dim=-1)
+        cos = [F.normalize(F.linear(last_hidden[i, 1:].to(dtype), w), p=2, dim=-1) @ t[i % t.shape[0]] for i in range(last_hidden.shape[0])]
+        return settle(torch.stack(cos)) * w.shape[0] ** -0.5
     proj = F.linear(last_hidden, projection)
     patches = F.normalize(proj[:, 1:], p=2, dim=-1)
     t = F.normalize(text, p=2, dim=-1)
@@ -279,12 +291,15 @@ def _recover(
         "num_neighbors": num_neighbors,
         "budget": budget,
     }
-    attn = cls_attention(inp.q, inp.k)
+    attn = cls_attention(inp.q, inp.k)  # the merge weights (fp32, as released)
+    scores = attn if variant == "reference" else cls_attention(inp.q, inp.k, FIXED_DTYPE)  # what decisions rank
     if budget == 1:
-        return single_token(inp.patches, attn, variant)
-    text = inp.text_embeds[:1] if variant == "reference" else inp.text_embeds
-    sim = text_similarity(inp.last_hidden, text.to(inp.last_hidden.dtype), inp.visual_projection.to(inp.last_hidden.dtype))
-    plan = (_plan_reference if variant == "reference" else _plan_fixed)(inp, attn, sim, p)
+        return single_token(inp.patches, attn, variant, scores)
+    if variant == "reference":
+        sim = text_similarity(inp.last_hidden, inp.text_embeds[:1].to(inp.last_hidden.dtype), inp.visual_projection.to(inp.last_hidden.dtype))
+        plan = _plan_reference(inp, attn, sim, p)
+    else:
+        plan = _plan_fixed(inp, scores, text_similarity(inp.last_hidden, inp.text_embeds, inp.visual_projection, FIXED_DTYPE), p)
     counts = torch.tensor(plan.n_centres, device=attn.device)
     merged, extra = knn_merge(
         inp.patches,
@@ -296,6 +311,7 @@ def _recover(
         pool=plan.pool,
         bias=plan.text_score * text_weight,
         num_candidates=plan.num_candidates,
+        variant=variant,
     )
     return assemble(inp, plan, merged, extra)
 

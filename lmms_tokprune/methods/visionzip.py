@@ -21,7 +21,9 @@ dominant 191, contextual 30 (221 tokens).
 
 Variants: `reference` = the released tensor path (batched, per image), torch.topk's tie order, no eps in the
 norm; C = 0 (the release divides by zero) is a ValueError. `fixed` = the same with C = 0 allowed (no
-contextual tokens), ties to the lower patch index, eps in the norm. dominant + contextual > 1 + N (the
+contextual tokens), ties to the lower patch index, eps in the norm, and both rankings (the dominant top-D, each
+token's target) on settled float64 scores (per-head logits, metric cosines; signals.settle), so the selection does
+not depend on the BLAS summation order; the merged features stay in the inputs' dtype. dominant + contextual > 1 + N (the
 release's shape mismatch) is a ValueError in both. The release's class-level monkey patches and its eager
 attention in all 24 blocks are how it gets these tensors, not what it computes: we capture them per instance.
 """
@@ -34,7 +36,7 @@ import torch
 
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, positive_int, register
-from .signals import cls_attention_per_head, take_rows, top_indices
+from .signals import FIXED_DTYPE, cls_attention_per_head, cosine_cross, signal_dtype, take_rows, top_indices
 
 DEFAULT_DOMINANT = 191
 DEFAULT_CONTEXTUAL = 30
@@ -48,11 +50,13 @@ def split_budget(budget: int) -> tuple:
 
 
 def merge_metric(feature_k: torch.Tensor, num_heads: int, variant: str) -> torch.Tensor:
-    """[B, 1+N, D] raw keys -> [B, N, D/H]: the head-mean of the patch keys, L2-normalised."""
+    """[B, 1+N, D] raw keys -> [B, N, D/H]: the head-mean of the patch keys; reference L2-normalises it (no eps),
+    fixed returns it raw in float64, image by image (the cosines are taken by signals.cosine_cross, eps in the norm)."""
     b, t, d = feature_k.shape
+    if variant != "reference":
+        return torch.stack([feature_k[i, 1:].to(FIXED_DTYPE).reshape(t - 1, num_heads, d // num_heads).mean(dim=1) for i in range(b)])
     metric = feature_k[:, 1:].reshape(b, t - 1, num_heads, d // num_heads).mean(dim=2)
-    norm = metric.norm(dim=-1, keepdim=True)
-    return metric / (norm if variant == "reference" else norm.clamp_min(EPS))
+    return metric / metric.norm(dim=-1, keepdim=True)
 
 
 def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT, contextual: int = DEFAULT_CONTEXTUAL,
@@ -67,7 +71,7 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
     b, _, width = inp.hidden.shape
     dev = inp.hidden.device
     kept_count = dominant - 1
-    scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads).sum(dim=1)  # [B, N]
+    scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).sum(dim=1)  # [B, N]
     chosen = torch.zeros(b, n, dtype=torch.bool, device=dev)
     if kept_count:
         chosen.scatter_(1, top_indices(scores, kept_count, variant), True)
@@ -86,8 +90,12 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
         is_target[target_pos] = True
         metric = take_rows(merge_metric(inp.feature_k, inp.num_heads, variant), rest)
         rest_h = take_rows(patches, rest)
-        similarity = torch.bmm(metric[:, ~is_target], metric[:, target_pos].transpose(1, 2))  # [B, R - C, C]
-        assign = torch.zeros_like(similarity).scatter_(2, similarity.argmax(dim=2, keepdim=True), 1.0)  # ties: the first target
+        if variant == "reference":
+            similarity = torch.bmm(metric[:, ~is_target], metric[:, target_pos].transpose(1, 2))  # [B, R - C, C]
+        else:
+            similarity = cosine_cross(metric[:, ~is_target], metric[:, target_pos], eps=EPS)
+        best = similarity.argmax(dim=2, keepdim=True)  # ties: the first target
+        assign = torch.zeros_like(similarity, dtype=rest_h.dtype).scatter_(2, best, 1.0)
         counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)
         merged = rest_h[:, target_pos] + torch.bmm(assign.transpose(1, 2), rest_h[:, ~is_target]) / counts
         parts.append(merged)

@@ -22,6 +22,23 @@ here; where the size-1 / size-0 index broadcasts (a late odd round) the release 
 fewer tokens than the budget (reproduced: 14 @ 0.75 keeps 13); more than one image -> ValueError (the release's LLM input assembly fails at sample 1, so no batched result
 exists to reproduce). `fixed` = stable sorts (ties to the lower index), eps in the norm, odd R handled, any
 batch. fastervlm reference runs at any batch size (per image, as released).
+
+Reproducibility of `reference` (issue #22, item 3): its outputs are reproducible only on the same hardware and BLAS.
+The released rounds rank fp32 max-cosine scores that contain exact ties (duplicate and near-duplicate patches)
+and near-ties ~1e-8 apart, which is below fp32's rounding of the dot products; which way such a pair ranks
+depends on the order the BLAS kernel sums the D products in (its SIMD width and blocking), and every round
+re-orders the list and re-splits its parity, so one flipped tie changes the evens and odds of every later
+round and cascades into a different kept set. Running the released code on two different CPUs gave different
+kept sets in 3 of our 6 test cases; on one machine, permuting the feature dimensions (which changes nothing
+mathematically, only the summation order) changes reference's kept set (tests/methods/test_order_invariance.py).
+The head-mean attention ranking has the same exposure on flat attention. `reference` keeps the release's fp32
+arithmetic anyway (that is what produced the published numbers); compare reference outputs only across runs on the
+same hardware and BLAS build.
+
+`fixed` (both methods) is summation-order invariant: the per-head logits and the patch cosines are computed in
+float64 from the fp32 inputs and settled (signals.settle: rounded to 2^-35, so exact ties stay exact ties), every
+ranking is a stable sort (ties to the lower patch index / list position); permuting the feature dimensions leaves
+its kept indices identical (tests/methods/test_order_invariance.py).
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ import torch
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, Param, register
-from .signals import cls_attention_per_head, take_rows
+from .signals import cls_attention_per_head, cosine_gram, signal_dtype, take_rows
 
 ROUND_DROP = 8  # the release removes at most 8 duplicated tokens per round
 EPS = 1e-6
@@ -43,12 +60,14 @@ def _fraction(value: object) -> Optional[str]:
     return None if isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0 else "must be in [0, 1]"
 
 
-def head_mean_attention(inp: VisionInputs) -> torch.Tensor:
-    return cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads).mean(dim=1)
+def head_mean_attention(inp: VisionInputs, variant: str = "reference") -> torch.Tensor:
+    """[B, N] head-mean CLS attention: fp32 as released (reference), settled float64 logits (fixed)."""
+    return cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).mean(dim=1)
 
 
 def descending_order(scores: torch.Tensor, variant: str) -> torch.Tensor:
-    """argsort descending; reference: torch's default (unstable) sort, fixed: stable (ties to the lower position)."""
+    """argsort descending; reference: torch's default (unstable) sort, fixed: stable (ties to the lower position;
+    fixed scores are settled float64, so ties of the exact values are exact ties)."""
     return torch.argsort(scores, dim=-1, descending=True, stable=variant != "reference")
 
 
@@ -75,11 +94,15 @@ def released_survivors(order: torch.Tensor, length: int, drop: int) -> torch.Ten
 def diverse_rounds(x: torch.Tensor, residual: torch.Tensor, diverse: int, variant: str) -> torch.Tensor:
     """The rounds of step 2 over the whole batch: [B, R] residual (list order) -> [B, diverse].
 
-    reference computes each round's evens x odds product from the gathered rows, as the release does (same
-    arithmetic, so near-ties rank the same); fixed computes the Gram matrix of all patches once and each round
-    reads its block (about (N - n) / 8 rounds: one [N, N] product instead of one per round).
+    reference's result depends on the BLAS summation order of its fp32 products (module doc: exact ties and 1e-8
+    near-ties, cascading re-orders); fixed's does not.
+
+    reference: x = the L2-normalised patches; each round's evens x odds product from the gathered rows, as the
+    release does (same arithmetic, so near-ties rank the same). fixed: x = the [B, N, N] cosine matrix of all
+    patches (settled float64, computed once) and each round reads its block (about (N - n) / 8 rounds: one
+    [N, N] product instead of one per round).
     """
-    gram = torch.bmm(x, x.transpose(1, 2)) if variant != "reference" else None
+    gram = x if variant != "reference" else None
     while diverse > 0:
         length = residual.shape[1]
         drop = min(ROUND_DROP, length - diverse)
@@ -102,17 +125,19 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
         raise ValueError("vispruner (reference): the released code runs one image at a time (its LLM input assembly fails at "
                          "sample 1); use variant=fixed for a batch")
     important = int(budget * important_ratio)
-    order = descending_order(head_mean_attention(inp), variant)
+    order = descending_order(head_mean_attention(inp, variant), variant)
     if budget == important:  # no diverse tokens: the release keeps the important ones only
         return gather_sorted(inp, order[:, :important])
-    norm = inp.patches.norm(dim=-1, keepdim=True)
-    x = inp.patches / (norm if variant == "reference" else norm.clamp_min(EPS))
+    if variant == "reference":
+        x = inp.patches / inp.patches.norm(dim=-1, keepdim=True)
+    else:  # the cosines themselves, float64 and settled, norms clamped at EPS
+        x = cosine_gram(inp.patches, eps=EPS, dtype=signal_dtype(variant))
     residual = diverse_rounds(x, order[:, important:], budget - important, variant)
     return gather_sorted(inp, torch.cat([order[:, :important], residual], dim=1))
 
 
 def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
-    attn = head_mean_attention(inp)
+    attn = head_mean_attention(inp, variant)
     if variant == "reference":
         kept = torch.topk(attn, budget, dim=1).indices
     else:
