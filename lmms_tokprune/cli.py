@@ -102,7 +102,9 @@ def _leaderboard(args: argparse.Namespace) -> int:
     print(files["table"])
     print("wrote " + ", ".join(str(p) for p in written.values()))
     if args.write_baseline:
-        print(f"wrote baseline {write_baseline(rows, args.write_baseline)} ({len(rows)} runs)")
+        unjudged = sum(len(r.not_judged) for r in rows)
+        print(f"wrote baseline {write_baseline(rows, args.write_baseline)} ({len(rows)} runs)"
+              + (f"; {unjudged} column(s) not judged, recorded as such: --check against it refuses them" if unjudged else ""))
     if report is not None:
         print("\n".join(report.lines()))
         return 1 if report.failed else 0

@@ -9,6 +9,10 @@ prefill tokens; prefill TFLOPs; measured prefill ms when logged. A provenance bl
 prompt style, configuration digest, package versions and source commit, and a warning names the runs when a
 table mixes checkpoints, prompt styles or lmms-eval versions.
 
+LLM-judged tasks (``llava_in_the_wild``, ``mmvet``, ...) whose judge failed for any sample, and every column of a
+``--predict_only`` run, are "not judged" (see `report.judged`): shown as such, left out of the row's means and of
+the relative scores, named in a warning (run, task, how many judge calls failed).
+
 Outputs in OUT: ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.json``, ``pareto.png`` (relative score vs
 equivalent visual tokens and vs prefill TFLOPs). Everything is read and checked before anything is written.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .files import write_atomic
+from .judged import NOT_JUDGED
 from .runs import BASELINE_METHOD, Column, RunRow, column_name, find_results, main_metric, read_run  # noqa: F401  (re-exported)
 
 PROVENANCE_KEYS = ("lmms_tokprune", "lmms_eval", "transformers", "torch", "git_commit")
@@ -100,6 +105,20 @@ def consistency_warnings(rows: Sequence[RunRow]) -> List[str]:
     return out
 
 
+def judge_warnings(rows: Sequence[RunRow]) -> List[str]:
+    """A line per column that is not judged (run, task, why) and per judged column whose judge cannot be checked."""
+    out = []
+    for row in rows:
+        for (task, metric), why in row.not_judged.items():
+            reported = row.reported.get((task, metric))
+            shown = "" if reported is None else f"; lmms-eval reported {reported}, which is not a score"
+            out.append(f"{row.name}: {column_name(task, metric)} not judged: {why}{shown}; left out of the means "
+                       "(judge it with an API key: README, Judged tasks)")
+        for (task, metric), why in row.unverified.items():
+            out.append(f"{row.name}: {column_name(task, metric)} is LLM-judged but {why}: its score is shown unchecked")
+    return out
+
+
 def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]] = None,
                baseline: Optional[str] = None, warnings: Optional[List[str]] = None) -> Tuple[List[RunRow], bool]:
     """The rows (baselines first, then best relative score first) and whether a baseline run was used.
@@ -109,7 +128,7 @@ def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]
     notes.extend(found.warnings)
     rows = [read_run(run_dir, f, data, metrics, notes) for run_dir, f, data in found.entries]
     for task, metric in (metrics or {}).items():  # a typo in --metric is an error, not an empty column
-        if not any(t == task for r in rows for t, _ in r.scores):
+        if not any(t == task for r in rows for t, _ in r.columns):
             available = sorted({m.split(",", 1)[0] for _, f, d in found.entries for m in (d.get("results") or {}).get(task, {})
                                 if "," in m and "_stderr" not in m})
             if available:
@@ -119,6 +138,7 @@ def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]
     _qualify(rows, lambda r: f"{r.name}/{r.results_file.name[: -len('_results.json')]}")
     _qualify(rows, lambda r: f"{r.group.name}/{r.name}")
     has_baseline = _relative(rows, baseline, notes)
+    notes.extend(judge_warnings(rows))
     notes.extend(consistency_warnings(rows))
     rows.sort(key=lambda r: (not (r.is_baseline or r.name == baseline),
                              -(r.relative_pct if r.relative_pct is not None else -math.inf), r.name))
@@ -126,10 +146,10 @@ def build_rows(paths: Sequence[os.PathLike], metrics: Optional[Mapping[str, str]
 
 
 def task_columns(rows: Sequence[RunRow]) -> List[Column]:
-    """(task, metric) columns in order of first appearance."""
+    """(task, metric) columns (scored or not judged) in order of first appearance."""
     cols: List[Column] = []
     for row in rows:
-        for column in row.scores:
+        for column in row.columns or row.scores:
             if column not in cols:
                 cols.append(column)
     return cols
@@ -165,7 +185,7 @@ def csv_rows(rows: Sequence[RunRow]) -> Tuple[List[str], List[Dict[str, Any]]]:
         rec: Dict[str, Any] = {"run": r.name, "model": r.model, "method": r.method, "variant": r.variant,
                                "budget": r.budget or "", "ratio": r.ratio or ""}
         for t, m in cols:
-            rec[f"{t}/{m}"] = _blank(r.scores.get((t, m)))
+            rec[f"{t}/{m}"] = NOT_JUDGED if (t, m) in r.not_judged else _blank(r.scores.get((t, m)))
             rec[f"{t}/{m} vs baseline (%)"] = _blank(r.relative.get((t, m)))
         rec.update({
             "visual_tokens_kept": _blank(r.visual_tokens), "visual_tokens_equivalent": _blank(r.visual_tokens_equivalent),
@@ -191,7 +211,7 @@ def markdown_table(rows: Sequence[RunRow], has_baseline: bool) -> str:
     for r in rows:
         cells = [f"**{r.name}** (baseline)" if r.is_baseline else r.name, r.method, r.variant, r.setting]
         for c in cols:
-            cells += [_fmt(r.scores.get(c), 4), _fmt(r.relative.get(c), 1)]
+            cells += [NOT_JUDGED if c in r.not_judged else _fmt(r.scores.get(c), 4), _fmt(r.relative.get(c), 1)]
         tflops = _fmt(r.prefill_tflops, 3) + ("*" if r.tflops_computed and r.prefill_tflops is not None else "")
         cells += [_fmt(r.relative_pct, 1), _fmt(r.visual_tokens, 1), _fmt(r.visual_tokens_equivalent, 1), _fmt(r.retention_pct, 1),
                   _fmt(r.llm_prefill_tokens, 1), tflops]
@@ -207,6 +227,11 @@ def markdown_table(rows: Sequence[RunRow], has_baseline: bool) -> str:
         notes.append("No uncompressed (method none) run found: relative scores are against the best run of each task.")
     notes.append("equivalent tokens: visual tokens per decoder layer, averaged over the layers (= visual tokens for methods that act "
                  "before the LLM).")
+    if any(r.not_judged for r in rows):
+        notes.append(f"{NOT_JUDGED}: an LLM-judged task whose judge failed for some of its samples (no API key, no network; "
+                     "the warnings give the counts), or a --predict_only run. lmms-eval still reports a number for it "
+                     "(llava_in_the_wild 100.0, mmvet 0.0 when every call fails): not a score, so the column is left out "
+                     "of the means, and --check refuses to compare it.")
     limits = sorted({r.limit for r in rows if r.limit is not None})
     if limits:
         shown = ", ".join(_fmt(x, 0) if x >= 1 else str(x) for x in limits)
@@ -223,12 +248,20 @@ def provenance_table(rows: Sequence[RunRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _score_record(r: RunRow, column: Column) -> Dict[str, Any]:
+    t, m = column
+    if column in r.not_judged:  # no score: what lmms-eval reported is kept apart, with why it is not one
+        return {"task": t, "metric": m, "score": None, "relative_pct": None, "not_judged": r.not_judged[column],
+                "reported": r.reported.get(column)}
+    return {"task": t, "metric": m, "score": r.scores.get(column), "relative_pct": r.relative.get(column)}
+
+
 def as_json(rows: Sequence[RunRow], has_baseline: bool, warnings: Sequence[str]) -> Dict[str, Any]:
     def record(r: RunRow) -> Dict[str, Any]:
         return {
             "run": r.name, "model": r.model, "method": r.method, "variant": r.variant, "setting": r.setting, "budget": r.budget,
             "ratio": r.ratio, "limit": r.limit, "is_baseline": r.is_baseline, "baseline": r.baseline_name,
-            "scores": [{"task": t, "metric": m, "score": v, "relative_pct": r.relative.get((t, m))} for (t, m), v in r.scores.items()],
+            "scores": [_score_record(r, c) for c in (r.columns or list(r.scores))],
             "relative_score_pct": r.relative_pct, "visual_tokens_kept": r.visual_tokens, "visual_tokens_equivalent": r.visual_tokens_equivalent,
             "visual_retention_pct": r.retention_pct, "llm_prefill_tokens": r.llm_prefill_tokens, "prefill_tflops": r.prefill_tflops,
             "prefill_tflops_computed": r.tflops_computed, "prefill_ms": r.prefill_ms, "checkpoint": r.checkpoint,

@@ -10,6 +10,12 @@ configuration digest), every task column's score, and its token counts. `leaderb
 - lost or gained a task column,
 or when a run of the baseline is missing now, or a run is new (not in the baseline): both are listed, never
 ignored. A baseline made on another checkpoint is an error (exit 2), not a comparison.
+
+Columns that were not judged (an LLM-judged task whose judge failed, or a ``--predict_only`` run: see
+`report.judged`) have no score to compare. `--write-baseline` records them under the run's ``not_judged``
+(column -> why), never as a number in ``scores``; `--check` refuses (exit 2, nothing written) when a run it
+compares has such a column now or in the baseline: judge the run (README, Judged tasks) and, for a baseline
+column, write the baseline again from judged runs.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def baseline_of(rows: Sequence[RunRow]) -> Dict[str, Any]:
             "model": r.model, "method": r.method, "variant": r.variant, "setting": r.setting, "checkpoint": r.checkpoint,
             "limit": r.limit, "config": r.config_hash, "scores": {column_name(t, m): v for (t, m), v in r.scores.items()}, **_counts_of(r),
         }
+        if r.not_judged:  # no number: a check against this baseline refuses these columns
+            runs[r.name]["not_judged"] = {column_name(t, m): why for (t, m), why in r.not_judged.items()}
     return {"format": FORMAT, "runs": runs}
 
 
@@ -108,6 +116,21 @@ def check_rows(rows: Sequence[RunRow], baseline: Dict[str, Any], tolerance: floa
         if base is not None and base.get("checkpoint") != row.checkpoint:
             raise ValueError(f"--check {source}: the baseline was made on checkpoint {base.get('checkpoint')}, but run {name!r} ran on "
                              f"{row.checkpoint}; compare runs of one checkpoint (or write a baseline for this one)")
+    refused = []
+    for row in rows:
+        base = expected.get(row.name)
+        if base is None:
+            continue
+        was = base.get("not_judged") or {}
+        now = {column_name(t, m): why for (t, m), why in row.not_judged.items()}
+        for column in sorted(set(was) | set(now)):
+            where = [f"now ({now[column]})"] if column in now else []
+            where += [f"in the baseline ({was[column]})"] if column in was else []
+            refused.append(f"{row.name}: {column} not judged " + " and ".join(where))
+    if refused:
+        raise ValueError(f"--check {source}: refusing to compare columns that were not judged (an LLM-judged task whose judge "
+                         f"failed, or a --predict_only run): {'; '.join(refused)}. Judge them with an API key (README: Judged "
+                         "tasks); a baseline column: write the baseline again from judged runs")
     for name in sorted(expected):
         if name not in by_name:
             report.missing.append(name)

@@ -12,6 +12,9 @@ Per run:
 - per task the headline metric(s): ``--metric task=name`` if given, else the benchmark's (MME: perception AND
   cognition, two columns; POPE ``pope_accuracy``; SEED ``seed_image``; MMBench ``gpt_eval_score``; VQA-style
   ``exact_match``), else the task's first numeric metric that is not a stderr;
+- LLM-judged tasks (``llava_in_the_wild``, ``mmvet``, ...; see `report.judged`): a column whose samples show a
+  failed judge call, or a column of a ``--predict_only`` run, is "not judged" (`RunRow.not_judged`, with why),
+  not a score: lmms-eval reports 100.0 / 0.0 for such runs;
 - counts: the run means in ``throughput.avg_*`` (visual tokens kept, equivalent, retention, LLM prefill tokens,
   prefill TFLOPs, measured prefill ms); TFLOPs are computed from the mean prefill length when not logged (marked);
 - provenance: the samples' ``token_counts[0].provenance`` (package versions, source commit, checkpoint, prompt
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..catalog import FAMILY_BASELINE, METHODS, model_ids
+from .judged import is_predict_only, judge_rule, judgements
 
 # model id -> the method it presets, from the torch-free catalog (the report imports neither the harness nor torch)
 PRESET_METHODS = {mid: method for mid, method in model_ids().items() if method is not None}
@@ -48,6 +52,8 @@ MAIN_METRICS: Dict[str, Tuple[str, ...]] = {
     "pope": ("pope_accuracy",),
     "mmbench_en_dev_static": ("gpt_eval_score",),
     "seedbench": ("seed_image",),
+    "llava_in_the_wild": ("gpt_eval_llava_all",),  # LLM-judged (report.judged)
+    "mmvet": ("gpt_eval_score",),  # LLM-judged (report.judged)
 }
 COUNT_KEYS = ("avg_visual_tokens_kept", "avg_visual_tokens_equivalent", "avg_llm_prefill_tokens")  # what "same results" compares
 
@@ -73,6 +79,10 @@ class RunRow:
     ratio: Optional[str]
     limit: Optional[float]
     scores: Dict[Column, float] = field(default_factory=dict)  # (task, metric) -> value, in the results' order
+    not_judged: Dict[Column, str] = field(default_factory=dict)  # LLM-judged columns that were not: (task, metric) -> why
+    reported: Dict[Column, Optional[float]] = field(default_factory=dict)  # what lmms-eval reported for those (not a score)
+    unverified: Dict[Column, str] = field(default_factory=dict)  # judged columns whose judge cannot be checked: -> why
+    columns: List[Column] = field(default_factory=list)  # every (task, metric) column, scored or not, in the results' order
     relative: Dict[Column, float] = field(default_factory=dict)  # (task, metric) -> 100 x score / baseline score
     visual_tokens: Optional[float] = None
     visual_tokens_equivalent: Optional[float] = None  # per decoder layer, averaged (= kept for methods before the LLM)
@@ -88,6 +98,7 @@ class RunRow:
 
     @property
     def mean_score(self) -> Optional[float]:
+        """Mean of the scored columns (not-judged columns are no scores and are left out)."""
         values = list(self.scores.values())
         return sum(values) / len(values) if values else None
 
@@ -348,8 +359,7 @@ def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics
     )
     for task, task_results in (data.get("results") or {}).items():
         if isinstance(task_results, Mapping):
-            for metric, value in headline_metrics(task, task_results, (metrics or {}).get(task)):
-                row.scores[(task, metric)] = value
+            _task_columns(row, task, task_results, (metrics or {}).get(task))
     tp = data.get("throughput") or {}
     row.visual_tokens = number(tp.get("avg_visual_tokens_kept"))
     equivalent = number(tp.get("avg_visual_tokens_equivalent"))
@@ -369,3 +379,31 @@ def read_run(run_dir: Path, results_file: Path, data: Mapping[str, Any], metrics
             row.prefill_tflops = llm_prefill_flops(cfg.text, row.llm_prefill_tokens) / 1e12
             row.tflops_computed = True
     return row
+
+
+def _task_columns(row: RunRow, task: str, task_results: Mapping[str, Any], preferred: Optional[str]) -> None:
+    """The task's headline column(s) into `row`: a score, or "not judged" (with why) for an LLM-judged column whose
+    samples show a failed judge call, or for any column of a --predict_only run."""
+    rule = judge_rule(task)
+    if is_predict_only(task_results):
+        wanted = (preferred,) if preferred else MAIN_METRICS.get(task) or (rule.headline if rule else ("bypass",))
+        for metric in wanted:
+            column = (task, metric)
+            row.columns.append(column)
+            row.not_judged[column] = "a --predict_only run: lmms-eval computed no metric (its 'bypass' placeholder, 999)"
+            row.reported[column] = None
+        return
+    picked = headline_metrics(task, task_results, preferred)
+    checked = judgements(row.results_file, task, [m for m, _ in picked], rule) if rule and picked else {}
+    for metric, value in picked:
+        column = (task, metric)
+        row.columns.append(column)
+        judgement = checked.get(metric)
+        if judgement is not None and judgement.not_judged:
+            row.not_judged[column] = judgement.reason(rule)
+            row.reported[column] = value
+            continue
+        if judgement is not None and judgement.total == 0:
+            row.unverified[column] = ("no samples file to check its judge (run with --log_samples)" if not judgement.files else
+                                      "its samples carry no judge record to check")
+        row.scores[column] = value
