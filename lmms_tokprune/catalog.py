@@ -30,7 +30,9 @@ GENERIC_MODEL_ID = "llava_tokprune"  # any method, chosen with method=
 @dataclass(frozen=True)
 class MethodEntry:
     """One method: its name, the module under ``methods/`` that implements it, where it acts, its family,
-    the variants it accepts (the first is the default) and the lmms-eval model id that presets it (if any)."""
+    the variants it accepts (the first is the default), the lmms-eval model id that presets it (if any), and whether
+    its released evaluation casts the CLIP tower to fp16 (the LLaVA 1.1.x forks' `load_pretrained_model` does so
+    unconditionally; LLaVA >= 1.2 never casts it), which `vision_dtype=auto` reproduces for `reference`."""
 
     name: str
     module: str
@@ -38,6 +40,7 @@ class MethodEntry:
     family: str = FAMILY_BASELINE
     variants: Tuple[str, ...] = BOTH_VARIANTS
     model_id: Optional[str] = None
+    release_half_tower: bool = False
 
 
 METHODS: Tuple[MethodEntry, ...] = (
@@ -45,16 +48,16 @@ METHODS: Tuple[MethodEntry, ...] = (
     MethodEntry("random", "baselines"),
     MethodEntry("topk_cls", "baselines"),
     MethodEntry("spatial", "baselines"),
-    MethodEntry("prumerge", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge"),
-    MethodEntry("prumerge_plus", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge_plus"),
-    MethodEntry("recover", "recover", family=FAMILY_SEED, model_id="llava_recover"),
+    MethodEntry("prumerge", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge", release_half_tower=True),
+    MethodEntry("prumerge_plus", "prumerge", family=FAMILY_SEED, model_id="llava_prumerge_plus", release_half_tower=True),
+    MethodEntry("recover", "recover", family=FAMILY_SEED, model_id="llava_recover", release_half_tower=True),
     MethodEntry("longtail", "longtail", stage=STAGE_IN_CLIP_AND_LLM, family=FAMILY_SEED, variants=("fixed",), model_id="llava_longtail"),
     MethodEntry("visionzip", "visionzip", family=FAMILY_PEER, model_id="llava_visionzip"),
     MethodEntry("vispruner", "vispruner", family=FAMILY_PEER, model_id="llava_vispruner"),
     MethodEntry("fastervlm", "vispruner", family=FAMILY_PEER, model_id="llava_fastervlm"),
     MethodEntry("divprune", "divprune", family=FAMILY_PEER, model_id="llava_divprune"),
     MethodEntry("cdpruner", "cdpruner", family=FAMILY_PEER, model_id="llava_cdpruner"),
-    MethodEntry("fastv", "fastv", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_fastv"),
+    MethodEntry("fastv", "fastv", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_fastv", release_half_tower=True),
     MethodEntry("pdrop", "pdrop", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_pdrop"),
     MethodEntry("dart", "dart", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_dart"),
     MethodEntry("sparsevlm", "sparsevlm", stage=STAGE_IN_LLM, family=FAMILY_PEER, model_id="llava_sparsevlm"),

@@ -62,6 +62,7 @@ class EvalConfig:
             "text_encoder": e.text_encoder if guided else None, "text_source": e.text_source if guided else None,
             "dtype": e.dtype, "vision_dtype": e.vision_dtype, "attn_implementation": e.attn_implementation, "image_backend": e.image_backend,
             "max_new_tokens": self.max_new_tokens,
+            **({"model_base": e.model_base} if e.model_base is not None else {}),  # an original-format LoRA folder's base
         }
 
     @property

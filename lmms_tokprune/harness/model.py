@@ -78,7 +78,7 @@ class LlavaTokPrune(lmms):
         self.engine = open_engine(args.engine, device)
         self._model = self.engine.model
         self.batch_size_per_gpu = args.batch_size
-        self._provenance = provenance(args)
+        self._provenance = provenance(args, str(self.engine.vision_dtype).removeprefix("torch."))
         self._records: List[SampleRecord] = []
         self._seconds = 0.0  # per document, of the last batch
         if self._rank == 0:

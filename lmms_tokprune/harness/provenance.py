@@ -51,10 +51,15 @@ def source_commit() -> Optional[str]:
     return commit + ("-dirty" if dirty else "")
 
 
-def provenance(config: EvalConfig) -> Dict[str, str]:
-    """One flat mapping per run (the same for every sample of it)."""
+def provenance(config: EvalConfig, vision_dtype: Optional[str] = None) -> Dict[str, str]:
+    """One flat mapping per run (the same for every sample of it). `vision_dtype`: the dtype the loaded CLIP tower runs
+    in ('float16' / 'float32' / 'bfloat16': what `vision_dtype=auto` resolved to)."""
     out = dict(versions())
     out["git_commit"] = source_commit() or ""
     out["checkpoint"] = config.pretrained
+    if config.engine.model_base is not None:
+        out["model_base"] = config.engine.model_base
     out["prompt_style"] = config.engine.prompt_style
+    if vision_dtype is not None:
+        out["vision_dtype"] = vision_dtype
     return out

@@ -17,7 +17,7 @@ from ..methods import BoundMethod, CompressedImage, VisionInputs
 from .assemble import build_llm_inputs
 from .batch import BatchOutput, CompressResult, DocumentError, PreparedBatch, Sample, SampleStats
 from .images import ImagePreparer, check_complete, to_rgb
-from .prompts import IMAGE_PLACEHOLDER, build_prompt
+from .prompts import IMAGE_PLACEHOLDER, build_prompt, llava_prompt_ids
 from .text_guide import cdpruner_text
 from .vision import VisionStates, as_vision_inputs, run_clip
 
@@ -91,12 +91,28 @@ class CompressedLlava:
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype the CLIP tower runs in (recorded in every sample's provenance)."""
+        return next(self.vision_tower.parameters()).dtype
+
+    def pixels_on_device(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels on the device in the LLM's dtype, as LLaVA's own eval (`images.to(dtype=torch.float16)`) and lmms-eval's
+        llava_hf hand them to the model; the tower then casts them to its own dtype (an fp32 tower sees fp16-rounded
+        pixels when the model runs in fp16, exactly as there)."""
+        return pixel_values.to(self.device, self.embed_tokens.weight.dtype)
+
     # -- stages ----------------------------------------------------------------------------
     def prompt_text(self, sample: Sample) -> str:
         return build_prompt(self.prompt_style, self.processor, sample.context, len(sample.images))
 
     def prompt_ids(self, sample: Sample, prompt: str) -> List[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        """llava_v1: the ids LLaVA's own code makes (`tokenizer_image_token`); chat_template: the processor's whole-text
+        tokenization (what transformers / lmms-eval's llava_hf feed)."""
+        if self.prompt_style == "llava_v1":
+            ids = llava_prompt_ids(self.tokenizer, prompt, self.image_token_id)
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         found = sum(1 for t in ids if t == self.image_token_id)
         if found != len(sample.images):
             raise ValueError(f"tokenized prompt holds {found} image tokens for {len(sample.images)} images ({IMAGE_PLACEHOLDER!r} must be one token)")
@@ -140,7 +156,7 @@ class CompressedLlava:
         """CLIP forward with capture, then the method on the captured states (float32)."""
         states = run_clip(
             self.vision_tower,
-            pixel_values.to(self.device),
+            self.pixels_on_device(pixel_values),
             feature_layer=self.feature_layer,
             need_last_block=self.spec.needs_last_block,
             need_qk=self.spec.needs_qk,

@@ -49,7 +49,7 @@ class PrunedLLMLlava(CompressedLlava):
 
     def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
         """Every patch enters the LLM (the method acts inside it): LLaVA's own vision features, no capture."""
-        patches = run_clip(self.vision_tower, pixel_values.to(self.device), feature_layer=self.feature_layer).hidden[:, 1:].float()
+        patches = run_clip(self.vision_tower, self.pixels_on_device(pixel_values), feature_layer=self.feature_layer).hidden[:, 1:].float()
         index = torch.arange(patches.shape[1], device=patches.device)
         return CompressResult([CompressedImage(patches[b], index) for b in range(patches.shape[0])])
 

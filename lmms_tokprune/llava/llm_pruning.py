@@ -325,6 +325,9 @@ class TokenChooser:
 
         self.do_sample = bool(gen.get("do_sample", False))
         processors = LogitsProcessorList()
+        # ids never to generate (generate()'s suppress_tokens: the rows original-format loading adds for <image>)
+        suppressed = default("suppress_tokens", None)
+        self.suppressed = torch.as_tensor(list(suppressed), dtype=torch.long) if suppressed else None
         penalty = gen.get("repetition_penalty")
         if penalty is not None and float(penalty) != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(float(penalty)))
@@ -341,6 +344,8 @@ class TokenChooser:
         self.processors = processors
 
     def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.suppressed is not None:
+            logits = logits.index_fill(-1, self.suppressed.to(logits.device), float("-inf"))
         scores = self.processors(generated, logits)
         if self.do_sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

@@ -1,18 +1,22 @@
-"""Load a LLaVA-1.5 checkpoint (hub id or local folder) the way a user's transformers would."""
+"""Load a LLaVA-1.5 checkpoint (hub id or local folder) the way a user's transformers would; a folder in the original
+LLaVA repository's format (full or LoRA + base) is converted in memory (`original_format`)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
+
+from .checkpoint_files import check_tokenizer_files, check_weight_files, first_line, looks_like_path
+from .original_format import OriginalCheckpoint, inspect_original, is_original_config, load_original, raw_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 IMAGE_BACKENDS = ("pil", "torchvision")
-# float32: the CLIP tower stays in fp32 whatever the model dtype, as LLaVA-1.5's released evaluation runs it (its
-# loader never casts the tower); "model": the tower in the model's dtype (transformers' / lmms-eval's llava_hf way).
-VISION_DTYPES = ("float32", "model")
+# The CLIP tower's dtype. auto: what the method's released evaluation ran (`resolve_vision_dtype`); float32: fp32 whatever
+# the model dtype (LLaVA >= 1.2's loader never casts the tower); model: the model's dtype (transformers' / llava_hf's way).
+VISION_DTYPES = ("auto", "float32", "model")
 
 
 def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
@@ -26,44 +30,24 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return DTYPES[str(dtype)]
 
 
-def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
+def resolve_vision_dtype(choice: Union[str, torch.dtype], model_dtype: torch.dtype, half_tower_release: bool = False) -> torch.dtype:
+    """The tower's dtype. `auto`: the dtype the method's released evaluation ran it in -- the LLaVA 1.1.x forks
+    (PruMerge, Recoverable Compression, FastV: `half_tower_release`) cast it to fp16 unconditionally, so fp16 when the
+    model runs in fp16; LLaVA >= 1.2 forks never cast it, so fp32 otherwise."""
+    if isinstance(choice, torch.dtype):
+        return choice
+    if choice == "model":
+        return model_dtype
+    if choice == "float32" or (choice == "auto" and not (half_tower_release and model_dtype == torch.float16)):
+        return torch.float32
+    if choice == "auto":
+        return torch.float16
+    raise ValueError(f"unknown vision_dtype {choice!r}; valid: {', '.join(VISION_DTYPES)}")
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def check_weight_files(folder: str, what: str) -> None:
-    """Every safetensors file of a local checkpoint folder has a readable header covering the file: a truncated
-    or garbage file is a ValueError naming the folder and the file (transformers' own error names neither)."""
-    from safetensors import safe_open
-
-    root = os.path.expanduser(folder)
-    if not os.path.isdir(root):
-        return  # a hub id: transformers resolves and reports it
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".safetensors"):
-            continue
-        try:
-            with safe_open(os.path.join(root, name), framework="pt") as fh:
-                fh.keys()
-        except Exception as err:  # SafetensorError, OSError
-            raise ValueError(f"{what}: {os.path.join(root, name)} is not a readable safetensors file ({first_line(err)}); "
-                             "the checkpoint folder is damaged (re-download or re-save it)") from None
-
-
-def check_tokenizer_files(folder: str, what: str) -> None:
-    root = os.path.expanduser(folder)
-    if os.path.isdir(root) and not any(os.path.isfile(os.path.join(root, n)) for n in TOKENIZER_FILES):
-        raise ValueError(f"{what}: the folder {root} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-
-
-def check_checkpoint(pretrained: str) -> Any:
-    """Load and check the config first, so a wrong path or a non-LLaVA model is one clear error."""
+def check_checkpoint(pretrained: str, model_base: Optional[str] = None) -> Any:
+    """Load and check the config first, so a wrong path or a non-LLaVA model is one clear error. Returns the
+    transformers config, or for an original LLaVA-repository folder its checked `OriginalCheckpoint`."""
     from transformers import AutoConfig
 
     from ..assets import resolve_checkpoint
@@ -73,6 +57,12 @@ def check_checkpoint(pretrained: str) -> Any:
     path = os.path.expanduser(pretrained)
     if looks_like_path(pretrained) and not os.path.isdir(path):
         raise ValueError(f"pretrained folder {pretrained!r} does not exist")
+    raw = raw_config(pretrained)
+    if is_original_config(raw):
+        return inspect_original(pretrained, model_base, raw)
+    if model_base is not None:
+        raise ValueError(f"model_base={model_base!r} is only for LoRA folders in the original LLaVA-repository format; "
+                         f"pretrained={pretrained!r} is a transformers checkpoint (leave model_base out)")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # transformers raises OSError / ValueError / HF errors here
@@ -94,9 +84,11 @@ def load_llava(
     dtype: Any = "auto",
     attn_implementation: Optional[str] = "sdpa",
     image_backend: str = "pil",
-    vision_dtype: str = "float32",
+    vision_dtype: Union[str, torch.dtype] = "float32",
+    model_base: Optional[str] = None,
 ) -> Tuple[torch.nn.Module, Any]:
-    """Model (eval mode, on `device`) and processor with the pinned image backend."""
+    """Model (eval mode, on `device`) and processor with the pinned image backend; the CLIP tower in `vision_dtype`
+    (a dtype, or a VISION_DTYPES name: 'auto' here means fp32, the method-specific choice is `resolve_vision_dtype`'s)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from ..assets import resolve_checkpoint
@@ -107,12 +99,16 @@ def load_llava(
         raise ValueError(f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
     if image_backend not in IMAGE_BACKENDS:
         raise ValueError(f"unknown image_backend {image_backend!r}; valid: {', '.join(IMAGE_BACKENDS)}")
-    check_checkpoint(pretrained)
+    found = check_checkpoint(pretrained, model_base)
+    torch_dtype = resolve_dtype(dtype, device)
+    tower_dtype = resolve_vision_dtype(vision_dtype, torch_dtype)
+    if isinstance(found, OriginalCheckpoint):
+        model, processor = load_original(found, torch_dtype, tower_dtype, attn_implementation, image_backend)
+        return model.to(device).eval(), processor
     path = os.path.expanduser(pretrained)
     what = f"pretrained={pretrained!r}"
     check_weight_files(path, what)
     check_tokenizer_files(path, what)
-    torch_dtype = resolve_dtype(dtype, device)
     try:
         model, info = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
@@ -122,10 +118,7 @@ def load_llava(
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would silently initialise them at random
         raise ValueError(f"pretrained={pretrained!r} lacks {len(missing)} weight tensors (e.g. {missing[0]}); the checkpoint is incomplete")
-    if vision_dtype not in VISION_DTYPES:
-        raise ValueError(f"unknown vision_dtype {vision_dtype!r}; valid: {', '.join(VISION_DTYPES)}")
-    if vision_dtype == "float32":
-        model.model.vision_tower.to(torch.float32)
+    model.model.vision_tower.to(tower_dtype)
     model.to(device).eval()
     try:
         processor = AutoProcessor.from_pretrained(path, backend=image_backend)

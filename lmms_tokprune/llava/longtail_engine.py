@@ -98,7 +98,7 @@ class LongtailLlava(PrunedLLMLlava):
 
         states = run_clip(
             self.vision_tower,
-            pixel_values.to(self.device),
+            self.pixels_on_device(pixel_values),
             feature_layer=self.feature_layer,
             token_filter=token_filter,
             filter_after_block=params["clip_layer"],

@@ -15,7 +15,7 @@ import torch
 from ..catalog import STAGE_IN_CLIP_AND_LLM, STAGE_IN_LLM
 from .engine import CompressedLlava
 from .llm_engine import PrunedLLMLlava
-from .loading import load_llava
+from .loading import load_llava, resolve_dtype, resolve_vision_dtype
 from .longtail_engine import LongtailLlava
 from .options import EngineOptions
 
@@ -34,8 +34,10 @@ def open_engine(options: EngineOptions, device: Optional[torch.device] = None, m
     `text_guide` to reuse a CLIP text encoder; what is not given is loaded from the options."""
     device = device or default_device(options)
     if model is None or processor is None:
-        model, processor = load_llava(options.pretrained, device, options.dtype, options.attn_implementation, options.image_backend,
-                                      options.vision_dtype)
+        model_dtype = resolve_dtype(options.dtype, device)
+        tower_dtype = resolve_vision_dtype(options.vision_dtype, model_dtype, options.method.release_half_tower)
+        model, processor = load_llava(options.pretrained, device, model_dtype, options.attn_implementation, options.image_backend,
+                                      tower_dtype, options.model_base)
     if text_guide is None and options.method.spec.needs_text_encoder:
         from .text_guide import load_text_guide  # only text-guided methods need the CLIP text tower
 

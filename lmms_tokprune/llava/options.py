@@ -64,6 +64,7 @@ def coerce_option(opt: Option, value: Any) -> Any:
 
 ENGINE_OPTIONS: Tuple[Option, ...] = (
     Option("pretrained", str, DEFAULT_PRETRAINED),
+    Option("model_base", str, None),
     Option("method", str, "none"),
     Option("variant", str, "fixed", BOTH_VARIANTS),
     Option("prompt_style", str, "llava_v1", PROMPT_STYLES),
@@ -71,7 +72,7 @@ ENGINE_OPTIONS: Tuple[Option, ...] = (
     Option("text_encoder", str, DEFAULT_TEXT_ENCODER),
     Option("text_source", str, "question", TEXT_SOURCES),
     Option("dtype", str, "auto", ("auto",) + tuple(DTYPES)),
-    Option("vision_dtype", str, "float32", VISION_DTYPES),
+    Option("vision_dtype", str, "auto", VISION_DTYPES),
     Option("attn_implementation", str, "sdpa", ATTN_IMPLEMENTATIONS),
     Option("image_backend", str, "pil", IMAGE_BACKENDS),
     Option("device", str, None),
@@ -85,12 +86,13 @@ class EngineOptions:
 
     method: BoundMethod
     pretrained: str = DEFAULT_PRETRAINED
+    model_base: Optional[str] = None  # the base LLM an original-format LoRA folder merges onto
     prompt_style: str = "llava_v1"
     pad_to_square: bool = True
     text_encoder: str = DEFAULT_TEXT_ENCODER
     text_source: str = "question"
     dtype: str = "auto"
-    vision_dtype: str = "float32"
+    vision_dtype: str = "auto"
     attn_implementation: str = "sdpa"
     image_backend: str = "pil"
     device: Optional[str] = None

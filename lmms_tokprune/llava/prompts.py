@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, List
+from typing import Any, List, Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
 VICUNA_SYSTEM = (
@@ -49,6 +49,25 @@ def chat_template_prompt(processor: Any, context: str, num_images: int) -> str:
     text = context.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in context else context
     content: List[dict] = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def llava_prompt_ids(tokenizer: Any, prompt: str, image_token_id: int) -> List[int]:
+    """Token ids exactly as LLaVA's own `tokenizer_image_token` makes them (llava/mm_utils.py): the text on each side of
+    every `<image>` is tokenized on its own (BOS added, then dropped from every chunk after the first) and one image id
+    goes between the chunks.
+
+    Why not the whole prompt with `<image>` as an added token: a Llama (SentencePiece) tokenizer starts every chunk with
+    its dummy-prefix piece, so the original keeps a lone `▁` (29871 in Vicuna) before the `\n` that follows the image,
+    which whole-prompt tokenization drops; a model trained on the original ids answers differently without it.
+    """
+    chunks: List[Sequence[int]] = [tokenizer(chunk, add_special_tokens=True)["input_ids"] for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    ids: List[int] = list(chunks[0][:offset])
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.append(image_token_id)
+        ids.extend(chunk[offset:])
+    return ids
 
 
 def build_prompt(style: str, processor: Any, context: str, num_images: int) -> str:

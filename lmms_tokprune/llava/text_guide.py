@@ -14,12 +14,12 @@ position, and sample 0's text for the whole batch.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from loguru import logger
 
+from .checkpoint_files import check_tokenizer_files, check_weight_files, looks_like_path, quiet_transformers
 from .prompts import IMAGE_PLACEHOLDER, question_text
 
 # What the released CDPruner loader removes from a question (model_vqa_loader.py); other instructions stay.
@@ -33,19 +33,6 @@ def cdpruner_text(context: str) -> str:
 
 REFERENCE_MAX_LENGTH = 20
 CLIP_MAX_LENGTH = 77
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers' warnings off inside the block (errors still raise; missing weights are checked by us)."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 def _load_visual_projection(path: str) -> torch.Tensor:
@@ -142,11 +129,9 @@ def load_text_guide(text_encoder: str, llava_model: torch.nn.Module, device: tor
 
     text_encoder = resolve_checkpoint(text_encoder, kind="clip")
     path = os.path.expanduser(text_encoder)
-    if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+    if looks_like_path(text_encoder) and not os.path.isdir(path):
         raise ValueError(f"text_encoder folder {text_encoder!r} does not exist")
     from transformers import AutoConfig
-
-    from .loading import check_tokenizer_files, check_weight_files
 
     check_weight_files(path, f"text_encoder={text_encoder!r}")
     check_tokenizer_files(path, f"text_encoder={text_encoder!r}")

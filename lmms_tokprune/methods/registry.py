@@ -321,6 +321,11 @@ class BoundMethod:
         return self.spec.stage
 
     @property
+    def release_half_tower(self) -> bool:
+        """`reference` of a method whose released evaluation ran the CLIP tower in fp16 (a LLaVA 1.1.x fork)."""
+        return self.variant == "reference" and method_entry(self.name).release_half_tower
+
+    @property
     def needs(self) -> frozenset:
         return self.spec.needs
 

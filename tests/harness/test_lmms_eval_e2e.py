@@ -44,6 +44,7 @@ def test_counts_in_samples_and_results(batch_runs):
     assert prov["torch"] == torch.__version__.split("+")[0] or prov["torch"] == torch.__version__
     assert prov["transformers"] == transformers.__version__ and prov["lmms_eval"] == getattr(lmms_eval, "__version__", prov["lmms_eval"])
     assert prov["checkpoint"] == str(run["config"]["model_args"]).split("pretrained=")[1].split(",")[0] and prov["prompt_style"] == "llava_v1"
+    assert prov["vision_dtype"] == "float32"  # the tower's resolved dtype (vision_dtype=auto on a CPU, fp32 model)
     assert all(s["token_counts"][0]["provenance"] == prov for s in samples)
     means = run["throughput"]
     kept = [s["token_counts"][0]["visual_tokens_kept"] for s in samples]
