@@ -7,13 +7,14 @@ Contract (called by checks outside this repo)::
     outs[b].index     # [M_b] source patch index, -1 for a token that is not one patch
 """
 
-from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_RECOVERED, CompressedImage, VisionInputs
+from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_RECOVERED, CompressedImage, UnitLayout, VisionInputs
 from .outliers import iqr_outliers, lof_fraction, lof_outliers
 from .registry import METHOD_MODULES, VARIANTS, BoundMethod, MethodSpec, Param, bind, compress, get_method, method_names, resolve_params
 from .signals import cls_attention
 
 __all__ = [
     "VisionInputs",
+    "UnitLayout",
     "CompressedImage",
     "compress",
     "bind",
