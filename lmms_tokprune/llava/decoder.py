@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half  # Llama's own GQA repeat and rotary half-turn
 
+from .attention_masks import as_attention_mask
+
 MASKABLE_ATTENTION = ("sdpa", "eager")
 
 
@@ -60,7 +62,8 @@ def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: to
 
     valid [B, S] bool marks real key slots. A query always sees its own slot (padded query rows
     stay finite; nobody reads them). SDPA gets a boolean mask, or None when nothing is masked
-    beyond plain causality (what transformers does, so it can use is_causal); eager gets 0 / min.
+    beyond plain causality (what transformers does, so it can use is_causal); eager gets 0 / min
+    (`attention_masks.as_attention_mask`, the rule the CLIP tower's key-padding mask uses too).
     """
     s = valid.shape[1]
     if implementation == "sdpa" and bool(valid.all()) and (q_len == 1 or q_len == s):
@@ -69,10 +72,7 @@ def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: to
     q_slot = kv[s - q_len:]
     allowed = valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
     allowed = allowed | (kv[None, None, None, :] == q_slot[None, None, :, None])
-    if implementation == "sdpa":
-        return allowed
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    return as_attention_mask(allowed, implementation, dtype)
 
 
 def rope(x: torch.Tensor, position_embeddings: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -96,11 +96,9 @@ def key_padding_mask(valid: torch.Tensor, implementation: str, dtype: torch.dtyp
     SDPA takes a boolean mask (True = attend); eager adds a float bias (0 / dtype min). Padded
     queries still see the real keys, so their rows stay finite (and are never read).
     """
-    allowed = valid[:, None, None, :]
-    if implementation == "sdpa":
-        return allowed
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    from .attention_masks import as_attention_mask
+
+    return as_attention_mask(valid[:, None, None, :], implementation, dtype)
 
 
 def _run_block(layer: nn.Module, h: torch.Tensor, token_mask: Optional[torch.Tensor], ragged: str, want_qk: bool):
