@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .signals import top_indices
+from .signals import row_matrix, take_rows, top_indices
 
 
 def reference_complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -145,23 +145,6 @@ def neighbours(
     ok = (pick < usable[:, None, None]).to(attn.dtype)
     weight = attn.gather(1, nb_patch.reshape(b, -1)).view(b, m, k) * ok
     return nb_patch, weight
-
-
-def row_matrix(feats: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """[B, N, D] -> ([rows, D] matrix, rows per image) without copying a batch-strided view
-    such as hidden[:, 1:] (patch (b, p) is row b * stride + p)."""
-    b, n, d = feats.shape
-    sb, sn, sd = feats.stride()
-    if sd == 1 and sn == d and sb % d == 0 and sb >= n * d:
-        return feats.as_strided(((b - 1) * (sb // d) + n, d), (d, 1)), sb // d
-    return feats.reshape(b * n, d), n
-
-
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, N, D], [B, M] -> [B, M, D] by whole-row copies (much faster than gather on CPU)."""
-    rows_mat, per_image = row_matrix(x)
-    flat = (index + (torch.arange(x.shape[0], device=index.device) * per_image)[:, None]).reshape(-1)
-    return rows_mat.index_select(0, flat).view(index.shape[0], index.shape[1], x.shape[-1])
 
 
 def weighted_sum(feats: torch.Tensor, nb_patch: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -89,10 +89,24 @@ def top_indices(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def row_matrix(feats: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[B, N, D] -> ([rows, D] matrix, rows per image) without copying a batch-strided view
+    such as hidden[:, 1:] (patch (b, p) is row b * stride + p)."""
+    b, n, d = feats.shape
+    sb, sn, sd = feats.stride()
+    if b > 0 and sd == 1 and sn == d and sb % d == 0 and sb >= n * d:
+        return feats.as_strided(((b - 1) * (sb // d) + n, d), (d, 1)), sb // d
+    return feats.reshape(b * n, d), n
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, N, D], [B, M] -> [B, M, D]: x[b, index[b, m]]. Advanced indexing, not `gather` with an expanded index
-    (4x slower on a CPU for 1024-wide rows)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+    """[B, N, D], [B, M] -> [B, M, D]: x[b, index[b, m]], by whole-row copies: one index_select on the rows of the
+    batch (a batch-strided view such as hidden[:, 1:] is read in place, `row_matrix`), 2-3x faster on a CPU than
+    advanced indexing and 4x faster than `gather` with an expanded index for 1024-wide rows. Every index must lie
+    in [0, N)."""
+    rows_mat, per_image = row_matrix(x)
+    flat = (index + (torch.arange(x.shape[0], device=index.device) * per_image)[:, None]).reshape(-1)
+    return rows_mat.index_select(0, flat).view(index.shape[0], index.shape[1], x.shape[-1])
 
 
 def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
