@@ -54,7 +54,7 @@ from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionI
 from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import FIXED_DTYPE, cls_attention, top_indices
+from .signals import FIXED_DTYPE, cls_attention, top_indices, top_rank
 
 REFERENCE_RATIO = 1.0 / 8.0  # the released default reduction_ratio when adaptive is off
 
@@ -137,19 +137,6 @@ def top_selection(attn: torch.Tensor, k: torch.Tensor, variant: str) -> Selectio
     return Selection(top_indices(attn, kmax, variant), counts, [0] * len(counts))
 
 
-def top_rank(attn: torch.Tensor, k: torch.Tensor, variant: str) -> torch.Tensor:
-    """[B, N] position of each patch among its image's top-k_b (2N for the others).
-
-    The top-k comes from the same call the released code makes (topk with k, not a prefix of
-    a longer ranking), so tie order matches.
-    """
-    b, n = attn.shape
-    kmax = int(k.max())
-    pos = torch.arange(kmax, device=attn.device).expand(b, kmax)
-    rank = torch.full((b, n), 2 * n, dtype=torch.long, device=attn.device)
-    return rank.scatter_(1, top_indices(attn, kmax, variant), torch.where(pos < k[:, None], pos, 2 * n))
-
-
 def plus_selection(attn: torch.Tensor, k: torch.Tensor, stride: torch.Tensor, variant: str) -> Selection:
     """PruMerge+ adaptive rule: top-k_b, then stride samples not already kept, ascending."""
     n = attn.shape[1]
@@ -202,7 +189,7 @@ def plus_reference_training_branch(attn: torch.Tensor, ratio: float) -> Selectio
         raise ValueError(
             f"prumerge_plus (reference, adaptive=false): ratio={ratio} gives {2 * k} centres for {n} patches; use variant=fixed"
         )
-    idx = torch.cat([torch.topk(attn, k, dim=1).indices, seq.expand(b, -1)], dim=1)
+    idx = torch.cat([top_indices(attn, k, "reference"), seq.expand(b, -1)], dim=1)
     compl = reference_complement(idx, n)
     pool = torch.zeros(b, n, dtype=torch.bool, device=attn.device)
     pool.scatter_(1, idx, True).scatter_(1, compl, True)

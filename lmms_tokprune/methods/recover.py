@@ -60,7 +60,7 @@ from . import outliers
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
 from .registry import BUDGET, MethodSpec, Param, non_negative, positive_int, register
-from .signals import FIXED_DTYPE, cls_attention, settle
+from .signals import FIXED_DTYPE, cls_attention, settle, top_indices, top_rank
 
 
 @dataclass
@@ -154,11 +154,9 @@ def subset_fraction(scores: torch.Tensor, mask: torch.Tensor, n_neighbors: int) 
     return frac
 
 
-def stable_top(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """bool [B, N]: the k_b highest `allowed` entries per row, ties to the lower index."""
-    order = torch.sort(scores.masked_fill(~allowed, float("-inf")), dim=1, descending=True, stable=True).indices
-    pos = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return (pos < k[:, None]) & allowed
+def top_among(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """bool [B, N]: the k_b highest `allowed` entries per row, ties to the lower index (signals.top_rank, fixed)."""
+    return (top_rank(scores.masked_fill(~allowed, float("-inf")), k, "fixed") < scores.shape[1]) & allowed
 
 
 def _plan_fixed(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p: dict) -> Plan:
@@ -167,21 +165,21 @@ def _plan_fixed(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p: dic
     everything = torch.ones_like(attn, dtype=torch.bool)
     full = torch.full((b,), n, device=attn.device)
     n_v = count_of(outliers.lof_fraction(attn, p["lof_k_visual"]), full)
-    v_all = stable_top(attn, everything, n_v)
+    v_all = top_among(attn, everything, n_v)
     sim_masked = torch.where(v_all, sim.min(dim=1, keepdim=True).values, sim)
     n_t = count_of(outliers.lof_fraction(sim_masked, p["lof_k_text"]), full - n_v)
     if p["budget"] is not None:
         n_v, n_t = shrink(n_v, n_t, p["budget"] - 1)
-    v = stable_top(attn, everything, n_v)
-    t = stable_top(sim_masked, ~v_all, n_t)
+    v = top_among(attn, everything, n_v)
+    t = top_among(sim_masked, ~v_all, n_t)
     pool = ~(v | t)
     if p["budget"] is not None:
         n_c = p["budget"] - 1 - n_v - n_t
     else:
         n_c = count_of(subset_fraction(attn, pool, p["lof_k_merge"]), pool.sum(dim=1))
-    centres = stable_top(attn, pool, n_c)
+    centres = top_among(attn, pool, n_c)
     cmax = int(n_c.max())
-    order = torch.sort(attn.masked_fill(~centres, float("-inf")), dim=1, descending=True, stable=True).indices[:, :cmax]
+    order = top_indices(attn.masked_fill(~centres, float("-inf")), cmax, "fixed")
     first = v | t
     sizes, counts = torch.stack([first.sum(dim=1), n_c]).tolist()
     patch = torch.arange(n, device=attn.device).expand(b, n)
@@ -209,13 +207,13 @@ def _plan_reference(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p:
     frac_v = float(outliers.lof_fraction(attn, p["lof_k_visual"])[0])
     n_v = int(n * frac_v)
     sim = sim.clone()
-    sim[:, torch.topk(attn, n_v, dim=1).indices[0]] = sim.min(dim=-1).values
+    sim[:, top_indices(attn, n_v, "reference")[0]] = sim.min(dim=-1).values
     n_t = int((n - n_v) * float(outliers.lof_fraction(sim, p["lof_k_text"])[0]))
     if p["budget"] is not None:
         nv, nt = shrink(torch.tensor([n_v]), torch.tensor([n_t]), p["budget"] - 1)
         n_v, n_t = int(nv), int(nt)
-    v = torch.topk(attn, n_v, dim=1).indices
-    first = torch.sort(torch.cat([v, torch.topk(sim, n_t, dim=1).indices], dim=1), dim=1).values
+    v = top_indices(attn, n_v, "reference")
+    first = torch.sort(torch.cat([v, top_indices(sim, n_t, "reference")], dim=1), dim=1).values
     rest = reference_complement(first, n)  # R, ascending
     size = rest.shape[1]
     attn_r = attn.gather(1, rest)
@@ -229,7 +227,7 @@ def _plan_reference(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p:
         raise _ref_error(f"n_c={n_c} centres (N_c = hidden size {inp.hidden.shape[-1]}) exceed the {size} remaining patches")
     if n_c > 0 and size - 1 < p["num_neighbors"]:
         raise _ref_error(f"only {size} patches remain for num_neighbors={p['num_neighbors']} (needs >= {p['num_neighbors'] + 1})")
-    pos = torch.topk(attn_r, n_c, dim=1).indices  # positions in R
+    pos = top_indices(attn_r, n_c, "reference")  # positions in R
     keys = inp.k[:, 1:]
     remapped = keys.clone()
     remapped[:, rest[0]] = keys[:, :size]  # the p-th patch of R gets patch p's key

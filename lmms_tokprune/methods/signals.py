@@ -19,6 +19,10 @@ exact ties stay exact ties, broken by position (stable sorts, the first argmax),
 are resolved by value. Everything after the settled sums is elementwise or reduces over tokens / heads / picks
 in a fixed order. Features stay fp32: only the decisions use the settled float64 scores.
 `reference` never calls these paths (dtype None): it keeps the released dtype, ops and tie order.
+
+Ranking with a variant's tie rule happens here and nowhere else: `top_indices` (the k largest), `top_rank` (each
+row's own k_b, as positions) and `ranked` (the whole descending order). reference keeps the released op (torch.topk,
+or torch's unstable argsort where a release orders a whole list); fixed is a stable order, ties to the lower index.
 """
 
 from __future__ import annotations
@@ -87,6 +91,24 @@ def top_indices(scores: torch.Tensor, k: int, variant: str) -> torch.Tensor:
         if not inside and not bool(((scores == kth).sum(dim=-1) > 1).any()):
             return top.indices
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def ranked(scores: torch.Tensor, variant: str) -> torch.Tensor:
+    """The whole descending order along the last dim (top_indices' companion, where a method needs every rank).
+    reference: torch.argsort(descending=True) with torch's default, unstable sort (the op the releases that order a
+    whole list call: VisPruner); fixed: a stable sort, ties to the lower index (its first k == top_indices(k))."""
+    return torch.argsort(scores, dim=-1, descending=True, stable=variant != "reference")
+
+
+def top_rank(scores: torch.Tensor, k: torch.Tensor, variant: str) -> torch.Tensor:
+    """[B, N] scores, [B] counts k_b -> [B, N] long: each entry's position among its row's top-k_b (top_indices'
+    order and tie rule), N for the others. One top_indices call with k = max k_b: reference gets the torch.topk
+    call a release makes with that k (not a prefix of a longer ranking), fixed the stable prefix."""
+    b, n = scores.shape
+    kmax = int(k.max()) if b else 0
+    pos = torch.arange(kmax, device=scores.device).expand(b, kmax)
+    rank = torch.full((b, n), n, dtype=torch.long, device=scores.device)
+    return rank.scatter_(1, top_indices(scores, kmax, variant), torch.where(pos < k[:, None], pos, n))
 
 
 def row_matrix(feats: torch.Tensor) -> tuple[torch.Tensor, int]:

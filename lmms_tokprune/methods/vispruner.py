@@ -50,7 +50,7 @@ import torch
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, Param, register
-from .signals import cls_attention_per_head, cosine_gram, signal_dtype, take_rows
+from .signals import cls_attention_per_head, cosine_gram, ranked, signal_dtype, take_rows, top_indices
 
 ROUND_DROP = 8  # the release removes at most 8 duplicated tokens per round
 EPS = 1e-6
@@ -63,12 +63,6 @@ def _fraction(value: object) -> Optional[str]:
 def head_mean_attention(inp: VisionInputs, variant: str = "reference") -> torch.Tensor:
     """[B, N] head-mean CLS attention: fp32 as released (reference), settled float64 logits (fixed)."""
     return cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).mean(dim=1)
-
-
-def descending_order(scores: torch.Tensor, variant: str) -> torch.Tensor:
-    """argsort descending; reference: torch's default (unstable) sort, fixed: stable (ties to the lower position;
-    fixed scores are settled float64, so ties of the exact values are exact ties)."""
-    return torch.argsort(scores, dim=-1, descending=True, stable=variant != "reference")
 
 
 def released_survivors(order: torch.Tensor, length: int, drop: int) -> torch.Tensor:
@@ -114,7 +108,7 @@ def diverse_rounds(x: torch.Tensor, residual: torch.Tensor, diverse: int, varian
         else:
             block = take_rows(gram, evens)  # [B, |E|, N], then the odd columns (faster than one 2-D fancy index)
             similarity = torch.gather(block, 2, odds[:, None, :].expand(-1, block.shape[1], -1))
-        order = descending_order(similarity.max(dim=2).values, variant)
+        order = ranked(similarity.max(dim=2).values, variant)
         kept_evens = order[:, drop:] if variant != "reference" else released_survivors(order, length, drop)
         residual = torch.cat([torch.gather(evens, 1, kept_evens), odds], dim=1)
     return residual
@@ -125,7 +119,7 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
         raise ValueError("vispruner (reference): the released code runs one image at a time (its LLM input assembly fails at "
                          "sample 1); use variant=fixed for a batch")
     important = int(budget * important_ratio)
-    order = descending_order(head_mean_attention(inp, variant), variant)
+    order = ranked(head_mean_attention(inp, variant), variant)
     if budget == important:  # no diverse tokens: the release keeps the important ones only
         return gather_sorted(inp, order[:, :important])
     if variant == "reference":
@@ -137,12 +131,7 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
 
 
 def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
-    attn = head_mean_attention(inp, variant)
-    if variant == "reference":
-        kept = torch.topk(attn, budget, dim=1).indices
-    else:
-        kept = descending_order(attn, variant)[:, :budget]
-    return gather_sorted(inp, kept)
+    return gather_sorted(inp, top_indices(head_mean_attention(inp, variant), budget, variant))
 
 
 register(
