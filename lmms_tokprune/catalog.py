@@ -91,3 +91,28 @@ def class_name(model_id: str) -> str:
 
 def methods_of(family: str) -> Tuple[str, ...]:
     return tuple(m.name for m in METHODS if m.family == family)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A LLaVA model family: its name, the transformers `model_type` of its checkpoints (what picks it: the family is
+    read from the checkpoint, never from a flag) and the adapter module under ``llava/families/``."""
+
+    name: str
+    model_type: str
+    module: str
+    title: str
+
+
+MODEL_FAMILIES: Tuple[ModelFamily, ...] = (
+    ModelFamily("llava15", "llava", "llava15", "LLaVA-1.5"),
+)
+
+
+def family_of_model_type(model_type: str) -> ModelFamily:
+    """The family of a transformers model_type; an unsupported one is a ValueError naming the supported ones."""
+    for family in MODEL_FAMILIES:
+        if family.model_type == model_type:
+            return family
+    supported = ", ".join(f"{f.model_type!r} ({f.title})" for f in MODEL_FAMILIES)
+    raise ValueError(f"a {model_type!r} checkpoint is not a supported LLaVA family; supported model types: {supported}")

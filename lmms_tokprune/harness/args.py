@@ -61,6 +61,7 @@ class EvalConfig:
             "pretrained": e.pretrained, "prompt_style": e.prompt_style, "pad_to_square": e.pad_to_square,
             "text_encoder": e.text_encoder if guided else None, "text_source": e.text_source if guided else None,
             "dtype": e.dtype, "vision_dtype": e.vision_dtype, "attn_implementation": e.attn_implementation, "image_backend": e.image_backend,
+            "budget_scope": e.budget_scope, "budget_split": e.budget_split,
             "max_new_tokens": self.max_new_tokens,
             **({"model_base": e.model_base} if e.model_base is not None else {}),  # an original-format LoRA folder's base
         }

@@ -7,7 +7,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from lmms_eval.api.instance import TokenCounts
 
-COUNT_FIELDS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_equivalent", "llm_prefill_tokens", "prefill_tflops")
+COUNT_FIELDS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_equivalent", "llm_prefill_tokens", "prefill_tflops",
+                "layout_tokens", "units")
 # Measured per batch when model_args measure_latency=true (run with batch_size=1 for per-sample figures).
 LATENCY_FIELDS = ("compress_ms", "cut_ms", "vision_and_compress_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "peak_memory_mb")
 # Provenance: `config` = digest of the resolved configuration, `method_args` = the resolved method and the
@@ -25,6 +26,8 @@ class TokPruneTokenCounts(TokenCounts):
     visual_tokens_equivalent: Optional[float] = None
     llm_prefill_tokens: Optional[float] = None
     prefill_tflops: Optional[float] = None
+    layout_tokens: Optional[int] = None  # tokens the LLM receives that are not patches (NeXT newlines)
+    units: Optional[int] = None  # CLIP passes (images; NeXT base images + crops)
     compress_ms: Optional[float] = None
     cut_ms: Optional[float] = None
     vision_and_compress_ms: Optional[float] = None
@@ -70,6 +73,8 @@ class SampleRecord:
     seconds: float = 0.0
     latency: Optional[Dict[str, float]] = None
     visual_tokens_equivalent: Optional[float] = None
+    layout_tokens: Optional[int] = None
+    units: Optional[int] = None
     error: Optional[str] = None  # the document was not run: its counts are left out of the means
     cached: bool = False  # the answer (and its counts) came from the response cache
 
@@ -78,7 +83,7 @@ class SampleRecord:
         return cls(task, doc_id, counts.visual_tokens_in, counts.visual_tokens_kept, counts.llm_prefill_tokens,
                    int(counts.output_tokens or 0), prefill_tflops=counts.prefill_tflops, seconds=seconds,
                    latency=counts.latency or None, visual_tokens_equivalent=counts.visual_tokens_equivalent,
-                   error=counts.error, cached=cached)
+                   layout_tokens=counts.layout_tokens, units=counts.units, error=counts.error, cached=cached)
 
 
 def run_means(records: Iterable[SampleRecord]) -> Dict[str, float]:

@@ -173,6 +173,8 @@ class LlavaTokPrune(lmms):
                 visual_tokens_equivalent=st.visual_tokens_equivalent,
                 llm_prefill_tokens=st.llm_prefill_tokens,
                 prefill_tflops=st.prefill_tflops,
+                layout_tokens=st.layout_tokens,
+                units=st.units,
                 config=self.args.digest,
                 method_args=self.args.method_args,
                 provenance=self._provenance,

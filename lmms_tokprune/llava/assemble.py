@@ -1,8 +1,9 @@
 """Build the LLM's input embeddings with a different number of visual tokens per sample.
 
 Each `<image>` placeholder of a prompt is expanded to exactly as many image-token ids as its
-compressed image has tokens; rows are left-padded (what decoder-only generation needs); the
-projected features are scattered into the image positions in order.
+image has tokens (compressed patches, and layout tokens such as NeXT's newlines); rows are
+left-padded (what decoder-only generation needs); the projected features are scattered into the
+image positions in order. Layout slots are marked apart from the visual (patch-derived) slots.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import List, Sequence
 
 import torch
 
-from .batch import LLMInputs
+from .batch import ImageTokens, LLMInputs
 
 
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> List[int]:
@@ -34,12 +35,13 @@ def build_llm_inputs(
     prompt_ids: Sequence[Sequence[int]],
     image_token_id: int,
     pad_token_id: int,
-    image_features: Sequence[Sequence[torch.Tensor]],
+    image_tokens: Sequence[Sequence[ImageTokens]],
 ) -> LLMInputs:
-    """prompt_ids[b]: token ids with one image token per image; image_features[b][i]: [M_i, H]."""
+    """prompt_ids[b]: token ids with one image token per image; image_tokens[b][i]: that image's tokens for the LLM
+    ([M_i, H] features, and which of them are layout tokens)."""
     rows = [
-        expand_image_tokens(ids, image_token_id, [f.shape[0] for f in feats])
-        for ids, feats in zip(prompt_ids, image_features)
+        expand_image_tokens(ids, image_token_id, [t.features.shape[0] for t in images])
+        for ids, images in zip(prompt_ids, image_tokens)
     ]
     lengths = [len(r) for r in rows]
     width = max(lengths)
@@ -52,8 +54,16 @@ def build_llm_inputs(
     ids, mask = ids.to(device), mask.to(device)
     embeds = embed_tokens(ids)
     image_mask = (ids == image_token_id) & mask.bool()
-    flat = [f for feats in image_features for f in feats]
+    flat = [t.features for images in image_tokens for t in images]
     if flat:
         feats = torch.cat(flat, dim=0).to(embeds.device, embeds.dtype)
         embeds = embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(embeds), feats)
-    return LLMInputs(inputs_embeds=embeds, attention_mask=mask, image_mask=image_mask, lengths=lengths)
+    layout_mask = None
+    if any(t.layout is not None and bool(t.layout.any()) for images in image_tokens for t in images):
+        flags = torch.cat([t.layout if t.layout is not None else torch.zeros(t.features.shape[0], dtype=torch.bool)
+                           for images in image_tokens for t in images]).to(device)
+        layout_mask = torch.zeros_like(image_mask)
+        layout_mask[image_mask] = flags
+        image_mask = image_mask & ~layout_mask
+    return LLMInputs(inputs_embeds=embeds, attention_mask=mask, image_mask=image_mask, lengths=lengths, layout_mask=layout_mask,
+                     image_tokens=[[t.image_tokens_in for t in images] for images in image_tokens])

@@ -38,9 +38,23 @@ class SampleStats:
     visual_tokens_equivalent: Optional[float] = None  # visual tokens per decoder layer, averaged over the layers (input counting)
     output_tokens: int = 0
     layer_lengths: Optional[List[int]] = None  # per decoder layer (None: llm_prefill_tokens at every layer)
+    layout_tokens: int = 0  # tokens the LLM receives that are not patches (NeXT newlines); never pruned by fixed
+    units: int = 0  # CLIP passes (LLaVA-1.5: the images; NeXT: base images + crops)
     prefill_tflops: Optional[float] = None
     latency: Dict[str, float] = field(default_factory=dict)  # filled when measuring (per batch)
     details: Optional[Any] = None  # what an in-CLIP / in-LLM stage did to this sample (e.g. LongtailDetails)
+
+
+@dataclass
+class ImageTokens:
+    """One image's tokens for the LLM (what a family's re-assembly gives), in sequence order: projected features, which
+    of them are layout tokens, and how many are patch-derived (kept, merged, extra)."""
+
+    features: torch.Tensor  # [M, H] in the LLM's dtype
+    layout: Optional[torch.Tensor] = None  # [M] bool (NeXT newlines), None = none
+    visual: int = 0
+    layout_count: int = 0
+    image_tokens_in: int = 0  # patch tokens the uncompressed model gives this image (what in-LLM budgets are per)
 
 
 @dataclass
@@ -49,8 +63,10 @@ class LLMInputs:
 
     inputs_embeds: torch.Tensor  # [B, T, H]
     attention_mask: torch.Tensor  # [B, T] long, 0 on the left padding
-    image_mask: torch.Tensor  # [B, T] bool, the visual-token slots
+    image_mask: torch.Tensor  # [B, T] bool, the visual (patch-derived) slots
     lengths: List[int]  # real (unpadded) length per sample
+    layout_mask: Optional[torch.Tensor] = None  # [B, T] bool, layout slots (NeXT newlines); None when the batch has none
+    image_tokens: Optional[List[List[int]]] = None  # per sample, the patch tokens each of its images has entering the LLM
 
 
 class CompressResult(NamedTuple):

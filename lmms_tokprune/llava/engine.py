@@ -1,8 +1,9 @@
-"""CompressedLlava: LLaVA-1.5 generation with a compression method between CLIP and the LLM.
+"""CompressedLlava: generation for a LLaVA-family model with a compression method between CLIP and the LLM.
 
-Flow per batch: images -> pinned preprocessing -> CLIP (captures what the method needs) ->
-`methods.compress` (pure tensors) -> projector -> variable-length visual tokens per sample ->
-left-padded LLM prefill + generate. Nothing here is specific to lmms-eval.
+Flow per batch: images -> the family's units (pinned preprocessing; a LLaVA-1.5 image is one unit, a NeXT image its
+base + crops) -> CLIP (captures what the method needs) -> `methods.compress` on the units (pure tensors) -> projector
+-> the family re-assembles each image's tokens (NeXT: base, grid, newlines) -> left-padded LLM prefill + generate.
+Nothing here is specific to lmms-eval, and nothing here knows a family's layout (families/).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
 from ..methods import BoundMethod, CompressedImage, VisionInputs
 from .assemble import build_llm_inputs
-from .batch import BatchOutput, CompressResult, DocumentError, PreparedBatch, Sample, SampleStats
-from .images import ImagePreparer, check_complete, to_rgb
-from .prompts import IMAGE_PLACEHOLDER, build_prompt, llava_prompt_ids
+from .batch import BatchOutput, CompressResult, DocumentError, ImageTokens, LLMInputs, PreparedBatch, Sample, SampleStats
+from .families import Family, FamilyOptions, UnitBatch, open_family
+from .images import check_complete, to_rgb
+from .prompts import IMAGE_PLACEHOLDER
 from .text_guide import cdpruner_text
 from .vision import VisionStates, as_vision_inputs, run_clip
 
@@ -43,7 +45,8 @@ def clean_generation_kwargs(gen_kwargs: Dict[str, Any], default_max_new_tokens: 
 
 
 class CompressedLlava:
-    """A loaded LLaVA-1.5 model + processor with one compression configuration."""
+    """A loaded LLaVA-family model + processor with one compression configuration; `family` (from the checkpoint's
+    model_type unless given) says how images become units and units become the LLM's tokens."""
 
     def __init__(
         self,
@@ -54,38 +57,41 @@ class CompressedLlava:
         pad_to_square: bool = True,
         text_guide: Optional[Any] = None,
         measure_latency: bool = False,
+        family: Optional[Family] = None,
     ) -> None:
+        self.family = family or open_family(model, processor, FamilyOptions(prompt_style=prompt_style, pad_to_square=pad_to_square))
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.method = method
         self.spec = method.spec
-        self.prompt_style = prompt_style
-        self.images = ImagePreparer(processor.image_processor, pad_to_square)
+        self.prompt_style = self.family.options.prompt_style
         self.text_guide = text_guide
-        cfg = model.config
-        self.image_token_id = int(cfg.image_token_id if getattr(cfg, "image_token_id", None) is not None else cfg.image_token_index)
-        self.feature_layer = cfg.vision_feature_layer
-        if not isinstance(self.feature_layer, int) or cfg.vision_feature_select_strategy != "default":
-            raise ValueError("only LLaVA-1.5-style checkpoints (one vision_feature_layer, strategy 'default') are supported")
+        self.image_token_id = self.family.image_token_id
+        self.feature_layer = self.family.feature_layer
         pad = self.tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else (getattr(cfg, "pad_token_id", None) or 0))
-        self.flops_config = from_llava_config(cfg)
+        self.pad_token_id = int(pad if pad is not None else (getattr(model.config, "pad_token_id", None) or 0))
+        self.flops_config = from_llava_config(model.config)
         self.measure_latency = measure_latency  # model_args measure_latency=true
         method.check_patches(self.num_patches)
 
-    # -- parts of the HF model -------------------------------------------------------------
+    # -- parts of the model (the family knows where they are) --------------------------------
     @property
     def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
+        return self.family.vision_tower
 
     @property
     def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
+        return self.family.projector
 
     @property
     def embed_tokens(self) -> torch.nn.Module:
-        return self.model.get_input_embeddings()
+        return self.family.embed_tokens
+
+    @property
+    def images(self) -> Any:
+        """The family's image preparer (LLaVA-1.5: pad to square + CLIP processor -> one unit per image)."""
+        return self.family.images
 
     @property
     def device(self) -> torch.device:
@@ -102,37 +108,41 @@ class CompressedLlava:
         pixels when the model runs in fp16, exactly as there)."""
         return pixel_values.to(self.device, self.embed_tokens.weight.dtype)
 
-    # -- stages ----------------------------------------------------------------------------
+    # -- prompts -----------------------------------------------------------------------------
     def prompt_text(self, sample: Sample) -> str:
-        return build_prompt(self.prompt_style, self.processor, sample.context, len(sample.images))
+        return self.family.prompt_text(sample.context, len(sample.images))
 
     def prompt_ids(self, sample: Sample, prompt: str) -> List[int]:
-        """llava_v1: the ids LLaVA's own code makes (`tokenizer_image_token`); chat_template: the processor's whole-text
-        tokenization (what transformers / lmms-eval's llava_hf feed)."""
-        if self.prompt_style == "llava_v1":
-            ids = llava_prompt_ids(self.tokenizer, prompt, self.image_token_id)
-        else:
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        """The family's ids for the prompt style, with exactly one `<image>` id per image."""
+        ids = self.family.prompt_ids(prompt)
         found = sum(1 for t in ids if t == self.image_token_id)
         if found != len(sample.images):
             raise ValueError(f"tokenized prompt holds {found} image tokens for {len(sample.images)} images ({IMAGE_PLACEHOLDER!r} must be one token)")
         return ids
 
+    # -- admission -----------------------------------------------------------------------------
     @property
     def max_positions(self) -> int:
         """The positions the LLM was trained for: a longer prompt is refused, not run."""
         return int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 2**31)
 
-    def max_visual_tokens(self) -> int:
-        """Visual tokens one image can contribute at most: the budget, else all N patches."""
-        return self.method.budget or self.num_patches
+    @property
+    def token_budget(self) -> Optional[int]:
+        """Tokens per image entering the LLM that the method guarantees (its `budget` before the LLM; None: no bound)."""
+        return self.method.budget
+
+    def max_visual_tokens(self, image: Optional[Any] = None) -> int:
+        """Tokens one image can contribute at most (patch + layout tokens): the budget, else everything its units give."""
+        if image is None:
+            return self.token_budget or self.num_patches
+        return self.family.max_visual_tokens(self.token_budget, self.family.plan_image(image))
 
     def admit(self, sample: Sample) -> Sample:
         """Check one document before it joins a batch; returns it with its images decoded to RGB.
 
         DocumentError names what is wrong: an image that cannot be decoded (or only partly: truncated files),
         a prompt whose placeholders do not match its images, or a prompt that needs more positions than the
-        LLM has even with the method's largest output (the budget, else N) per image.
+        LLM has even with the method's largest output (the budget, else everything) per image.
         """
         images = []
         for i, image in enumerate(sample.images):
@@ -144,16 +154,26 @@ class CompressedLlava:
         admitted = Sample(sample.context, images, list(sample.image_keys))
         try:
             ids = self.prompt_ids(admitted, self.prompt_text(admitted))
+            per_image = [self.max_visual_tokens(im) for im in images]
         except ValueError as err:
             raise DocumentError(str(err)) from None
-        need = len(ids) - len(images) + self.max_visual_tokens() * len(images)
+        need = len(ids) - len(images) + sum(per_image)
         if need > self.max_positions:
-            raise DocumentError(f"the prompt needs up to {need} positions ({len(images)} image(s) x {self.max_visual_tokens()} visual "
+            shown = f"{len(images)} image(s) x {per_image[0]}" if len(set(per_image)) == 1 else f"images of {'+'.join(map(str, per_image))}"
+            raise DocumentError(f"the prompt needs up to {need} positions ({shown} visual "
                                 f"tokens + {len(ids) - len(images)} text tokens); the LLM has {self.max_positions}")
         return admitted
 
+    # -- CLIP + the method -------------------------------------------------------------------
     def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
-        """CLIP forward with capture, then the method on the captured states (float32)."""
+        """CLIP forward with capture, then the method on the captured states (float32): one unit per row of
+        `pixel_values` in the family's layout, every patch valid, the method's own budget."""
+        return self.compress_units(pixel_values, keys, texts)
+
+    def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
+                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
+        """CLIP over the units, then the method on their captured states (float32); `valid` [U, N] and `budgets` [U]
+        per unit when the family has them (NeXT unpadding, a per-image budget split over its crops)."""
         states = run_clip(
             self.vision_tower,
             self.pixels_on_device(pixel_values),
@@ -162,7 +182,7 @@ class CompressedLlava:
             need_qk=self.spec.needs_qk,
             need_feature_qk="feature_qk" in self.spec.needs,
         )
-        inputs = self.method_inputs(states, list(keys), texts)
+        inputs = self.method_inputs(states, list(keys), texts, valid, budgets)
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()
@@ -185,66 +205,92 @@ class CompressedLlava:
             return self.text_guide.texts_for(contexts, [p for s, p in zip(samples, prompts) for _ in s.images])
         return []
 
-    def method_inputs(self, states: VisionStates, keys: List[int], texts: Sequence[str]) -> VisionInputs:
-        """Exactly what the method declares it reads, CLIP signals in float32 (`needs` in its MethodSpec)."""
+    def method_inputs(self, states: VisionStates, keys: List[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
+                      budgets: Optional[Sequence[int]] = None) -> VisionInputs:
+        """Exactly what the method declares it reads (`needs` in its MethodSpec), CLIP signals in float32, the units'
+        layout: built once, in one call."""
         needs = self.spec.needs
         if self.spec.needs_text_encoder and self.text_guide is None:
             raise ValueError(f"method {self.method.name!r} needs a CLIP text encoder (model_args text_encoder=...)")
-        text_embeds = vis_proj = None
+        extra: Dict[str, Any] = {}
         if "text" in needs:
-            text_embeds, vis_proj = self.text_guide.embed(texts)
-        inputs = as_vision_inputs(states, text_embeds, vis_proj, keys)
+            extra["text_embeds"], extra["visual_projection"] = self.text_guide.embed(texts)
         patches = states.hidden[:, 1:]
         if "feature_qk" in needs:
-            inputs.feature_q, inputs.feature_k = states.feature_q.float(), states.feature_k.float()
-            inputs.num_heads = int(self.model.config.vision_config.num_attention_heads)
+            extra.update(feature_q=states.feature_q, feature_k=states.feature_k, num_heads=int(self.model.config.vision_config.num_attention_heads))
         if "projected" in needs:  # the projector is per token: what the LLM would receive for every patch
-            inputs.projected = self.projector(patches.to(self.embed_tokens.weight.dtype))
+            extra["projected"] = self.projector(patches.to(self.embed_tokens.weight.dtype))
         if "patch_embeds" in needs:
             norm = getattr(self.vision_tower, "vision_model", self.vision_tower).post_layernorm  # CLIP's final LayerNorm, in fp32
             normed = torch.nn.functional.layer_norm(patches.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-            inputs.patch_embeds = torch.nn.functional.linear(normed, self.text_guide.visual_projection.float())
+            extra["patch_embeds"] = torch.nn.functional.linear(normed, self.text_guide.visual_projection.float())
         if "text_segments" in needs:
-            inputs.text_segments = self.text_guide.segments(texts)
-        return inputs
+            extra["text_segments"] = self.text_guide.segments(texts)
+        return as_vision_inputs(states, keys, layout=self.family.layout, valid=valid, budgets=budgets, **extra)
 
+    # -- everything up to the LLM --------------------------------------------------------------
     def prepare(self, samples: Sequence[Sample]) -> PreparedBatch:
-        """Everything up to the LLM: prompts, images, compression, projection, padded embeddings."""
+        """Prompts -> the family's units -> CLIP + method -> projection + re-assembly -> padded LLM inputs, and the counts."""
         prompts = [self.prompt_text(s) for s in samples]
         ids = [self.prompt_ids(s, p) for s, p in zip(samples, prompts)]
-        all_images = [im for s in samples for im in s.images]
-        keys = [k for s in samples for k in (s.image_keys or [0] * len(s.images))]
+        batch = self.family.units([im for s in samples for im in s.images])
+        compressed, compress_ms = self.compress_batch(batch, samples, prompts)
+        tokens = self.image_tokens(batch, compressed)
+        llm = self.llm_inputs(samples, ids, tokens)
+        return PreparedBatch(llm=llm, stats=self.sample_stats(samples, batch, tokens, llm), compressed=self.per_sample(samples, batch, compressed),
+                             compress_ms=compress_ms)
+
+    def compress_batch(self, batch: UnitBatch, samples: Sequence[Sample], prompts: Sequence[str]) -> CompressResult:
+        """The method on every unit of the batch (image keys and guidance texts repeated per unit)."""
+        if not batch.images:
+            return CompressResult([])
+        image_keys = [k for s in samples for k in (s.image_keys or [0] * len(s.images))]
         texts = self.guidance_texts(samples, prompts)
-        compressed: List[CompressedImage] = []
-        compress_ms = 0.0
-        if all_images:
-            pixel_values = self.images.prepare(all_images)
-            compressed, compress_ms = self.compress_images(pixel_values, keys, texts)
-        dtype = self.embed_tokens.weight.dtype
+        owner = batch.unit_image()
+        keys = self.family.unit_keys(image_keys, batch)
+        return self.compress_units(batch.pixel_values, keys, [texts[i] for i in owner] if texts else [], batch.valid,
+                                   self.family.unit_budgets(self.token_budget, batch))
+
+    def image_tokens(self, batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[ImageTokens]:
+        """Projection (one call over every kept token of the batch) and the family's re-assembly, per image."""
         projected: List[torch.Tensor] = []
         if compressed:
-            flat = torch.cat([c.features for c in compressed], dim=0).to(self.device, dtype)
+            flat = torch.cat([c.features for c in compressed], dim=0).to(self.device, self.embed_tokens.weight.dtype)
             projected = list(torch.split(self.projector(flat), [c.num_tokens for c in compressed]))
-        per_sample_feats: List[List[torch.Tensor]] = []
-        per_sample_comp: List[List[CompressedImage]] = []
+        return self.family.assemble(batch, compressed, projected)
+
+    def llm_inputs(self, samples: Sequence[Sample], ids: Sequence[Sequence[int]], tokens: Sequence[ImageTokens]) -> LLMInputs:
+        per_sample: List[List[ImageTokens]] = []
         start = 0
-        num_patches = self.num_patches
-        stats = []
         for s in samples:
-            n = len(s.images)
-            per_sample_feats.append(projected[start:start + n])
-            per_sample_comp.append(compressed[start:start + n])
-            kept = sum(c.num_tokens for c in compressed[start:start + n])
-            stats.append(SampleStats(visual_tokens_in=num_patches * n, visual_tokens_kept=kept, llm_prefill_tokens=0.0,
-                                     visual_tokens_equivalent=float(kept)))  # before the LLM: every layer sees the kept tokens
-            start += n
-        llm = build_llm_inputs(self.embed_tokens, ids, self.image_token_id, self.pad_token_id, per_sample_feats)
+            per_sample.append(list(tokens[start:start + len(s.images)]))
+            start += len(s.images)
+        llm = build_llm_inputs(self.embed_tokens, ids, self.image_token_id, self.pad_token_id, per_sample)
         too_long = [b for b, n in enumerate(llm.lengths) if n > self.max_positions]
         if too_long:  # the admission bound held for all but an unusual method output: the harness isolates the sample
             raise DocumentError(f"sample {too_long[0]} of the batch has {llm.lengths[too_long[0]]} prompt positions; the LLM has {self.max_positions}")
-        for st, length in zip(stats, llm.lengths):
-            st.llm_prefill_tokens = float(length)
-        return PreparedBatch(llm=llm, stats=stats, compressed=per_sample_comp, compress_ms=compress_ms)
+        return llm
+
+    def sample_stats(self, samples: Sequence[Sample], batch: UnitBatch, tokens: Sequence[ImageTokens], llm: LLMInputs) -> List[SampleStats]:
+        """Counts per sample (DESIGN.md): patch tokens in and kept (merged / extra count), layout tokens, units, LLM length."""
+        stats, start = [], 0
+        for s, length in zip(samples, llm.lengths):
+            images, mine = batch.images[start:start + len(s.images)], tokens[start:start + len(s.images)]
+            kept = sum(t.visual for t in mine)
+            stats.append(SampleStats(visual_tokens_in=sum(im.visual_tokens_in for im in images), visual_tokens_kept=kept,
+                                     llm_prefill_tokens=float(length), visual_tokens_equivalent=float(kept),  # every layer sees them
+                                     layout_tokens=sum(t.layout_count for t in mine), units=sum(im.units for im in images)))
+            start += len(s.images)
+        return stats
+
+    def per_sample(self, samples: Sequence[Sample], batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[List[CompressedImage]]:
+        """The compressed units of each sample, in order."""
+        out, unit, image = [], 0, 0
+        for s in samples:
+            units = sum(im.units for im in batch.images[image:image + len(s.images)])
+            out.append(list(compressed[unit:unit + units]))
+            unit, image = unit + units, image + len(s.images)
+        return out
 
     @property
     def num_patches(self) -> int:

@@ -47,11 +47,20 @@ class PrunedLLMLlava(CompressedLlava):
         decoder_parts(model)  # a Llama-style decoder whose attention takes 4-D masks
         self.llm_plan(None)  # the plan's checks (layers in range, a reachable budget) fail at load time, not mid-run
 
-    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
-        """Every patch enters the LLM (the method acts inside it): LLaVA's own vision features, no capture."""
+    @property
+    def token_budget(self) -> Optional[int]:
+        """None: every patch enters the LLM (an in-LLM `budget` counts equivalent tokens, not what enters)."""
+        return None
+
+    def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
+                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
+        """Every valid patch enters the LLM (the method acts inside it): the family's own vision features, no capture."""
         patches = run_clip(self.vision_tower, self.pixels_on_device(pixel_values), feature_layer=self.feature_layer).hidden[:, 1:].float()
         index = torch.arange(patches.shape[1], device=patches.device)
-        return CompressResult([CompressedImage(patches[b], index) for b in range(patches.shape[0])])
+        if valid is None:
+            return CompressResult([CompressedImage(patches[b], index) for b in range(patches.shape[0])])
+        valid = valid.to(patches.device)
+        return CompressResult([CompressedImage(patches[b][valid[b]], index[valid[b]]) for b in range(patches.shape[0])])
 
     def llm_plan(self, batch: PreparedBatch) -> LLMPlan:
         text = self.model.config.text_config

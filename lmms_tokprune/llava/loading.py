@@ -8,12 +8,14 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
+from ..catalog import MODEL_FAMILIES
 from .checkpoint_files import check_tokenizer_files, check_weight_files, first_line, looks_like_path
 from .original_format import OriginalCheckpoint, inspect_original, is_original_config, load_original, raw_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-IMAGE_BACKENDS = ("pil", "torchvision")
+# auto: the pipeline the prompt style reproduces (`resolve_image_backend`)
+IMAGE_BACKENDS = ("auto", "pil", "torchvision")
 # The CLIP tower's dtype. auto: what the method's released evaluation ran (`resolve_vision_dtype`); float32: fp32 whatever
 # the model dtype (LLaVA >= 1.2's loader never casts the tower); model: the model's dtype (transformers' / llava_hf's way).
 VISION_DTYPES = ("auto", "float32", "model")
@@ -28,6 +30,15 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     if str(dtype) not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[str(dtype)]
+
+
+def resolve_image_backend(choice: str, prompt_style: str) -> str:
+    """`auto`: llava_v1 reproduces the original LLaVA code, whose CLIP processor is PIL's; chat_template / lmms_eval
+    reproduce transformers' / lmms-eval's llava_hf, which get what AutoProcessor loads (torchvision when installed).
+    The two resize slightly differently, enough to change an answer of a sensitive model."""
+    if choice != "auto":
+        return choice
+    return "pil" if prompt_style == "llava_v1" else "torchvision"
 
 
 def resolve_vision_dtype(choice: Union[str, torch.dtype], model_dtype: torch.dtype, half_tower_release: bool = False) -> torch.dtype:
@@ -67,14 +78,16 @@ def check_checkpoint(pretrained: str, model_base: Optional[str] = None) -> Any:
         config = AutoConfig.from_pretrained(path)
     except Exception as err:  # transformers raises OSError / ValueError / HF errors here
         raise ValueError(f"cannot load a model config from pretrained={pretrained!r}: {str(err).splitlines()[0]}") from None
-    if getattr(config, "model_type", None) != "llava":
+    model_type = getattr(config, "model_type", None)
+    if model_type not in {f.model_type for f in MODEL_FAMILIES}:
+        others = ", ".join(f"{f.model_type!r} ({f.title})" for f in MODEL_FAMILIES if f.model_type != "llava")
         raise ValueError(
-            f"pretrained={pretrained!r} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint; "
-            "lmms_tokprune needs a LLaVA-1.5 checkpoint (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)"
+            f"pretrained={pretrained!r} is a {model_type or 'unknown'!r} checkpoint; "
+            f"lmms_tokprune needs a LLaVA-1.5 checkpoint (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf) or another LLaVA family: {others}"
         )
     vision_type = getattr(config.vision_config, "model_type", None)
     if vision_type not in ("clip_vision_model", "clip"):
-        raise ValueError(f"pretrained={pretrained!r} has a {vision_type!r} vision tower; LLaVA-1.5 uses CLIP")
+        raise ValueError(f"pretrained={pretrained!r} has a {vision_type!r} vision tower; the LLaVA families here use CLIP")
     return config
 
 
@@ -89,7 +102,7 @@ def load_llava(
 ) -> Tuple[torch.nn.Module, Any]:
     """Model (eval mode, on `device`) and processor with the pinned image backend; the CLIP tower in `vision_dtype`
     (a dtype, or a VISION_DTYPES name: 'auto' here means fp32, the method-specific choice is `resolve_vision_dtype`'s)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..assets import resolve_checkpoint
 
@@ -99,6 +112,7 @@ def load_llava(
         raise ValueError(f"unknown attn_implementation {attn_implementation!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}")
     if image_backend not in IMAGE_BACKENDS:
         raise ValueError(f"unknown image_backend {image_backend!r}; valid: {', '.join(IMAGE_BACKENDS)}")
+    image_backend = resolve_image_backend(image_backend, "llava_v1")  # a bare call: the default prompt style's
     found = check_checkpoint(pretrained, model_base)
     torch_dtype = resolve_dtype(dtype, device)
     tower_dtype = resolve_vision_dtype(vision_dtype, torch_dtype)
@@ -110,7 +124,7 @@ def load_llava(
     check_weight_files(path, what)
     check_tokenizer_files(path, what)
     try:
-        model, info = LlavaForConditionalGeneration.from_pretrained(
+        model, info = AutoModelForImageTextToText.from_pretrained(  # the family's class (Llava..., LlavaNext...)
             path, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as err:

@@ -25,7 +25,7 @@ Counts per sample (`SampleStats`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -83,7 +83,8 @@ class LongtailLlava(PrunedLLMLlava):
         decoder_parts(model)  # checks the attention implementation takes 4-D masks (the plan checked llm_layer)
 
     # -- stage 1 ---------------------------------------------------------------------------
-    def compress_images(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
+    def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
+                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
         params = self.params
         clock = StepClock(self.device) if self.measure_latency else None
 

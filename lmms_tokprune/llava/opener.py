@@ -14,8 +14,9 @@ import torch
 
 from ..catalog import STAGE_IN_CLIP_AND_LLM, STAGE_IN_LLM
 from .engine import CompressedLlava
+from .families import FamilyOptions, open_family
 from .llm_engine import PrunedLLMLlava
-from .loading import load_llava, resolve_dtype, resolve_vision_dtype
+from .loading import load_llava, resolve_dtype, resolve_image_backend, resolve_vision_dtype
 from .longtail_engine import LongtailLlava
 from .options import EngineOptions
 
@@ -36,12 +37,13 @@ def open_engine(options: EngineOptions, device: Optional[torch.device] = None, m
     if model is None or processor is None:
         model_dtype = resolve_dtype(options.dtype, device)
         tower_dtype = resolve_vision_dtype(options.vision_dtype, model_dtype, options.method.release_half_tower)
-        model, processor = load_llava(options.pretrained, device, model_dtype, options.attn_implementation, options.image_backend,
-                                      tower_dtype, options.model_base)
+        model, processor = load_llava(options.pretrained, device, model_dtype, options.attn_implementation,
+                                      resolve_image_backend(options.image_backend, options.prompt_style), tower_dtype, options.model_base)
     if text_guide is None and options.method.spec.needs_text_encoder:
         from .text_guide import load_text_guide  # only text-guided methods need the CLIP text tower
 
         text_guide = load_text_guide(options.text_encoder, model, device, options.text_source)
+    family = open_family(model, processor, FamilyOptions(options.prompt_style, options.pad_to_square, options.budget_scope,
+                                                         options.budget_split, options.given))
     engine_class = ENGINES.get(options.method.stage, CompressedLlava)
-    return engine_class(model, processor, options.method, prompt_style=options.prompt_style, pad_to_square=options.pad_to_square,
-                        text_guide=text_guide, measure_latency=options.measure_latency)
+    return engine_class(model, processor, options.method, text_guide=text_guide, measure_latency=options.measure_latency, family=family)

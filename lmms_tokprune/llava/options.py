@@ -11,6 +11,7 @@ from ..catalog import BOTH_VARIANTS
 from ..coerce import is_none_word, to_bool, to_int
 from ..methods import BoundMethod, bind, get_method, method_names
 from ..methods.registry import did_you_mean
+from .families import BUDGET_SCOPES, BUDGET_SPLITS
 from .loading import ATTN_IMPLEMENTATIONS, DTYPES, IMAGE_BACKENDS, VISION_DTYPES
 from .prompts import PROMPT_STYLES
 
@@ -74,7 +75,9 @@ ENGINE_OPTIONS: Tuple[Option, ...] = (
     Option("dtype", str, "auto", ("auto",) + tuple(DTYPES)),
     Option("vision_dtype", str, "auto", VISION_DTYPES),
     Option("attn_implementation", str, "sdpa", ATTN_IMPLEMENTATIONS),
-    Option("image_backend", str, "pil", IMAGE_BACKENDS),
+    Option("image_backend", str, "auto", IMAGE_BACKENDS),
+    Option("budget_scope", str, "image", BUDGET_SCOPES),
+    Option("budget_split", str, "even", BUDGET_SPLITS),
     Option("device", str, None),
     Option("measure_latency", bool, False),
 )
@@ -94,9 +97,12 @@ class EngineOptions:
     dtype: str = "auto"
     vision_dtype: str = "auto"
     attn_implementation: str = "sdpa"
-    image_backend: str = "pil"
+    image_backend: str = "auto"
+    budget_scope: str = "image"  # LLaVA-NeXT: budget=N per image ('image', split over its units) or per unit ('unit')
+    budget_split: str = "even"  # how a per-image budget is split over the units
     device: Optional[str] = None
     measure_latency: bool = False
+    given: frozenset = frozenset()  # the engine options set explicitly (a family refuses those that are not its own)
 
 
 def resolve_options(options: Iterable[Option], raw: Mapping[str, Any]) -> Dict[str, Any]:
@@ -128,4 +134,4 @@ def engine_options(raw: Mapping[str, Any], preset: Optional[str] = None, owner: 
     values.pop("method")
     variant = values.pop("variant")
     bound = bind(method, variant, **{k: v for k, v in raw.items() if k in spec.params and k not in common})
-    return EngineOptions(method=bound, **values)
+    return EngineOptions(method=bound, given=frozenset(k for k in raw if k in common), **values)

@@ -10,7 +10,13 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-PROMPT_STYLES = ("llava_v1", "chat_template")
+# lmms_eval = the prompt of lmms-eval's own model for the family, side by side: for the image families its llava_hf, which
+# lmms-eval 0.7.3 resolves to the chat implementation (models/chat/llava_hf.py): the processor's chat template over the
+# task's messages, images first (= chat_template).
+PROMPT_STYLES = ("llava_v1", "chat_template", "lmms_eval")
+# The original LLaVA repository's conversations its eval scripts feed (llava/conversation.py): vicuna_v1 for the vicuna
+# checkpoints (LLaVA-1.5, NeXT vicuna), mistral_instruct for NeXT Mistral.
+CONVERSATIONS = ("vicuna_v1", "mistral_instruct")
 
 # Answer-format instructions that lmms-eval tasks append to a question (LLaVA-1.5 eval prompts).
 ANSWER_FORMAT_PATTERNS = [
@@ -37,9 +43,15 @@ def with_image_placeholders(context: str, num_images: int) -> str:
     return " ".join([IMAGE_PLACEHOLDER] * num_images) + "\n" + context
 
 
-def llava_v1_prompt(context: str, num_images: int) -> str:
-    """The vicuna_v1 conversation LLaVA-1.5 evaluates with, ending in 'ASSISTANT:'."""
-    return f"{VICUNA_SYSTEM} USER: {with_image_placeholders(context, num_images)} ASSISTANT:"
+def llava_v1_prompt(context: str, num_images: int, conversation: str = "vicuna_v1") -> str:
+    """The original repository's conversation for the checkpoint: vicuna_v1 (LLaVA-1.5, NeXT vicuna), ending in
+    'ASSISTANT:'; mistral_instruct (NeXT Mistral: LLAMA_2 separators, empty system) '[INST] ... [/INST]'."""
+    body = with_image_placeholders(context, num_images)
+    if conversation == "vicuna_v1":
+        return f"{VICUNA_SYSTEM} USER: {body} ASSISTANT:"
+    if conversation == "mistral_instruct":
+        return f"[INST] {body} [/INST]"
+    raise ValueError(f"unknown conversation {conversation!r}; valid: {', '.join(CONVERSATIONS)}")
 
 
 def chat_template_prompt(processor: Any, context: str, num_images: int) -> str:
@@ -70,10 +82,12 @@ def llava_prompt_ids(tokenizer: Any, prompt: str, image_token_id: int) -> List[i
     return ids
 
 
-def build_prompt(style: str, processor: Any, context: str, num_images: int) -> str:
+def build_prompt(style: str, processor: Any, context: str, num_images: int, conversation: str = "vicuna_v1") -> str:
     if style == "llava_v1":
-        return llava_v1_prompt(context, num_images)
+        return llava_v1_prompt(context, num_images, conversation)
     if style == "chat_template":
+        return chat_template_prompt(processor, context, num_images)
+    if style == "lmms_eval":  # lmms-eval 0.7.3 resolves llava_hf to its chat model: the processor's chat template
         return chat_template_prompt(processor, context, num_images)
     raise ValueError(f"unknown prompt_style {style!r}; valid: {', '.join(PROMPT_STYLES)}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,12 +33,16 @@ class VisionStates:
     token_mask: Optional[torch.Tensor] = None  # [B, 1+N'] bool: real tokens (False = padding) when counts differ per image
 
 
-def as_vision_inputs(states: VisionStates, text_embeds: Optional[torch.Tensor] = None,
-                     visual_projection: Optional[torch.Tensor] = None, image_keys: Optional[List[int]] = None) -> VisionInputs:
-    """The method contract's inputs from captured states, in float32 (method math never runs in fp16)."""
+FLOAT32_INPUTS = ("text_embeds", "visual_projection", "feature_q", "feature_k")  # converted like the captured states
+
+
+def as_vision_inputs(states: VisionStates, image_keys: Optional[List[int]] = None, **extra: Any) -> VisionInputs:
+    """The method contract's inputs, built in one call from the captured states and what the engine adds (text
+    guidance, projector outputs, the units' layout, valid patches, budgets). CLIP signals in float32 (method math
+    never runs in fp16); `projected` stays in the LLM's dtype, as the releases read it."""
     as32 = lambda t: None if t is None else t.float()  # noqa: E731
-    return VisionInputs(as32(states.hidden), as32(states.q), as32(states.k), as32(states.last_hidden),
-                        as32(text_embeds), as32(visual_projection), image_keys=image_keys)
+    extra = {name: as32(value) if name in FLOAT32_INPUTS else value for name, value in extra.items()}
+    return VisionInputs(as32(states.hidden), as32(states.q), as32(states.k), as32(states.last_hidden), image_keys=image_keys, **extra)
 
 
 # A token filter runs inside CLIP after a block: (hidden, q, k) -> kept positions [B, 1+N'] (CLS
