@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch
 
+from . import units
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, RATIO, MethodSpec, Param, register
 from .signals import cls_attention, signal_dtype, take_rows, top_indices
@@ -22,11 +23,9 @@ from .signals import cls_attention, signal_dtype, take_rows, top_indices
 DEFAULT_RATIO = 0.25
 
 
-def keep_count(n: int, budget: Optional[int], ratio: Optional[float], default_ratio: float = DEFAULT_RATIO) -> int:
-    """Tokens to keep for `budget` (exact) or `ratio` (int(n * ratio), at least 1)."""
-    if budget is not None:
-        return int(budget)
-    return max(1, int(n * (default_ratio if ratio is None else ratio)))
+def baseline_count(n: int, budget: Optional[int], ratio: Optional[float]) -> int:
+    """The baselines' count: `budget`, else int(n * ratio) (FLOOR, at least 1; default ratio 1/4)."""
+    return units.keep_count(n, budget, ratio, default_ratio=DEFAULT_RATIO, rounding=units.FLOOR, minimum=1)
 
 
 def gather_sorted(inp: VisionInputs, keep: torch.Tensor) -> List[CompressedImage]:
@@ -43,7 +42,7 @@ def _none(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[Comp
 
 def _random(inp: VisionInputs, variant: str, budget=None, ratio=None, seed: int = 0) -> List[CompressedImage]:
     n = inp.num_patches
-    m = keep_count(n, budget, ratio)
+    m = baseline_count(n, budget, ratio)
     # One generator per image, seeded from (seed, image key): the draw does not depend on the
     # batch composition or the rank, so outputs match at any batch size and process count.
     rows = []
@@ -56,7 +55,7 @@ def _random(inp: VisionInputs, variant: str, budget=None, ratio=None, seed: int 
 def _topk_cls(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[CompressedImage]:
     """reference: fp32 attention, torch.topk; fixed: settled float64 attention, ties to the lower patch index."""
     attn = cls_attention(inp.q, inp.k, signal_dtype(variant))
-    m = keep_count(inp.num_patches, budget, ratio)
+    m = baseline_count(inp.num_patches, budget, ratio)
     return gather_sorted(inp, top_indices(attn, m, variant))
 
 
@@ -85,7 +84,7 @@ def grid_indices(n: int, m: int, device: torch.device) -> torch.Tensor:
 
 
 def _spatial(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[CompressedImage]:
-    m = keep_count(inp.num_patches, budget, ratio)
+    m = baseline_count(inp.num_patches, budget, ratio)
     cells = grid_indices(inp.num_patches, m, inp.hidden.device)
     return gather_sorted(inp, cells.unsqueeze(0).expand(inp.batch_size, -1))
 

@@ -25,16 +25,13 @@ from typing import List, Optional
 
 import torch
 
+from . import units
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, register, unit_interval
 from .signals import FIXED_DTYPE, cosine_gram
 
 DEFAULT_RATIO = 0.098  # the release's SUBSET_RATIO
-
-
-def keep_count(n: int, budget: Optional[int], ratio: Optional[float]) -> int:
-    return int(budget) if budget is not None else int(round((DEFAULT_RATIO if ratio is None else ratio) * n))
 
 
 def cosine_distance(p: torch.Tensor, variant: str) -> torch.Tensor:
@@ -62,7 +59,7 @@ def max_min_picks(dist: torch.Tensor, count: int, mask_picked: bool) -> torch.Te
 
 
 def _divprune(inp: VisionInputs, variant: str, ratio: Optional[float] = None, budget: Optional[int] = None) -> List[CompressedImage]:
-    count = keep_count(inp.num_patches, budget, ratio)
+    count = units.keep_count(inp.num_patches, budget, ratio, default_ratio=DEFAULT_RATIO, rounding=units.NEAREST, minimum=0)
     if count < 1:
         raise ValueError(f"divprune: ratio={ratio} keeps int(round(ratio * {inp.num_patches})) = 0 tokens; give a larger ratio or budget")
     if variant == "reference":

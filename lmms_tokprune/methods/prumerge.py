@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import units
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
 from .outliers import iqr_outliers
@@ -110,8 +111,7 @@ def adaptive_counts(attn: torch.Tensor, whisker: float, variant: str) -> tuple[t
 
 def ratio_count(n: int, ratio: float | None, variant: str) -> int:
     """Top-k size for adaptive=false: int(N * ratio) (the released formula), >= 1 when fixed."""
-    k = int(n * (REFERENCE_RATIO if ratio is None else ratio))
-    return k if variant == "reference" else max(1, k)
+    return units.keep_count(n, None, ratio, default_ratio=REFERENCE_RATIO, rounding=units.FLOOR, minimum=0 if variant == "reference" else 1)
 
 
 def _check_ratio_mode(method: str, adaptive: bool, ratio: float | None) -> None:
