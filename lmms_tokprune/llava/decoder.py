@@ -4,6 +4,11 @@ Every decoder layer runs with the attention implementation it was loaded with (S
 attention probabilities (the last prompt token's row, a few rater rows, or every row accumulated), they are
 computed here from the layer's own input norm, q_proj / k_proj and rotary embedding, only for the query rows
 asked for, in chunks -- never a full T x T map in memory, never eager attention in the model.
+
+Llama (LLaVA-1.5, Vicuna) and Mistral (LLaVA-NeXT Mistral-7B) decoders have the same pieces (embed_tokens, layers,
+rotary_emb, norm; a layer's input_layernorm, self_attn.q_proj / k_proj / head_dim / scaling, GQA by
+num_key_value_heads). Mistral's `sliding_window` (when its text config sets one) restricts every query to the key
+slots less than `sliding_window` behind it, as transformers' masks do over cache positions: `window` below.
 """
 
 from __future__ import annotations
@@ -33,20 +38,31 @@ class DecoderParts:
     attn_implementation: str
 
     @property
+    def sliding_window(self) -> Optional[int]:
+        """The text config's sliding attention window (Mistral), or None (Llama; Mistral configs without one)."""
+        window = getattr(self.config, "sliding_window", None)
+        return int(window) if window is not None else None
+
+    @property
     def num_layers(self) -> int:
         return len(self.layers)
 
 
+NEEDED = ("embed_tokens", "layers", "rotary_emb", "norm")
+
+
 def decoder_parts(model: nn.Module) -> DecoderParts:
-    """A LlavaForConditionalGeneration (its language model + lm_head) or a bare Llama decoder (LLaVA's
-    `model.model.language_model`, no lm_head) -> its pieces; a clear error for anything else."""
+    """A Llava(Next)ForConditionalGeneration (its language model + lm_head), a Llama / Mistral ForCausalLM (its model
+    + lm_head) or a bare Llama / Mistral decoder (LLaVA's `model.model.language_model`, no lm_head) -> its pieces; a
+    clear error for anything else."""
     inner = getattr(model, "model", None)
     lm = getattr(inner, "language_model", None)
     head = getattr(model, "lm_head", None)
+    if lm is None and inner is not None and all(hasattr(inner, n) for n in NEEDED):
+        lm = inner  # a *ForCausalLM
     if lm is None:
         lm, head = model, None
-    needed = ("embed_tokens", "layers", "rotary_emb", "norm")
-    if not all(hasattr(lm, n) for n in needed):
+    if not all(hasattr(lm, n) for n in NEEDED):
         raise ValueError("the in-LLM pruning loop needs a LLaVA model or its Llama-style language model (embed_tokens, layers, rotary_emb, norm)")
     impl = getattr(lm.config, "_attn_implementation", None) or "eager"
     if impl not in MASKABLE_ATTENTION:
@@ -57,20 +73,32 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     return DecoderParts(lm.embed_tokens, list(lm.layers), lm.rotary_emb, lm.norm, head, lm.config, impl)
 
 
-def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """Causal + padding mask [B, 1, q_len, S] for queries in the last q_len of S slots.
+def in_window(keys: torch.Tensor, queries: torch.Tensor, window: Optional[int]) -> Optional[torch.Tensor]:
+    """bool [..., Q, S] (broadcast of queries[..., :, None] and keys[..., None, :]): key slot within the sliding
+    window of the query slot, q - k < window (transformers' `kv_idx > q_idx - sliding_window`); None = no window."""
+    if window is None:
+        return None
+    return keys[..., None, :] > queries[..., :, None] - window
+
+
+def decoder_mask(valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype,
+                 window: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Causal + padding (+ sliding-window) mask [B, 1, q_len, S] for queries in the last q_len of S slots.
 
     valid [B, S] bool marks real key slots. A query always sees its own slot (padded query rows
-    stay finite; nobody reads them). SDPA gets a boolean mask, or None when nothing is masked
-    beyond plain causality (what transformers does, so it can use is_causal); eager gets 0 / min
-    (`attention_masks.as_attention_mask`, the rule the CLIP tower's key-padding mask uses too).
+    stay finite; nobody reads them). `window`: a query sees only keys less than `window` slots behind it.
+    SDPA gets a boolean mask, or None when nothing is masked beyond plain causality (what transformers
+    does, so it can use is_causal); eager gets 0 / min (`attention_masks.as_attention_mask`, the rule the
+    CLIP tower's key-padding mask uses too).
     """
     s = valid.shape[1]
-    if implementation == "sdpa" and bool(valid.all()) and (q_len == 1 or q_len == s):
+    if implementation == "sdpa" and bool(valid.all()) and (q_len == 1 or q_len == s) and (window is None or s <= window):
         return None
     kv = torch.arange(s, device=valid.device)
     q_slot = kv[s - q_len:]
     allowed = valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
+    if window is not None:
+        allowed = allowed & in_window(kv, q_slot, window)[None, None]
     allowed = allowed | (kv[None, None, None, :] == q_slot[None, None, :, None])
     return as_attention_mask(allowed, implementation, dtype)
 
@@ -113,11 +141,15 @@ def query_rows(layer: nn.Module, hidden: torch.Tensor, position_embeddings: Tupl
     return rope(q, (torch.gather(cos, 1, index), torch.gather(sin, 1, index)))
 
 
-def row_logits(q: torch.Tensor, k: torch.Tensor, scaling: float, rows: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """[B, H, R, S] scaled logits of query slots `rows` over key slots, -inf for padding and for keys after the row."""
+def row_logits(q: torch.Tensor, k: torch.Tensor, scaling: float, rows: torch.Tensor, key_valid: torch.Tensor,
+               window: Optional[int] = None) -> torch.Tensor:
+    """[B, H, R, S] scaled logits of query slots `rows` over key slots, -inf for padding, for keys after the row and
+    (sliding window) for keys `window` or more slots before it."""
     k = repeat_kv(k, q.shape[1] // k.shape[1])
     slots = torch.arange(k.shape[2], device=k.device)
     allowed = key_valid[:, None, None, :] & (slots[None, None, None, :] <= rows[:, None, :, None])
+    if window is not None:
+        allowed = allowed & in_window(slots, rows, window)[:, None]
     return (torch.matmul(q, k.transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf"))
 
 
@@ -135,11 +167,13 @@ def attention_scores(
     key_valid: torch.Tensor,
     query_valid: torch.Tensor,
     chunk: int = 256,
+    window: Optional[int] = None,
 ) -> torch.Tensor:
     """Accumulated causal attention received by each key, float32.
 
     q [B, Hq, Q, d] are the queries of the last Q of S key slots, k [B, Hkv, S, d] (GQA: repeated
     to Hq heads); key_valid [B, S], query_valid [B, Q]. Query rows are processed `chunk` at a time.
+    `window`: a sliding-window decoder's window (keys less than `window` slots behind the query).
     """
     b, hq, nq, _ = q.shape
     s = k.shape[2]
@@ -150,6 +184,8 @@ def attention_scores(
         qc = q[:, :, start:start + chunk].float()
         q_slot = kv[s - nq + start: s - nq + start + qc.shape[2]]
         allowed = key_valid[:, None, None, :] & (kv[None, None, None, :] <= q_slot[None, None, :, None])
+        if window is not None:
+            allowed = allowed & in_window(kv, q_slot, window)[None, None]
         logits = torch.matmul(qc, k.transpose(-1, -2)) * scaling
         logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked (padded) query rows

@@ -11,16 +11,26 @@ mask for decoding; a new token's position is the original prompt length + t at e
 renumber) each layer's own prefill length + t. Causality in the packed order equals causality in the original
 order. Greedy and sampling are supported (transformers' logits processors); beam search is refused.
 
-Counts per row: `layer_lengths[l]` = tokens layer l computed on (prefill), `visual_per_layer[l]` = visual tokens
-among them (what `visual_tokens_equivalent` averages), `kept_positions[s]` = original prompt positions after
-cut s in sequence order (-1 = inserted).
+Layout tokens (`layout_mask`: LLaVA-NeXT's image_newline tokens, Video-LLaVA's frame CLS tokens) reach the LLM but
+are not patches: the loop keeps every layout slot through every cut whatever the cut decides (and through H2O's
+decode-time eviction), never counts one as visual, and shows them to cuts as `view.layout` (methods that read "the
+text after the image" skip them). A slot marked in both `image_mask` and `layout_mask` is layout.
+
+Sliding-window decoders (Mistral with `sliding_window` set): as transformers does over cache positions, a query
+slot sees only the key slots less than `sliding_window` behind it -- in every mask the loop builds (prefill, decode)
+and in the attention rows a cut reads. Rows are left-padded and packed, so within a row the slot distance is the
+token distance (what a batch of one computes); the caches keep every slot (the loop's masks do the windowing).
+
+Counts per row: `layer_lengths[l]` = tokens layer l computed on (prefill), `visual_per_layer[l]` = visual (patch)
+tokens among them (what `visual_tokens_equivalent` averages; layout tokens excluded), `kept_positions[s]` =
+original prompt positions after cut s in sequence order (-1 = inserted).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -42,7 +52,8 @@ class Tokens:
     valid: torch.Tensor  # [B, W] bool
     positions: torch.Tensor  # [B, W] long
     orig: torch.Tensor  # [B, W] long, -1 for inserted tokens
-    image: torch.Tensor  # [B, W] bool
+    image: torch.Tensor  # [B, W] bool: visual (patch) slots
+    layout: torch.Tensor  # [B, W] bool: layout slots (never pruned, never visual)
 
 
 class LoopView:
@@ -54,6 +65,7 @@ class LoopView:
         self.initial_images = initial_images
         self.num_layers = parts.num_layers
         self.hidden, self.valid, self.positions, self.orig, self.image = tokens.h, tokens.valid, tokens.positions, tokens.orig, tokens.image
+        self.layout = tokens.layout
         self.model_dtype = tokens.h.dtype
         self.head_dim = parts.layers[0].self_attn.head_dim
         self.rope_inv_freq = parts.rotary.inv_freq
@@ -78,7 +90,7 @@ class LoopView:
         layer, hidden = self._source(which)
         q = query_rows(layer, hidden, self.pe, rows)
         k = layer_keys(layer, hidden, self.pe)
-        logits = row_logits(q, k, layer.self_attn.scaling, rows, self.tokens.valid)
+        logits = row_logits(q, k, layer.self_attn.scaling, rows, self.tokens.valid, self.parts.sliding_window)
         return torch.nan_to_num(torch.softmax(logits, dim=-1, dtype=softmax_dtype), nan=0.0)
 
     def attention_row(self, row: int, which: str, rows: torch.Tensor, softmax_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -86,13 +98,14 @@ class LoopView:
         pe = tuple(t[row : row + 1] for t in self.pe)
         q = query_rows(layer, hidden[row : row + 1], pe, rows[None])
         k = layer_keys(layer, hidden[row : row + 1], pe)
-        logits = row_logits(q, k, layer.self_attn.scaling, rows[None], self.tokens.valid[row : row + 1])
+        logits = row_logits(q, k, layer.self_attn.scaling, rows[None], self.tokens.valid[row : row + 1], self.parts.sliding_window)
         return torch.nan_to_num(torch.softmax(logits, dim=-1, dtype=softmax_dtype), nan=0.0)[0]
 
     def attention_sum(self, which: str) -> torch.Tensor:
         layer, hidden = self._source(which)
         q, k = project_query_key(layer, hidden, self.pe)
-        return attention_scores(q, k, layer.self_attn.scaling, self.tokens.valid, self.tokens.valid, chunk=self.chunk)
+        return attention_scores(q, k, layer.self_attn.scaling, self.tokens.valid, self.tokens.valid, chunk=self.chunk,
+                                window=self.parts.sliding_window)
 
     def keys(self, which: str) -> torch.Tensor:
         layer, hidden = self._source(which)
@@ -112,15 +125,18 @@ def _gather(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, index.view(view).expand(shape))
 
 
-def pack(keep: torch.Tensor, image: torch.Tensor, inserted: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def pack(keep: torch.Tensor, image: torch.Tensor, inserted: Optional[List[torch.Tensor]] = None,
+         layout: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """keep [B, W] bool -> (index [B, W'], valid [B, W']): each row's kept slots in order, left-padded, -1 where an
-    inserted token goes (right after the row's last kept visual slot; at the end of the kept tokens if it kept none)."""
+    inserted token goes (right after the row's last kept visual or layout slot -- the end of its image span, a NeXT
+    image's last newline included; at the end of the kept tokens if it kept none)."""
+    span = image if layout is None else image | layout
     rows = []
     for b in range(keep.shape[0]):
         slots = torch.nonzero(keep[b]).flatten()
         extra = 0 if inserted is None else int(inserted[b].shape[0])
         if extra:
-            visual = torch.nonzero(image[b, slots]).flatten()
+            visual = torch.nonzero(span[b, slots]).flatten()
             cut = int(visual[-1]) + 1 if visual.numel() else slots.numel()
             slots = torch.cat([slots[:cut], torch.full((extra,), -1, dtype=slots.dtype, device=slots.device), slots[cut:]])
         rows.append(slots)
@@ -134,8 +150,8 @@ def pack(keep: torch.Tensor, image: torch.Tensor, inserted: Optional[List[torch.
 
 
 def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tensor]:
-    """The tokens after a cut, and the pack index (old slot per new slot, -1 inserted)."""
-    index, valid = pack(decision.keep & tokens.valid, tokens.image, decision.inserted)
+    """The tokens after a cut, and the pack index (old slot per new slot, -1 inserted). Layout slots always survive."""
+    index, valid = pack((decision.keep | tokens.layout) & tokens.valid, tokens.image, decision.inserted, tokens.layout)
     src = index.clamp(min=0)
     fresh = index < 0
     h = _gather(tokens.h, src, 1)
@@ -145,6 +161,7 @@ def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tens
                 h[b, fresh[b]] = new.to(h.dtype)
     orig = _gather(tokens.orig, src, 1).masked_fill(fresh, -1)
     image = _gather(tokens.image, src, 1) | fresh
+    layout = _gather(tokens.layout, src, 1) & ~fresh
     if decision.renumber:
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     elif bool(fresh.any()):
@@ -152,7 +169,7 @@ def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tens
     else:
         positions = _gather(tokens.positions, src, 1)
     positions = positions.masked_fill(~valid, 0)
-    return Tokens(h, valid, positions, orig.masked_fill(~valid, -1), image & valid), index
+    return Tokens(h, valid, positions, orig.masked_fill(~valid, -1), image & valid, layout & valid), index
 
 
 @dataclass
@@ -181,21 +198,33 @@ def _pack_eviction(decode: Optional[DecodeEviction], index: torch.Tensor, valid:
                           decode.heavy, decode.recent)
 
 
+def _layout(layout_mask: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    if layout_mask is None:
+        return torch.zeros_like(valid)
+    if tuple(layout_mask.shape) != tuple(valid.shape):
+        raise ValueError(f"layout_mask has shape {tuple(layout_mask.shape)}; the inputs are {tuple(valid.shape)}")
+    return layout_mask.to(device=valid.device, dtype=torch.bool) & valid
+
+
 @torch.inference_mode()
 def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, image_mask: torch.Tensor,
-                plan: Optional[LLMPlan], chunk: int = 256, timed: bool = False) -> Prefill:
+                plan: Optional[LLMPlan], chunk: int = 256, timed: bool = False, layout_mask: Optional[torch.Tensor] = None) -> Prefill:
     """Prefill over every decoder layer with the plan's cuts; see the module docstring. `timed`: measure the time
-    the cuts take (synchronising a GPU around each), reported as `cut_ms`."""
+    the cuts take (synchronising a GPU around each), reported as `cut_ms`. `layout_mask` [B, T] bool: layout slots
+    (None: none, LLaVA-1.5)."""
     from transformers import DynamicCache
 
     valid = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
-    tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), image_mask.bool() & valid)
+    layout = _layout(layout_mask, valid)
+    tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), image_mask.bool() & valid & ~layout, layout)
     prompt_lengths = valid.sum(dim=1)
     initial_images = tokens.image.sum(dim=1)
     cuts: Dict[int, Cut] = {c.layer: c for c in (plan.cuts if plan is not None else [])}
     by_cache_length = plan is not None and plan.decode_positions == "cache"
-    cache = DynamicCache(config=parts.config)
+    # every slot stays cached: a sliding-window config would make transformers' cache keep only the last window
+    # (the loop's masks apply the window instead, and H2O gathers the caches by slot)
+    cache = DynamicCache(config=parts.config) if parts.sliding_window is None else DynamicCache()
     impl, dtype = parts.attn_implementation, inputs_embeds.dtype
     batch = valid.shape[0]
     kept: List[List[torch.Tensor]] = [[] for _ in range(batch)]
@@ -218,6 +247,8 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
             tokens, index = apply_cut(tokens, decision)
             cut_seconds += _tick(timed, inputs_embeds.device) - started
             decode = _pack_eviction(decision.decode, index, tokens.valid) if decision.decode is not None else _pack_eviction(decode, index, tokens.valid)
+            if decode is not None:  # decode-time eviction never takes a layout slot either
+                decode.prunable = decode.prunable & ~tokens.layout
             if decision.evict_earlier:  # H2O: the layers that already ran forget the pruned tokens too
                 if bool((index < 0).any()):
                     raise ValueError("a cut cannot both insert tokens and evict them from earlier layers' caches")
@@ -229,7 +260,7 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
                 kept[b].append(tokens.orig[b][tokens.valid[b]])
             mask = pe = None
         if mask is None:
-            mask = decoder_mask(tokens.valid, tokens.valid.shape[1], impl, dtype)
+            mask = decoder_mask(tokens.valid, tokens.valid.shape[1], impl, dtype, parts.sliding_window)
             pe = parts.rotary(tokens.h, tokens.positions)
             base = tokens.valid.sum(dim=1) if by_cache_length else prompt_lengths
         counts, seen = tokens.valid.sum(dim=1).tolist(), (tokens.image & tokens.valid).sum(dim=1).tolist()
@@ -239,7 +270,8 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
         layer_valid.append(tokens.valid)
         layer_base.append(base)
         prev_input = tokens.h
-        tokens = Tokens(_layer_call(layer, tokens.h, mask, tokens.positions, cache, pe), tokens.valid, tokens.positions, tokens.orig, tokens.image)
+        tokens = Tokens(_layer_call(layer, tokens.h, mask, tokens.positions, cache, pe), tokens.valid, tokens.positions, tokens.orig, tokens.image,
+                        tokens.layout)
     last = parts.norm(tokens.h[:, -1])
     return Prefill(lengths, visual, kept, last, [int(n) for n in prompt_lengths.tolist()], cache, layer_valid, layer_base, decode, tokens,
                    1000.0 * cut_seconds)
@@ -271,17 +303,28 @@ class PrefillResult:
 
 
 def prune_prefill(method: str, language_model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  image_mask: torch.Tensor, variant: str = "reference", **params: Any) -> PrefillResult:
-    """Prefill `language_model` (a Llama decoder, LLaVA's model.model.language_model, run with the attention
-    implementation it was loaded with) on left-padded inputs with an in-LLM method's cuts."""
+                  image_mask: torch.Tensor, variant: str = "reference", *, layout_mask: Optional[torch.Tensor] = None,
+                  image_tokens: Optional[Sequence[Sequence[int]]] = None, num_patches: Optional[int] = None, **params: Any) -> PrefillResult:
+    """Prefill `language_model` (a Llama / Mistral decoder, LLaVA's model.model.language_model, run with the attention
+    implementation it was loaded with) on left-padded inputs with an in-LLM method's cuts.
+
+    layout_mask [B, T] bool: layout slots (NeXT newlines; never pruned, not visual). image_tokens: per row, the patch
+    tokens of each of its images (NeXT: 576 + H'W'); num_patches: one CLIP unit's patches (576). Without them (as
+    before) every row's visual tokens are images of N = the largest row's visual count."""
     from ..methods import bind
     from ..methods.llm_stages import LLMContext
 
     parts = decoder_parts(language_model)
     bound = bind(method, variant, **params)
-    images = image_mask.bool().sum(dim=1)
-    plan = bound.llm_plan(LLMContext(parts.num_layers, int(images.max()) if images.numel() else 0, parts.config.num_attention_heads))
-    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan)
+    valid = attention_mask.bool()
+    layout = _layout(layout_mask, valid)
+    images = (image_mask.bool() & valid & ~layout).sum(dim=1) if layout_mask is not None else image_mask.bool().sum(dim=1)
+    rows = None if image_tokens is None else tuple(tuple(int(n) for n in row) for row in image_tokens)
+    if num_patches is None:
+        num_patches = min((n for row in rows for n in row), default=0) if rows else (int(images.max()) if images.numel() else 0)
+    context = LLMContext(parts.num_layers, num_patches, parts.config.num_attention_heads, image_tokens=rows, layout=bool(layout.any()))
+    plan = bound.llm_plan(context)
+    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan, layout_mask=layout_mask)
     return PrefillResult(done.layer_lengths, done.kept_positions, done.last_hidden, done.visual_per_layer, plan)
 
 
@@ -382,8 +425,10 @@ def generate_pruned(
     keep_logits: bool = False,
     on_step: Optional[Callable[[], None]] = None,
     timed: bool = False,
+    layout_mask: Optional[torch.Tensor] = None,
 ) -> GenerationOutput:
-    """Prefill with the plan's cuts, then decode over each layer's kept cache (LLaVA model: its lm_head is used).
+    """Prefill with the plan's cuts, then decode over each layer's kept cache (LLaVA model, or a *ForCausalLM: its
+    lm_head is used). `layout_mask` [B, T] bool: layout slots (never pruned, not visual; None: none).
 
     plan=None prunes nothing (token-identical to `model.generate` on the same inputs_embeds / attention_mask).
     `on_step` is called once per step right after the forward pass (before the token is chosen), where
@@ -394,7 +439,7 @@ def generate_pruned(
         raise ValueError("generation needs the LLaVA model (its lm_head), not the bare language model")
     chooser = TokenChooser(gen, getattr(model, "generation_config", None))
     max_new = int(gen.get("max_new_tokens", 20))
-    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan, score_chunk, timed)
+    done = run_prefill(parts, inputs_embeds, attention_mask, image_mask, plan, score_chunk, timed, layout_mask)
     impl, dtype = parts.attn_implementation, inputs_embeds.dtype
     cache, decode = done.cache, done.decode
     batch = inputs_embeds.shape[0]
@@ -435,7 +480,7 @@ def generate_pruned(
         for (_, base, members), valid in zip(groups, valids):
             pos = (base + step)[:, None]
             pe = parts.rotary(h, pos)
-            mask = decoder_mask(valid, 1, impl, dtype)
+            mask = decoder_mask(valid, 1, impl, dtype, parts.sliding_window)
             for i in members:
                 if decode is not None and i == decode.layer:
                     q_new, _ = project_query_key(parts.layers[i], h, pe)
@@ -443,7 +488,8 @@ def generate_pruned(
         if decode is not None:
             valid = valids[0]
             keys = cache.layers[decode.layer].keys
-            decode.scores = decode.scores + attention_scores(q_new, keys, parts.layers[decode.layer].self_attn.scaling, valid, ones)
+            decode.scores = decode.scores + attention_scores(q_new, keys, parts.layers[decode.layer].self_attn.scaling, valid, ones,
+                                                             window=parts.sliding_window)
             for row in _evict_one_per_row(decode, valid):
                 evicted[row] += 1
         logits = parts.lm_head(parts.norm(h))[:, -1].float()

@@ -13,6 +13,11 @@ commit: llava/model/language_model/modeling_llama_self.py). One cut before decod
    Sequence order; original positions; layers < k cache everything; decoding at original length + t.
 
 `max_num_trunction` counts one image; a document with m images takes m times as many picks (the same pivots).
+Images of other sizes (LLaVA-NeXT, `LLMContext.image_tokens`): image i contributes M_i = max_num_trunction picks,
+or with `budget=n` (per image) the M_i = P * t_i whose (k*N_i + (L-k)*(p_img + P*t_i)) / L is nearest to n (clamped
+into that image's range); the row's pivots share t = sum_i M_i // P picks each over the row's whole visual span
+(one set of pivots per row, as for LLaVA-1.5 documents with several images). Text pivots come from the text after
+the last image token; layout tokens are neither pool nor text and always stay.
 `budget=n` (equivalent visual tokens): kept = p_img + P * t, eq = (k*N + (L-k)*kept) / L, the nearest t in
 [0, (N - p_img) // P]: 192 / 128 / 64 -> max_num_trunction 160 / 96 / 24 (kept 164 / 100 / 28). The paper's
 "DART 128" keeps 132 = 159.75 equivalent tokens. (The scripts' reduction ratio 0.778 is used only when
@@ -26,23 +31,46 @@ lower position, and guards: fewer text tokens than pivots takes what there is, a
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, in_llm_only, nearest_index, planned_equivalent
+from .llm_stages import (
+    Cut,
+    CutDecision,
+    InLLMMethod,
+    LLMContext,
+    LLMPlan,
+    budget_error,
+    check_rows,
+    floor_error,
+    in_llm_only,
+    nearest_index,
+    planned_equivalent,
+    refuse_reference_layout,
+    refuse_reference_next,
+)
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 from .signals import top_indices
 
+EXTEND = "a smaller k or fewer pivot_image_token lower the floor"
 
-def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int) -> int:
+
+@lru_cache(maxsize=256)
+def _truncation_values(k: int, n: int, layers: int, p_img: int, p_txt: int) -> Tuple[float, ...]:
     pivots = p_img + p_txt
-    ts = list(range(0, (n - p_img) // pivots + 1))
-    values = [planned_equivalent([k], [p_img + pivots * t], n, layers) for t in ts]
-    if not values[0] <= budget <= values[-1]:
-        raise budget_error("dart", budget, values[0], values[-1], "a smaller k or fewer pivot_image_token lower the floor")
-    return ts[nearest_index(values, budget)] * pivots
+    return tuple(planned_equivalent([k], [p_img + pivots * t], n, layers) for t in range(0, max(0, (n - p_img) // pivots) + 1))
+
+
+def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int, clamp: bool = False) -> int:
+    """max_num_trunction = P * t for the t whose equivalent is nearest to the budget; outside the reachable range a
+    ValueError, or with `clamp` the nearest end."""
+    values = _truncation_values(k, n, layers, p_img, p_txt)
+    if not clamp and not values[0] <= budget <= values[-1]:
+        raise budget_error("dart", budget, values[0], values[-1], EXTEND)
+    return nearest_index(values, budget) * (p_img + p_txt)
 
 
 def _top(scores: torch.Tensor, count: int, variant: str) -> torch.Tensor:
@@ -75,30 +103,54 @@ def row_selection(keys: torch.Tensor, feats: torch.Tensor, slots_image: torch.Te
     return torch.tensor(sorted(chosen), dtype=torch.long, device=feats.device)
 
 
-def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunction: int = 128, pivot_image_token: int = 4,
-          pivot_text_token: int = 4, budget: Optional[int] = None) -> LLMPlan:
+def _check(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunction: int = 128, pivot_image_token: int = 4,
+           pivot_text_token: int = 4, budget: Optional[int] = None) -> None:
     layers, n = context.num_layers, context.num_patches
     if not 1 <= k < layers:
         raise ValueError(f"dart: k={k} must be within 1..{layers - 1} (a cut before decoder layer k of the {layers})")
+    refuse_reference_next("dart", variant, context)
+    if context.varied:  # images of N or more patches: only a budget below the smallest image's floor fails them all
+        floor = planned_equivalent([k], [pivot_image_token], n, layers)
+        if budget is not None and budget < floor:
+            raise floor_error("dart", budget, floor, n, EXTEND)
+        return
     if budget is not None:
         max_num_trunction = resolve_truncation(budget, k, n, layers, pivot_image_token, pivot_text_token)
-    pivots = pivot_image_token + pivot_text_token
     if variant == "fixed" and pivot_image_token + max_num_trunction > n:
         raise ValueError(f"dart: pivot_image_token + max_num_trunction = {pivot_image_token + max_num_trunction} exceeds the {n} image tokens")
+    _check_pool(variant, max_num_trunction, pivot_image_token, pivot_text_token, n, 1)
 
-    def check_pool(m: int) -> None:
-        """The release's last pivot takes topk(t) of what is left: a pool shorter than t crashes there, so refuse."""
-        per_pivot = (max_num_trunction * m) // pivots
-        if variant == "reference" and pivots * per_pivot > m * n - pivot_image_token:
-            raise ValueError(f"dart (reference): {pivots} pivots x {per_pivot} picks exceed the {m * n - pivot_image_token} image tokens "
-                             f"left after the pivots (the release's topk crashes); lower max_num_trunction or use variant=fixed")
 
-    check_pool(1)
+def _check_pool(variant: str, max_num_trunction: int, p_img: int, p_txt: int, n: int, m: int) -> None:
+    """The release's last pivot takes topk(t) of what is left: a pool shorter than t crashes there, so refuse."""
+    pivots = p_img + p_txt
+    per_pivot = (max_num_trunction * m) // pivots
+    if variant == "reference" and pivots * per_pivot > m * n - p_img:
+        raise ValueError(f"dart (reference): {pivots} pivots x {per_pivot} picks exceed the {m * n - p_img} image tokens "
+                         f"left after the pivots (the release's topk crashes); lower max_num_trunction or use variant=fixed")
+
+
+def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunction: int = 128, pivot_image_token: int = 4,
+          pivot_text_token: int = 4, budget: Optional[int] = None) -> LLMPlan:
+    layers, n = context.num_layers, context.num_patches
+    if budget is not None and not context.varied:
+        max_num_trunction = resolve_truncation(budget, k, n, layers, pivot_image_token, pivot_text_token)
+    pivots = pivot_image_token + pivot_text_token
+    per_row: Optional[List[dict]] = None
+    if context.image_tokens is not None:
+        per_row = []
+        for images in context.image_tokens:
+            picks = [resolve_truncation(budget, k, size, layers, pivot_image_token, pivot_text_token, clamp=True) if budget is not None
+                     else max_num_trunction for size in images]
+            kept = min(pivot_image_token + pivots * (sum(picks) // pivots), sum(images)) if images else 0
+            per_row.append({"max_num_trunction": picks, "visual_tokens_equivalent": planned_equivalent([k], [kept], sum(images), layers)})
 
     def decide(view: Any) -> CutDecision:
+        refuse_reference_layout("dart", variant, view)
         batch = view.hidden.shape[0]
         if variant == "reference" and batch > 1:
             raise ValueError("dart (reference): the released code asserts batch size 1; run batch_size=1 or variant=fixed")
+        check_rows(context, view)
         keys = view.keys("prev")
         feats = view.final_norm(view.hidden)
         keep = view.valid & ~view.image
@@ -107,19 +159,25 @@ def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunc
             images = slots[view.image[b] & view.valid[b]]
             if not images.numel():
                 continue
-            after = slots[view.valid[b] & ~view.image[b] & (slots > images[-1])]
-            m = -(-int(images.numel()) // n)  # images in this document
+            after = slots[view.valid[b] & ~view.image[b] & ~view.layout[b] & (slots > images[-1])]
             if variant == "reference" and after.numel() < pivot_text_token:
                 raise ValueError(f"dart (reference): only {after.numel()} text tokens after the image for pivot_text_token="
                                  f"{pivot_text_token}; use variant=fixed")
-            check_pool(m)
-            per_pivot = (max_num_trunction * m) // pivots
+            if per_row is None:
+                m = -(-int(images.numel()) // n)  # images in this document
+                _check_pool(variant, max_num_trunction, pivot_image_token, pivot_text_token, n, m)
+                per_pivot = (max_num_trunction * m) // pivots
+            else:
+                per_pivot = sum(per_row[b]["max_num_trunction"]) // pivots
             keep[b, row_selection(keys[b], feats[b], images, after, view.orig[b], pivot_image_token, pivot_text_token, per_pivot, variant)] = True
         return CutDecision(keep)
 
     kept = pivot_image_token + pivots * (max_num_trunction // pivots)
-    return LLMPlan([Cut(k, decide)], "original", notes={"k": k, "max_num_trunction": max_num_trunction,
-                                                        "visual_tokens_equivalent": planned_equivalent([k], [kept], n, layers)})
+    notes: dict = {"k": k} if context.varied else {"k": k, "max_num_trunction": max_num_trunction,
+                                                   "visual_tokens_equivalent": planned_equivalent([k], [kept], n, layers)}
+    if per_row is not None:
+        notes["per_row"] = per_row  # per batch row: each image's max_num_trunction, the row's planned equivalent
+    return LLMPlan([Cut(k, decide)], "original", notes=notes)
 
 
 register(
@@ -135,7 +193,7 @@ register(
             "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("max_num_trunction",),
-        plan=_plan,
+        plan=InLLMMethod(_check, _plan),
         reference_batch_one=True,
     )
 )

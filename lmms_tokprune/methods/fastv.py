@@ -7,9 +7,14 @@ lmms-eval kv-cache variant src/FastV/lmms-eval/fastv_kvcache.py). One cut before
 3. Original rotary positions kept (gaps); layers < k cache everything, layers >= k the kept sequence; a decoded
    token's position = original length + t.
 
-`rank` counts the image tokens of one image (576 for LLaVA-1.5); a document with m images keeps m * rank.
+`rank` counts the image tokens kept of one image (576 for LLaVA-1.5); a document with m images keeps m * rank.
 `budget=n` (equivalent visual tokens, input counting): eq = (k*N + (L-k)*rank) / L -> the nearest rank (ties to
 fewer tokens); for k = 2, L = 32: 192 / 128 / 64 -> rank 166 / 98 / 30; reachable (2N + (L-2)) / L .. N.
+
+Images of other sizes (LLaVA-NeXT: N_i = 576 + H'W' patch tokens, `LLMContext.image_tokens`): image i keeps
+rank_i = min(rank, N_i) (`rank` stays a token count per image); `budget=n` resolves per image, rank_i = the nearest
+of (k*N_i + (L-k)*rank_i) / L to n, clamped into that image's reachable range (the achieved equivalent is
+reported); the row keeps sum_i rank_i of its whole visual span, ranked together (layout tokens always stay).
 
 Variants: `reference` = the release: the softmax in fp32, cast to the model dtype, heads averaged in that dtype,
 torch.topk; sample 0's choice for every row (its map and its slots), and a ValueError when rows differ in layout
@@ -22,11 +27,27 @@ position wins).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, budget_error, in_llm_only, nearest_index, planned_equivalent, top_slots
+from .llm_stages import (
+    Cut,
+    CutDecision,
+    InLLMMethod,
+    LLMContext,
+    LLMPlan,
+    budget_error,
+    check_rows,
+    floor_error,
+    in_llm_only,
+    nearest_index,
+    planned_equivalent,
+    refuse_reference_layout,
+    refuse_reference_next,
+    top_slots,
+)
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, register
 
 
@@ -35,12 +56,18 @@ def equivalent(k: int, rank: int, n: int, layers: int) -> float:
     return planned_equivalent([k], [rank], n, layers)
 
 
-def resolve_rank(budget: int, k: int, n: int, layers: int) -> int:
-    ranks = list(range(1, n + 1))
-    values = [equivalent(k, r, n, layers) for r in ranks]
-    if not values[0] <= budget <= values[-1]:
+@lru_cache(maxsize=256)
+def _rank_values(k: int, n: int, layers: int) -> Tuple[float, ...]:
+    return tuple(equivalent(k, r, n, layers) for r in range(1, n + 1))
+
+
+def resolve_rank(budget: int, k: int, n: int, layers: int, clamp: bool = False) -> int:
+    """The rank (1..n) whose equivalent is nearest to the budget; outside the reachable range a ValueError, or with
+    `clamp` the nearest end (an image of another size than the budget was checked for)."""
+    values = _rank_values(k, n, layers)
+    if not clamp and not values[0] <= budget <= values[-1]:
         raise budget_error("fastv", budget, values[0], values[-1], f"k={k}: a smaller k lowers the floor, k=1 reaches {equivalent(1, 1, n, layers):.2f}")
-    return ranks[nearest_index(values, budget)]
+    return 1 + nearest_index(values, budget)
 
 
 def last_token_scores(view: Any, variant: str) -> torch.Tensor:
@@ -56,30 +83,61 @@ def same_layout(view: Any) -> bool:
     return bool((view.valid == view.valid[:1]).all() and (view.image == view.image[:1]).all())
 
 
-def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, rank: int = 288, budget: Optional[int] = None) -> LLMPlan:
+def _check(context: LLMContext, variant: str = "fixed", k: int = 2, rank: int = 288, budget: Optional[int] = None) -> None:
     layers, n = context.num_layers, context.num_patches
     if not 1 <= k < layers:
         raise ValueError(f"fastv: k={k} must be within 1..{layers - 1} (a cut before decoder layer k of the {layers})")
+    refuse_reference_next("fastv", variant, context)
+    if context.varied:  # images of N or more patches: only a budget below the smallest image's floor fails them all
+        floor = equivalent(k, 1, n, layers)
+        if budget is not None and budget < floor:
+            raise floor_error("fastv", budget, floor, n, f"k={k}: a smaller k lowers the floor, k=1 reaches {equivalent(1, 1, n, layers):.2f}")
+        return
     if budget is not None:
         rank = resolve_rank(budget, k, n, layers)
     if rank > n:
         raise ValueError(f"fastv: rank={rank} is more than the {n} image tokens of an image")
 
+
+def image_ranks(images: Tuple[int, ...], k: int, rank: int, budget: Optional[int], layers: int) -> List[int]:
+    """Per image of N_i patch tokens: min(rank, N_i), or the rank resolved from the budget for N_i (clamped)."""
+    return [resolve_rank(budget, k, n, layers, clamp=True) if budget is not None else min(rank, n) for n in images]
+
+
+def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, rank: int = 288, budget: Optional[int] = None) -> LLMPlan:
+    layers, n = context.num_layers, context.num_patches
+    if budget is not None and not context.varied:
+        rank = resolve_rank(budget, k, n, layers)
+    per_row: Optional[List[dict]] = None
+    if context.image_tokens is not None:
+        per_row = []
+        for images in context.image_tokens:
+            ranks = image_ranks(tuple(images), k, rank, budget, layers)
+            per_row.append({"rank": ranks, "visual_tokens_equivalent": planned_equivalent([k], [sum(ranks)], sum(images), layers)})
+
     def decide(view: Any) -> CutDecision:
+        refuse_reference_layout("fastv", variant, view)
         images = view.image & view.valid
         if variant == "reference" and view.hidden.shape[0] > 1 and not same_layout(view):
             raise ValueError("fastv (reference): the released code takes sample 0's image offsets for every row; these rows differ in "
                              "layout (padding or image position); run batch_size=1 or variant=fixed")
         scores = last_token_scores(view, variant)
-        counts = [min(rank * -(-int(m) // n), int(m)) for m in images.sum(dim=1).tolist()]  # m images -> m * rank
+        visual = images.sum(dim=1).tolist()
+        if per_row is None:
+            counts = [min(rank * -(-int(m) // n), int(m)) for m in visual]  # m images -> m * rank
+        else:
+            check_rows(context, view)
+            counts = [min(sum(per_row[b]["rank"]), int(m)) for b, m in enumerate(visual)]
         if variant == "reference":  # sample 0 decides, its slots for every row
             chosen = top_slots(scores[:1], images[:1], counts[:1], variant).expand_as(images)
         else:
             chosen = top_slots(scores, images, counts, variant)
         return CutDecision((view.valid & ~view.image) | chosen)
 
-    return LLMPlan([Cut(k, decide)], "original", notes={"k": k, "rank": rank,
-                                                        "visual_tokens_equivalent": equivalent(k, rank, n, layers)})
+    notes: dict = {"k": k} if context.varied else {"k": k, "rank": rank, "visual_tokens_equivalent": equivalent(k, rank, n, layers)}
+    if per_row is not None:
+        notes["per_row"] = per_row  # per batch row: each image's rank, the row's planned equivalent
+    return LLMPlan([Cut(k, decide)], "original", notes=notes)
 
 
 register(
@@ -93,7 +151,7 @@ register(
             "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("rank",),
-        plan=_plan,
+        plan=InLLMMethod(_check, _plan),
         reference_batch_one=True,
     )
 )

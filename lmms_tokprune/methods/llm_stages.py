@@ -12,12 +12,26 @@ last slot of every row is its last prompt token) and can ask the loop for
   * `final_norm(x)`: the decoder's final RMSNorm (DART's features).
 It returns which slots survive, optional inserted tokens (SparseVLM's recycled ones), whether positions are
 renumbered after it, and whether the pruned tokens also leave the caches of the layers that already ran (H2O).
+
+Layout tokens (`view.layout`: LLaVA-NeXT's image_newline after every grid row, Video-LLaVA's frame CLS tokens) are
+tokens the LLM receives that are not patches: never visual (`view.image` is False on them, no visual count includes
+them), never text (a method that reads "the text after the image" skips them), and never pruned -- the loop keeps
+every layout slot whatever a cut's `keep` says.
+
+Per-image patch counts (`LLMContext.image_tokens`): per batch row, the patch tokens of each of its images (LLaVA-1.5:
+576 each; NeXT: 576 + H'W', different per image). A method's per-image parameters (FastV's rank, DART's
+max_num_trunction, a `budget` = equivalent visual tokens PER IMAGE) resolve image by image from them. None = derived
+as before: ceil(visual tokens / N) images of N = `num_patches` (LLaVA-1.5, and `prune_prefill` without them).
+
+A method is an `InLLMMethod`: `check(context, ...)` -- everything the decoder depth, the heads and N decide, with
+no batch (what an engine calls at load time, `check_llm`) -- and `build(context, ...)` -- the cuts for one batch.
+Calling it (the registry's `spec.plan(context, variant=..., **params)`) runs both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -35,7 +49,8 @@ class CutView(Protocol):
     image: torch.Tensor  # [B, W] bool: visual slots (recycled tokens included)
     positions: torch.Tensor  # [B, W] the rotary positions in use
     orig: torch.Tensor  # [B, W] original prompt positions (0-based), -1 for inserted tokens
-    initial_images: torch.Tensor  # [B] visual tokens each row had entering the LLM
+    layout: torch.Tensor  # [B, W] bool: layout slots (not visual, not text, never pruned)
+    initial_images: torch.Tensor  # [B] visual (patch) tokens each row had entering the LLM
     model_dtype: torch.dtype
     head_dim: int
     rope_inv_freq: torch.Tensor  # [head_dim / 2] the rotary frequencies theta_k
@@ -91,11 +106,98 @@ class LLMPlan:
 
 @dataclass(frozen=True)
 class LLMContext:
-    """What a plan may depend on: the decoder depth and the patches per image (576 for LLaVA-1.5)."""
+    """What a plan may depend on: the decoder depth, the patches of one CLIP unit (576 for LLaVA-1.5: an image) and,
+    per batch, the patch tokens of every image of every row.
+
+    image_tokens: per batch row, a tuple of per-image patch-token counts (layout tokens excluded); None = derived
+        from the visual tokens as ceil(count / num_patches) images of num_patches (LLaVA-1.5; `check` contexts).
+    layout: the LLM sequence carries layout tokens and images of other sizes than one unit (LLaVA-NeXT): a
+        `reference` variant refuses (no release computes on NeXT that way yet), and a load-time `check` validates
+        only what holds for every image (budgets below the floor of the smallest image)."""
 
     num_layers: int
     num_patches: int
     num_heads: int = 32  # attention heads of a decoder layer
+    image_tokens: Optional[Tuple[Tuple[int, ...], ...]] = None
+    layout: bool = False
+
+    @property
+    def varied(self) -> bool:
+        """Images may differ from one unit of num_patches (NeXT): budgets resolve per image, clamped into each
+        image's reachable range (the achieved value is what gets reported)."""
+        return self.layout or (self.image_tokens is not None and any(n != self.num_patches for row in self.image_tokens for n in row))
+
+    def images(self, row: int, visual: int) -> Tuple[int, ...]:
+        """The patch tokens of each image of batch row `row`, which entered the LLM with `visual` patch tokens."""
+        if self.image_tokens is None:
+            n = self.num_patches
+            return (n,) * -(-int(visual) // n) if n else ()
+        if row >= len(self.image_tokens):
+            raise ValueError(f"LLMContext.image_tokens has {len(self.image_tokens)} rows; the batch has more")
+        counts = tuple(int(c) for c in self.image_tokens[row])
+        if sum(counts) != int(visual):
+            raise ValueError(f"LLMContext.image_tokens[{row}] = {list(counts)} sums to {sum(counts)} patch tokens; the row has {int(visual)} "
+                             "visual tokens (image_mask minus layout slots)")
+        return counts
+
+
+def check_rows(context: "LLMContext", view: Any) -> None:
+    """At the first cut: context.image_tokens has one entry per batch row and each adds up to the row's patch tokens."""
+    if context.image_tokens is None:
+        return
+    if len(context.image_tokens) != view.hidden.shape[0]:
+        raise ValueError(f"LLMContext.image_tokens has {len(context.image_tokens)} rows for a batch of {view.hidden.shape[0]}")
+    for b, m in enumerate(view.initial_images.tolist()):
+        context.images(b, int(m))
+
+
+def floor_error(method: str, budget: float, floor: float, n: int, extend: str) -> ValueError:
+    """A per-image budget below what the smallest image (one unit of n patch tokens) can reach: no image reaches it."""
+    return ValueError(f"{method}: budget={budget} equivalent visual tokens is below {floor:.2f}, the least an image of {n} or more "
+                      f"patch tokens reaches with these parameters ({extend})")
+
+
+def refuse_reference_next(name: str, variant: str, context: "LLMContext") -> None:
+    """`reference` reproduces the releases on LLaVA-1.5 only: images of other sizes or layout tokens -> ValueError."""
+    if variant != "reference":
+        return
+    if context.layout or (context.image_tokens is not None and context.varied):
+        raise ValueError(f"{name} (reference) on LLaVA-NeXT is not implemented yet (images of other sizes than {context.num_patches} "
+                         "patch tokens, or layout tokens); use variant=fixed")
+
+
+def refuse_reference_layout(name: str, variant: str, view: Any) -> None:
+    """The same refusal at a cut, for callers that pass a layout mask without saying so in the context."""
+    if variant == "reference" and bool((view.layout & view.valid).any()):
+        raise ValueError(f"{name} (reference) on LLaVA-NeXT is not implemented yet (the sequence has layout tokens); use variant=fixed")
+
+
+@dataclass(frozen=True)
+class InLLMMethod:
+    """A method inside the LLM as the registry holds it (`MethodSpec.plan`): `check(context, variant=..., **params)`
+    validates what the decoder depth / heads / N decide (no batch needed; raises ValueError), `build(context,
+    variant=..., **params)` makes one batch's LLMPlan. Calling it does both (BoundMethod.llm_plan)."""
+
+    check: Callable[..., None]
+    build: Callable[..., "LLMPlan"]
+
+    def __call__(self, context: LLMContext, variant: str = "fixed", **params: Any) -> "LLMPlan":
+        self.check(context, variant=variant, **params)
+        return self.build(context, variant=variant, **params)
+
+
+def check_llm(method: Any, context: LLMContext) -> None:
+    """Load-time checks of a bound in-LLM method (a `methods.BoundMethod`) for a decoder described by `context`
+    (num_layers, num_patches, num_heads; `layout=True` for LLaVA-NeXT, image_tokens None): layers in range, a
+    reachable budget, reference refusals. Builds no plan. ValueError for a method that does not prune in the LLM."""
+    plan = method.spec.plan
+    if plan is None:
+        raise ValueError(f"method {method.name!r} does not prune inside the LLM")
+    check = getattr(plan, "check", None)
+    if check is not None:
+        check(context, variant=method.variant, **method.params)
+    else:  # a plain plan function: its own checks run when it builds
+        plan(context, variant=method.variant, **method.params)
 
 
 def top_slots(scores: torch.Tensor, candidates: torch.Tensor, counts: Sequence[int], variant: str) -> torch.Tensor:

@@ -40,6 +40,12 @@ Stage 1 (this module, pure torch; also what the engine runs inside CLIP after bl
 `budget=N` replaces the dynamic split by exactly the top-N of d; `ratio=r` by the top
 max(1, int(N * r)) (matched budgets; alpha is not applied then).
 
+Units (LLaVA-NeXT: the base image and every crop is one CLIP pass): stage 1 runs per unit, and its counts are per
+unit. `valid` [B, N] marks the patches that exist (NeXT unpadding removes the others): the curve, the split and
+the counts are over a unit's valid patches only (n = its valid count) and an invalid patch is never kept (a unit
+without valid patches keeps none). `budgets` (one int per unit, the engine's split of a per-image budget) replace
+`budget` unit by unit, capped by the unit's valid patches; `ratio` takes max(1, int(n_valid * r)).
+
 Stage 2 (in the LLM, H2O-style heavy hitters + recent window over visual + text tokens) and the
 in-CLIP placement are run by `llava.longtail_engine.LongtailLlava`; their parameters are declared
 here so that one validated parameter set describes the method (see `llava/llm_pruning.py` for the
@@ -56,9 +62,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .inputs import CompressedImage, VisionInputs
-from .llm_stages import Cut, CutDecision, DecodeEviction, LLMPlan
+from .llm_stages import Cut, CutDecision, DecodeEviction, InLLMMethod, LLMPlan
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import FIXED_DTYPE, cls_attention
+from .signals import FIXED_DTYPE, cls_attention, ranked
 
 ALPHA_MODES = ("expand", "scale", "offset", "none")
 FLAT_CURVE = ("keep_all", "keep_one")
@@ -75,9 +81,10 @@ def _non_negative_int(value: Any) -> Optional[str]:
 
 
 def sort_descending(attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """[B, n] -> (values, patch order), descending; equal values keep ascending patch order."""
-    values, order = torch.sort(attn, dim=-1, descending=True, stable=True)
-    return values, order
+    """[B, n] -> (values, patch order), descending; equal values keep ascending patch order (`signals.ranked`, the
+    fixed tie rule every method ranks with)."""
+    order = ranked(attn, "fixed")
+    return torch.gather(attn, -1, order), order
 
 
 def split_objective(d_sorted: torch.Tensor) -> torch.Tensor:
@@ -126,6 +133,19 @@ def scaled_count(head: int, n: int, alpha: float, alpha_mode: str) -> int:
     return max(1, min(n, count))
 
 
+def _split_count(values: torch.Tensor, alpha: float, alpha_mode: str, include_split: bool, flat_curve: str) -> int:
+    """The dynamic count of one unit from its sorted curve values [n] (n >= 1)."""
+    n = int(values.shape[0])
+    istar, flat = split_point(values[None])
+    if bool(flat[0]):
+        if flat_curve == "keep_all":
+            return n
+        if flat_curve != "keep_one":
+            raise ValueError(f"longtail: unknown flat_curve {flat_curve!r}; valid: {', '.join(FLAT_CURVE)}")
+    head = int(istar[0]) if include_split else int(istar[0]) - 1
+    return scaled_count(max(1, head), n, alpha, alpha_mode)
+
+
 def longtail_counts(
     attn: torch.Tensor,
     alpha: float = PAPER_ALPHA,
@@ -134,9 +154,16 @@ def longtail_counts(
     flat_curve: str = "keep_all",
     budget: Optional[int] = None,
     ratio: Optional[float] = None,
+    valid: Optional[torch.Tensor] = None,
+    budgets: Optional[Sequence[int]] = None,
 ) -> List[int]:
-    """Per-image number of patches stage 1 keeps, from the CLS attention attn [B, n]."""
+    """Per-unit number of patches stage 1 keeps, from the CLS attention attn [B, n] (only the `valid` patches count:
+    module doc)."""
     b, n = attn.shape
+    if valid is not None:
+        return _valid_counts(attn, valid, alpha, alpha_mode, include_split, flat_curve, budget, ratio, budgets)
+    if budgets is not None:
+        return [min(int(c), n) for c in budgets]
     if budget is not None:
         return [int(budget)] * b
     if ratio is not None:
@@ -156,22 +183,52 @@ def longtail_counts(
     return counts
 
 
-def kept_patches(attn: torch.Tensor, counts: Sequence[int]) -> List[torch.Tensor]:
-    """Per image: the top-counts[b] patches of attn [B, n] (stable ties), in ascending patch order."""
+def _valid_counts(attn: torch.Tensor, valid: torch.Tensor, alpha: float, alpha_mode: str, include_split: bool, flat_curve: str,
+                  budget: Optional[int], ratio: Optional[float], budgets: Optional[Sequence[int]]) -> List[int]:
+    """longtail_counts over each unit's valid patches: the curve of the valid ones, counts capped by their number."""
+    if valid.shape != attn.shape:
+        raise ValueError(f"longtail: valid has shape {tuple(valid.shape)}, the attention {tuple(attn.shape)}")
+    counts = []
+    for row in range(attn.shape[0]):
+        values = attn[row][valid[row].to(attn.device)]
+        n = int(values.shape[0])
+        if n == 0:
+            counts.append(0)
+        elif budgets is not None:
+            counts.append(min(int(budgets[row]), n))
+        elif budget is not None:
+            counts.append(min(int(budget), n))
+        elif ratio is not None:
+            counts.append(max(1, int(n * ratio)))
+        else:
+            counts.append(_split_count(sort_descending(values[None])[0][0], alpha, alpha_mode, include_split, flat_curve))
+    return counts
+
+
+def kept_patches(attn: torch.Tensor, counts: Sequence[int], valid: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Per unit: the top-counts[b] patches of attn [B, n] (stable ties), in ascending patch order; with `valid`, of
+    its valid patches only."""
+    if valid is not None:
+        attn = attn.masked_fill(~valid.to(attn.device), float("-inf"))  # softmax values are >= 0: invalid ones sort last
+        counts = [min(int(c), int(v)) for c, v in zip(counts, valid.sum(dim=1).tolist())]
     _, order = sort_descending(attn)
     return [torch.sort(order[row, : int(c)]).values for row, c in enumerate(counts)]
 
 
-def stage1_keep(q: torch.Tensor, k: torch.Tensor, **params: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """CLS attention of q / k [B, 1+N, D] and the kept patch indices per image (spatial order).
+def stage1_keep(q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor] = None, budgets: Optional[Sequence[int]] = None,
+                **params: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """CLS attention of q / k [B, 1+N, D] (one row per CLIP unit) and the kept patch indices per unit (spatial order).
 
-    `params` are the stage-1 parameters (alpha, alpha_mode, include_split, flat_curve, budget, ratio);
-    others are ignored. Used both by `compress` and by the engine inside CLIP.
+    valid [B, N] bool: the patches that exist (LLaVA-NeXT unpadding); None = all. budgets: one count per unit,
+    replacing `budget` unit by unit. `params` are the stage-1 parameters (alpha, alpha_mode, include_split,
+    flat_curve, budget, ratio); others are ignored. Used both by `compress` and by the engine inside CLIP.
     """
     attn = cls_attention(q, k, FIXED_DTYPE)
     keys = ("alpha", "alpha_mode", "include_split", "flat_curve", "budget", "ratio")
-    counts = longtail_counts(attn, **{key: params[key] for key in keys if key in params})
-    return attn, kept_patches(attn, counts)
+    if budgets is not None and len(budgets) != attn.shape[0]:
+        raise ValueError(f"longtail: {len(budgets)} budgets for {attn.shape[0]} units")
+    counts = longtail_counts(attn, **{key: params[key] for key in keys if key in params}, valid=valid, budgets=budgets)
+    return attn, kept_patches(attn, counts, valid)
 
 
 def h2o_budgets(base: int, heavy_ratio: float, recent_ratio: float) -> Tuple[int, int]:
@@ -200,27 +257,33 @@ def h2o_keep(scores: torch.Tensor, valid: torch.Tensor, prunable: torch.Tensor, 
     return keep
 
 
-def h2o_span(valid: torch.Tensor, image: torch.Tensor, exempt_system_prompt: bool) -> torch.Tensor:
+def h2o_span(valid: torch.Tensor, image: torch.Tensor, exempt_system_prompt: bool, layout: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, T] bool: the prunable slots -- rows with an image only; from the first image token on when the system
-    prompt (and 'USER:') is exempt."""
+    prompt (and 'USER:') is exempt; never a layout slot (LLaVA-NeXT newlines: kept, and not counted in `span`)."""
     has_image = image.any(dim=1)
     first = torch.where(has_image, image.float().argmax(dim=1), torch.full_like(has_image, valid.shape[1], dtype=torch.long))
     prunable = valid & has_image[:, None]
     if exempt_system_prompt:
         prunable &= torch.arange(valid.shape[1], device=valid.device)[None, :] >= first[:, None]
+    if layout is not None:
+        prunable &= ~layout
     return prunable
 
 
-def h2o_plan(context: Any, variant: str = "fixed", **params: Any) -> LLMPlan:
-    """Stage 2 on the decoder loop: one cut before layer `llm_layer` ranking by the attention every token receives
-    at that layer (all query rows, accumulated), evicting the pruned tokens from the layers that ran before."""
+def h2o_check(context: Any, variant: str = "fixed", **params: Any) -> None:
+    """What the decoder depth decides: llm_layer within its layers."""
     if not 0 <= params["llm_layer"] < context.num_layers:
         raise ValueError(f"longtail: llm_layer={params['llm_layer']} is outside the language model's layers 0..{context.num_layers - 1}")
 
+
+def h2o_build(context: Any, variant: str = "fixed", **params: Any) -> LLMPlan:
+    """Stage 2 on the decoder loop: one cut before layer `llm_layer` ranking by the attention every token receives
+    at that layer (all query rows, accumulated), evicting the pruned tokens from the layers that ran before. Layout
+    tokens are never pruned and never count in a budget base (visual = patch tokens, span = prunable slots)."""
     plan = LLMPlan([], notes={"llm_layer": params["llm_layer"]})
 
     def decide(view: Any) -> CutDecision:
-        prunable = h2o_span(view.valid, view.image, params["exempt_system_prompt"])
+        prunable = h2o_span(view.valid, view.image, params["exempt_system_prompt"], view.layout)
         bases = {"visual": view.image.sum(dim=1), "span": prunable.sum(dim=1), "sequence": view.valid.sum(dim=1)}[params["budget_base"]]
         budgets = [h2o_budgets(int(n), params["heavy_ratio"], params["recent_ratio"]) for n in bases.tolist()]
         heavy, recent = [h for h, _ in budgets], [m for _, m in budgets]
@@ -234,8 +297,11 @@ def h2o_plan(context: Any, variant: str = "fixed", **params: Any) -> LLMPlan:
     return plan
 
 
+h2o_plan = InLLMMethod(h2o_check, h2o_build)  # h2o_plan(context, **params): checks, then the plan
+
+
 def _longtail(inp: VisionInputs, variant: str, **params: Any) -> List[CompressedImage]:
-    _, kept = stage1_keep(inp.q, inp.k, **params)
+    _, kept = stage1_keep(inp.q, inp.k, valid=inp.valid, budgets=inp.budgets, **params)
     return [CompressedImage(features=inp.patches[b, idx], index=idx) for b, idx in enumerate(kept)]
 
 

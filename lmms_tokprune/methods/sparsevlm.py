@@ -29,6 +29,14 @@ v2.0 206.75 / 144.1 / 113.9 / 81.8 for 192 / 128 / 96 / 64 at L = 32): 192 -> 19
 `prune_layers` (the release hard-codes 2/6/15) runs it on a shallower decoder; with fewer than three layers the
 first stages of the list are used.
 
+Images of other sizes (LLaVA-NeXT, `LLMContext.image_tokens`): the lists are counts for an image of N = 576 patch
+tokens; image i of N_i tokens keeps them scaled, round(list_s * N_i / N) (at least 1) -- SparseVLM's own LLaVA-NeXT
+table scales the same way (2880 tokens -> 640 / 320 / 160 = 5 x 128 / 64 / 32) -- and a row keeps the sum over its
+images of its whole visual span (min(sum, v - 1)); `budget=n` (per image) picks per image the list whose scaled
+equivalent at N_i is nearest. Raters are the text tokens after the last image token (layout tokens never rate, are
+never scored, never pruned); recycled tokens go right after the image span's last kept token (layout included).
+Without image_tokens (LLaVA-1.5, as before) a row keeps one list, whatever its number of images.
+
 Variants: `reference` = the release: batch 1 (its row-0 masks crash at B = 2: ValueError), the softmax in the
 model dtype, torch.topk. Not reproduced: the full softmax it computes in every layer despite asserting SDPA (we
 compute the rater rows only), its CUDA-only decode path, the 2024 v1's rank-adaptive counts. `fixed` = raters,
@@ -39,11 +47,25 @@ spans, masks and recycling per row (ragged rows re-packed left-padded), the same
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .llm_stages import Cut, CutDecision, LLMContext, LLMPlan, in_llm_only, nearest_index, planned_equivalent, top_slots
+from .llm_stages import (
+    Cut,
+    CutDecision,
+    InLLMMethod,
+    LLMContext,
+    LLMPlan,
+    check_rows,
+    in_llm_only,
+    nearest_index,
+    planned_equivalent,
+    refuse_reference_layout,
+    refuse_reference_next,
+    top_slots,
+)
 from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, register
 from .signals import top_indices
 
@@ -78,10 +100,24 @@ def equivalent(n: int, lists: Sequence[int], version: str, prune_layers: Sequenc
     return planned_equivalent([l + 1 for l in prune_layers], visual_per_stage(n, lists, version), n, layers)
 
 
-def resolve_retain(budget: int, n: int, version: str, prune_layers: Sequence[int], layers: int) -> int:
-    """The retain list whose equivalent is nearest to the budget (the lists are the granularity: always one)."""
+def scaled_lists(lists: Sequence[int], size: int, n: int) -> Tuple[int, ...]:
+    """The stage lists of an image of `size` patch tokens: round(list_s * size / n), at least 1 (size == n: the lists)."""
+    if size == n:
+        return tuple(lists)
+    return tuple(max(1, math.floor(keep * size / n + 0.5)) for keep in lists)
+
+
+@lru_cache(maxsize=256)
+def _retain_values(size: int, n: int, version: str, prune_layers: Tuple[int, ...], layers: int) -> Tuple[float, ...]:
+    return tuple(equivalent(size, scaled_lists(RETAIN[version][r][: len(prune_layers)], size, n), version, prune_layers, layers)
+                 for r in sorted(RETAIN[version]))
+
+
+def resolve_retain(budget: int, n: int, version: str, prune_layers: Sequence[int], layers: int, size: Optional[int] = None) -> int:
+    """The retain list whose equivalent is nearest to the budget (the lists are the granularity: always one), for an
+    image of `size` patch tokens (default n) with its lists scaled by size / n."""
     keys = sorted(RETAIN[version])
-    values = [equivalent(n, RETAIN[version][r][: len(prune_layers)], version, prune_layers, layers) for r in keys]
+    values = _retain_values(n if size is None else size, n, version, tuple(prune_layers), layers)
     return keys[nearest_index(values, budget)]
 
 
@@ -131,9 +167,9 @@ def seeded_noise(count: int) -> torch.Tensor:
     return torch.rand(1, count, generator=torch.Generator(device="cpu").manual_seed(0))[0]
 
 
-def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", retain: int = 192, budget: Optional[int] = None,
-          prune_layers: Sequence[int] = PRUNE_LAYERS) -> LLMPlan:
-    layers, n = context.num_layers, context.num_patches
+def _check(context: LLMContext, variant: str = "fixed", version: str = "1.5", retain: int = 192, budget: Optional[int] = None,
+           prune_layers: Sequence[int] = PRUNE_LAYERS) -> None:
+    layers = context.num_layers
     prune_layers = tuple(prune_layers)
     if not 1 <= len(prune_layers) <= 3 or list(prune_layers) != sorted(set(prune_layers)) or prune_layers[-1] + 1 >= layers:
         raise ValueError(f"sparsevlm: prune_layers={list(prune_layers)} must be one to three increasing layers below {layers - 1} "
@@ -141,9 +177,28 @@ def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", ret
     if version == "2.0" and variant == "reference" and context.num_heads < V2_HEADS:
         raise ValueError(f"sparsevlm v2.0 (reference): the release averages {V2_HEADS} hard-coded heads; this LLM has "
                          f"{context.num_heads}; use variant=fixed (the min(14, heads) heads of largest mass)")
+    refuse_reference_next("sparsevlm", variant, context)
+
+
+def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", retain: int = 192, budget: Optional[int] = None,
+          prune_layers: Sequence[int] = PRUNE_LAYERS) -> LLMPlan:
+    layers, n = context.num_layers, context.num_patches
+    prune_layers = tuple(prune_layers)
     if budget is not None:
         retain = resolve_retain(budget, n, version, prune_layers, layers)
     lists = RETAIN[version][retain][: len(prune_layers)]  # a shallower decoder (fewer pruning layers) uses the first stages
+    row_lists: Optional[List[Tuple[int, ...]]] = None
+    per_row: Optional[List[dict]] = None
+    if context.image_tokens is not None:  # per image: its own (scaled) lists, summed over the row's images
+        row_lists, per_row = [], []
+        for images in context.image_tokens:
+            retains = [resolve_retain(budget, n, version, prune_layers, layers, size) if budget is not None else retain for size in images]
+            mine = [scaled_lists(RETAIN[version][r][: len(prune_layers)], size, n) for r, size in zip(retains, images)]
+            summed = tuple(sum(stage) for stage in zip(*mine)) if mine else tuple(0 for _ in prune_layers)
+            row_lists.append(summed)
+            total = sum(images)
+            per_row.append({"retain": retains, "lists": list(summed),
+                            "visual_tokens_equivalent": equivalent(total, summed, version, prune_layers, layers) if total else 0.0})
     state: Dict[str, Any] = {}
 
     def setup_raters(view: Any) -> List[torch.Tensor]:
@@ -155,13 +210,14 @@ def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", ret
             if not bool(image.any()):
                 out.append(slots[:0])
                 continue
-            text = valid & ~image & (slots > slots[image][-1])
+            text = valid & ~image & ~view.layout[b] & (slots > slots[image][-1])
             rate = raters(state["embeds"][b], image, text, variant)
             out.append(view.orig[b][slots[text][rate]])  # original positions of the raters
         return out
 
     def cut(stage: int) -> Cut:
         def decide(view: Any) -> CutDecision:
+            refuse_reference_layout("sparsevlm", variant, view)
             batch, width = view.hidden.shape[:2]
             if variant == "reference" and batch > 1:
                 raise ValueError("sparsevlm (reference): the released code uses row-0 masks and crashes at batch size 2; "
@@ -192,7 +248,7 @@ def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", ret
                     score[cols] = per_visual
                 else:
                     score = probs.mean(dim=0).mean(dim=0)  # heads, then raters
-                count = min(lists[stage], v - 1)
+                count = min((lists if row_lists is None else row_lists[b])[stage], v - 1)
                 chosen = top_slots(score[None].float() if variant == "fixed" else score[None], visual[None], [count], variant)[0]
                 keep[b] |= chosen
                 pruned = visual & ~chosen
@@ -209,12 +265,18 @@ def _plan(context: LLMContext, variant: str = "fixed", version: str = "1.5", ret
         return Cut(prune_layers[stage] + 1, decide)
 
     def setup(view: Any) -> None:  # before layer 0: the hidden states are the LLM input embeddings
+        check_rows(context, view)
         state["embeds"] = view.hidden
         state["raters"] = setup_raters(view)
 
-    return LLMPlan([cut(s) for s in range(len(prune_layers))], "cache" if version == "1.5" else "original",
-                   notes={"version": version, "retain": retain, "prune_layers": list(prune_layers),
-                          "visual_tokens_equivalent": equivalent(n, lists, version, prune_layers, layers)}, setup=setup)
+    if context.varied and budget is not None:  # the retain lists differ image by image: per_row says
+        notes: dict = {"version": version, "prune_layers": list(prune_layers)}
+    else:
+        notes = {"version": version, "retain": retain, "prune_layers": list(prune_layers),
+                 "visual_tokens_equivalent": equivalent(n, lists, version, prune_layers, layers)}
+    if per_row is not None:
+        notes["per_row"] = per_row  # per batch row: each image's retain, the row's summed lists and planned equivalent
+    return LLMPlan([cut(s) for s in range(len(prune_layers))], "cache" if version == "1.5" else "original", notes=notes, setup=setup)
 
 
 def _layers(value: Any) -> Optional[str]:
@@ -234,7 +296,7 @@ register(
                                   _layers, item=int),
         },
         budget_sets=("retain",),
-        plan=_plan,
+        plan=InLLMMethod(_check, _plan),
         reference_batch_one=True,
     )
 )
