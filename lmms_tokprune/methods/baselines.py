@@ -59,33 +59,40 @@ def _topk_cls(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[
     return gather_sorted(inp, top_indices(attn, m, variant))
 
 
-def grid_indices(n: int, m: int, device: torch.device) -> torch.Tensor:
-    """m patch indices spread uniformly over the sqrt(n) x sqrt(n) grid (rows x cols chosen near-square).
+def grid_cells(rows: int, cols: int, m: int, device: torch.device) -> torch.Tensor:
+    """m cells spread uniformly over a rows x cols grid, as raster indices r * cols + c of that grid.
 
-    The grid is rows x cols with rows*cols >= m cells centred in their strata; the first m
-    cells in raster order are taken, so exactly m distinct indices come back.
-    """
-    side = int(round(math.sqrt(n)))
-    if side * side != n:
-        raise ValueError(f"spatial: {n} patches do not form a square grid")
-    rows = max(1, min(side, int(math.floor(math.sqrt(m)))))
-    while rows * side < m:
-        rows += 1
-    cols = min(side, math.ceil(m / rows))
-    while rows * cols < m:
-        cols += 1
-    r = ((torch.arange(rows, device=device, dtype=torch.float64) + 0.5) * side / rows).floor().long()
-    c = ((torch.arange(cols, device=device, dtype=torch.float64) + 0.5) * side / cols).floor().long()
-    cells = (r[:, None] * side + c[None, :]).reshape(-1)
-    if rows * cols > m:  # drop cells evenly rather than a whole trailing row
-        pick = torch.linspace(0, rows * cols - 1, m, device=device, dtype=torch.float64).round().long()
+    The sample is a g_r x g_c lattice with g_r * g_c >= m, shaped like the grid (g_r ~ sqrt(m * rows / cols), so a
+    square grid gets a near-square lattice), each point centred in its stratum; when the lattice has more than m
+    points, m are taken evenly along its raster order (rather than dropping a whole trailing row), so exactly m
+    distinct cells come back (m <= rows * cols)."""
+    gr = max(1, min(rows, int(math.floor(math.sqrt(m * rows / cols)))))
+    while gr * cols < m:
+        gr += 1
+    gc = min(cols, math.ceil(m / gr))
+    while gr * gc < m:
+        gc += 1
+    r = ((torch.arange(gr, device=device, dtype=torch.float64) + 0.5) * rows / gr).floor().long()
+    c = ((torch.arange(gc, device=device, dtype=torch.float64) + 0.5) * cols / gc).floor().long()
+    cells = (r[:, None] * cols + c[None, :]).reshape(-1)
+    if gr * gc > m:  # drop cells evenly rather than a whole trailing row
+        pick = torch.linspace(0, gr * gc - 1, m, device=device, dtype=torch.float64).round().long()
         cells = cells[pick]
     return cells
 
 
+def grid_indices(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """m patch indices spread uniformly over the sqrt(n) x sqrt(n) grid (LLaVA-1.5's square; `grid_cells`)."""
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"spatial: {n} patches do not form a square grid")
+    return grid_cells(side, side, m, device)
+
+
 def _spatial(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[CompressedImage]:
+    """A uniform lattice over the units' rows x cols grid (inp.grid)."""
     m = baseline_count(inp.num_patches, budget, ratio)
-    cells = grid_indices(inp.num_patches, m, inp.hidden.device)
+    cells = grid_cells(inp.grid.rows, inp.grid.cols, m, inp.hidden.device)
     return gather_sorted(inp, cells.unsqueeze(0).expand(inp.batch_size, -1))
 
 
@@ -100,5 +107,5 @@ register(
         params={**_COMMON, "seed": Param(0, int, "random seed, combined with a stable per-image key", lambda v: None if v >= 0 else "must be >= 0")},
     )
 )
-register(MethodSpec("topk_cls", _topk_cls, "top tokens of the last CLIP block's CLS attention", params=dict(_COMMON), needs=frozenset({"qk"})))
+register(MethodSpec("topk_cls", _topk_cls, "top tokens of the last CLIP block's CLS attention", params=dict(_COMMON), needs=frozenset({"qk", "cls"})))
 register(MethodSpec("spatial", _spatial, "a uniform 2-D grid of patches", params=dict(_COMMON)))

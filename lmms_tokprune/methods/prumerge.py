@@ -225,7 +225,7 @@ def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor, num_patc
 def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_neighbors: int, variant: str = "reference") -> list[CompressedImage]:
     """Run the shared kNN merge over the selected centres and build the outputs (attn: the merge weights)."""
     counts = torch.tensor([a + s for a, s in zip(sel.kept, sel.spatial)], device=attn.device)
-    merged, extra = knn_merge(inp.patches, attn, inp.k[:, 1:], sel.centres, counts, num_neighbors, pool=sel.pool, variant=variant)
+    merged, extra = knn_merge(inp.patches, attn, units.patch_rows(inp, inp.k), sel.centres, counts, num_neighbors, pool=sel.pool, variant=variant)
     return assemble(sel, merged, extra, inp.num_patches, variant)
 
 
@@ -330,7 +330,7 @@ register(
         _prumerge,
         "PruMerge: IQR-adaptive top CLS-attention tokens, kNN-merged, plus one extra token",
         params=_params(),
-        needs=frozenset({"qk"}),
+        needs=frozenset({"qk", "cls"}),
     )
 )
 register(
@@ -339,7 +339,7 @@ register(
         _prumerge_plus,
         "PruMerge+: PruMerge plus 1-D raster stride samples as extra centres",
         params=_params(),
-        needs=frozenset({"qk"}),
+        needs=frozenset({"qk", "cls"}),
         reference_batch_one=True,
     )
 )

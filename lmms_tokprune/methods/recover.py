@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import outliers
+from . import outliers, units
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, ROLE_RECOVERED, CompressedImage, VisionInputs
 from .merge import knn_merge, reference_complement, single_token
 from .registry import BUDGET, MethodSpec, Param, non_negative, positive_int, register
@@ -190,7 +190,7 @@ def _plan_fixed(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p: dic
         centres=order,
         n_centres=counts,
         pool=pool,
-        keys=inp.k[:, 1:],
+        keys=units.patch_rows(inp, inp.k),
         text_score=sim_masked,
         num_candidates=None,
         keep_extra=[c > 0 or f == 0 or p["budget"] is not None for c, f in zip(counts, sizes)],  # never 0 tokens
@@ -228,7 +228,7 @@ def _plan_reference(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p:
     if n_c > 0 and size - 1 < p["num_neighbors"]:
         raise _ref_error(f"only {size} patches remain for num_neighbors={p['num_neighbors']} (needs >= {p['num_neighbors'] + 1})")
     pos = top_indices(attn_r, n_c, "reference")  # positions in R
-    keys = inp.k[:, 1:]
+    keys = units.patch_rows(inp, inp.k)
     remapped = keys.clone()
     remapped[:, rest[0]] = keys[:, :size]  # the p-th patch of R gets patch p's key
     role = torch.where(torch.isin(first[0], v[0]), ROLE_KEPT, ROLE_RECOVERED)
@@ -328,7 +328,7 @@ register(
             "budget": BUDGET,
             "ratio": Param(None, float, "not supported (the count is adaptive); use budget or the lof_k_* parameters", _no_ratio),
         },
-        needs=frozenset({"qk", "last_hidden", "text"}),
+        needs=frozenset({"qk", "cls", "last_hidden", "text"}),
         reference_batch_one=True,
     )
 )

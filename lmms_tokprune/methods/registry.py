@@ -19,7 +19,7 @@ import torch
 
 from ..catalog import BOTH_VARIANTS, METHODS, STAGE_IN_CLIP_AND_LLM, STAGE_PRE_PROJECTOR, method_entry  # noqa: F401 (re-exported stages)
 from ..coerce import is_none_word, to_kind, to_list
-from .inputs import CompressedImage, VisionInputs
+from .inputs import CompressedImage, UnitLayout, VisionInputs
 
 VARIANTS = BOTH_VARIANTS
 # All methods we know about, in the order users see them; module that implements each (from the catalog).
@@ -51,7 +51,8 @@ class MethodSpec:
     doc: str
     params: Mapping[str, Param] = field(default_factory=dict)
     # what it reads: "qk" (last block q/k), "last_hidden", "text" (recover's text_embeds + visual_projection),
-    # "feature_qk" (feature block q/k + num_heads), "projected", "patch_embeds", "text_segments"
+    # "feature_qk" (feature block q/k + num_heads), "projected", "patch_embeds", "text_segments";
+    # "cls": CLIP's CLS token (its attention row, or the token itself): units without one are refused
     needs: frozenset = frozenset()
     # The released code compresses one image per call and crashes on more: reference runs image by image
     # (a multi-image document too) and a harness batch > 1 is refused at load time.
@@ -73,6 +74,11 @@ class MethodSpec:
     @property
     def needs_qk(self) -> bool:
         return "qk" in self.needs
+
+    @property
+    def needs_cls(self) -> bool:
+        """The method reads CLIP's CLS token (its attention row over the patches, or the token itself)."""
+        return "cls" in self.needs
 
     @property
     def needs_text_encoder(self) -> bool:
@@ -229,8 +235,9 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
     if not isinstance(inp, VisionInputs):
         raise ValueError(f"compress expects VisionInputs, got {type(inp).__name__}")
     h = inp.hidden
-    if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[1] < 2:
-        raise ValueError("VisionInputs.hidden must be [B, 1+N, D] with N >= 1 (CLS first)")
+    if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[1] < (2 if inp.layout is None else 1):
+        raise ValueError("VisionInputs.hidden must be [B, 1+N, D] with N >= 1 (CLS first; [B, N, D] for a layout without CLS)")
+    _validate_layout(spec, inp)
     batch = h.shape[0]
     _check_tensor("hidden", h, batch, 3)
     # Check only what this method reads: a NaN in an unused tensor cannot change its output.
@@ -258,6 +265,25 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
     _validate_peer_inputs(spec, inp, batch)
     if inp.image_keys is not None and len(inp.image_keys) != batch:
         raise ValueError(f"VisionInputs.image_keys has {len(inp.image_keys)} entries for a batch of {batch}")
+
+
+def _validate_layout(spec: MethodSpec, inp: VisionInputs) -> None:
+    """The units' layout: rows x cols >= 1, `hidden` holds exactly [CLS +] rows*cols tokens, and a method that reads
+    CLIP's CLS token gets units that have one."""
+    layout = inp.layout
+    if layout is not None:
+        if not isinstance(layout, UnitLayout):
+            raise ValueError(f"VisionInputs.layout must be a UnitLayout or None, got {type(layout).__name__}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (layout.rows, layout.cols)):
+            raise ValueError(f"VisionInputs.layout={layout!r}: rows and cols must be integers >= 1")
+        tokens = layout.num_patches + int(bool(layout.cls))
+        if inp.hidden.shape[1] != tokens:
+            cls = "a CLS token + " if layout.cls else ""
+            raise ValueError(f"VisionInputs.hidden has {inp.hidden.shape[1]} tokens per unit; layout {layout.rows} x {layout.cols} "
+                             f"needs {cls}{layout.num_patches} patches = {tokens}")
+        if spec.needs_cls and not layout.cls:
+            raise ValueError(f"method {spec.name!r} reads CLIP's CLS token (its attention over the patches), but these units have none "
+                             "(layout cls=False), so there is no CLS attention to rank them by")
 
 
 def _validate_peer_inputs(spec: MethodSpec, inp: VisionInputs, batch: int) -> None:

@@ -119,7 +119,7 @@ register(
             "contextual": Param(DEFAULT_CONTEXTUAL, int, "contextual (merged) tokens (released default 30; 0 only in fixed)", _non_negative_int),
             "budget": BUDGET,
         },
-        needs=frozenset({"feature_qk"}),
+        needs=frozenset({"feature_qk", "cls"}),
         budget_sets=("dominant", "contextual"),
     )
 )

@@ -143,7 +143,7 @@ register(
             "budget": REQUIRED_BUDGET,
             "important_ratio": Param(0.5, float, "fraction of the budget taken by CLS attention (released default 0.5)", _fraction),
         },
-        needs=frozenset({"feature_qk"}),
+        needs=frozenset({"feature_qk", "cls"}),
         reference_batch_one=True,
         reference_short=True,
     )
@@ -154,6 +154,6 @@ register(
         _fastervlm,
         "FasterVLM: the top patches of the head-mean CLS attention of block 22, spatial order",
         params={"budget": REQUIRED_BUDGET},
-        needs=frozenset({"feature_qk"}),
+        needs=frozenset({"feature_qk", "cls"}),
     )
 )
