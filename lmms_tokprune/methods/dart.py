@@ -31,8 +31,7 @@ lower position, and guards: fewer text tokens than pivots takes what there is, a
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +46,7 @@ from .llm_stages import (
     check_rows,
     floor_error,
     in_llm_only,
-    nearest_index,
+    nearest_increasing,
     planned_equivalent,
     refuse_reference_layout,
     refuse_reference_next,
@@ -58,19 +57,19 @@ from .signals import top_indices
 EXTEND = "a smaller k or fewer pivot_image_token lower the floor"
 
 
-@lru_cache(maxsize=256)
-def _truncation_values(k: int, n: int, layers: int, p_img: int, p_txt: int) -> Tuple[float, ...]:
-    pivots = p_img + p_txt
-    return tuple(planned_equivalent([k], [p_img + pivots * t], n, layers) for t in range(0, max(0, (n - p_img) // pivots) + 1))
-
-
 def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int, clamp: bool = False) -> int:
-    """max_num_trunction = P * t for the t whose equivalent is nearest to the budget; outside the reachable range a
-    ValueError, or with `clamp` the nearest end."""
-    values = _truncation_values(k, n, layers, p_img, p_txt)
-    if not clamp and not values[0] <= budget <= values[-1]:
-        raise budget_error("dart", budget, values[0], values[-1], EXTEND)
-    return nearest_index(values, budget) * (p_img + p_txt)
+    """max_num_trunction = P * t for the t in 0..(n - p_img) // P whose equivalent is nearest to the budget (ties to
+    fewer tokens); outside the reachable range a ValueError, or with `clamp` the nearest end."""
+    pivots = p_img + p_txt
+    top = max(0, (n - p_img) // pivots)
+
+    def value(t: int) -> float:
+        return planned_equivalent([k], [p_img + pivots * t], n, layers)
+
+    if not clamp and not value(0) <= budget <= value(top):
+        raise budget_error("dart", budget, value(0), value(top), EXTEND)
+    guess = ((budget * layers - k * n) / (layers - k) - p_img) / pivots
+    return nearest_increasing(value, 0, top, guess, budget) * pivots
 
 
 def _top(scores: torch.Tensor, count: int, variant: str) -> torch.Tensor:

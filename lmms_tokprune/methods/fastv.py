@@ -27,7 +27,6 @@ position wins).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -42,7 +41,7 @@ from .llm_stages import (
     check_rows,
     floor_error,
     in_llm_only,
-    nearest_index,
+    nearest_increasing,
     planned_equivalent,
     refuse_reference_layout,
     refuse_reference_next,
@@ -56,18 +55,13 @@ def equivalent(k: int, rank: int, n: int, layers: int) -> float:
     return planned_equivalent([k], [rank], n, layers)
 
 
-@lru_cache(maxsize=256)
-def _rank_values(k: int, n: int, layers: int) -> Tuple[float, ...]:
-    return tuple(equivalent(k, r, n, layers) for r in range(1, n + 1))
-
-
 def resolve_rank(budget: int, k: int, n: int, layers: int, clamp: bool = False) -> int:
-    """The rank (1..n) whose equivalent is nearest to the budget; outside the reachable range a ValueError, or with
-    `clamp` the nearest end (an image of another size than the budget was checked for)."""
-    values = _rank_values(k, n, layers)
-    if not clamp and not values[0] <= budget <= values[-1]:
-        raise budget_error("fastv", budget, values[0], values[-1], f"k={k}: a smaller k lowers the floor, k=1 reaches {equivalent(1, 1, n, layers):.2f}")
-    return 1 + nearest_index(values, budget)
+    """The rank (1..n) whose equivalent is nearest to the budget (ties to fewer tokens); outside the reachable range a
+    ValueError, or with `clamp` the nearest end (an image of another size than the budget was checked for)."""
+    low, high = equivalent(k, 1, n, layers), equivalent(k, n, n, layers)
+    if not clamp and not low <= budget <= high:
+        raise budget_error("fastv", budget, low, high, f"k={k}: a smaller k lowers the floor, k=1 reaches {equivalent(1, 1, n, layers):.2f}")
+    return nearest_increasing(lambda r: equivalent(k, r, n, layers), 1, n, (budget * layers - k * n) / (layers - k), budget)
 
 
 def last_token_scores(view: Any, variant: str) -> torch.Tensor:
