@@ -48,3 +48,27 @@ def tiny_llava32(tmp_path_factory) -> Path:
     from lmms_tokprune.testing.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("ckpt32") / "tiny-llava-32", text_layers=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-NeXT checkpoint (Llama decoder, the released anyres pinpoints)."""
+    from lmms_tokprune.testing.tiny_next import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("next") / "tiny-llava-next")
+
+
+@pytest.fixture(scope="session")
+def tiny_next_mistral(tmp_path_factory) -> Path:
+    """The tiny LLaVA-NeXT with a Mistral decoder (grouped-query attention), as llava-v1.6-mistral-7b-hf."""
+    from lmms_tokprune.testing.tiny_next import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("next-mistral") / "tiny-llava-next-mistral", decoder="mistral", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_next32(tmp_path_factory) -> Path:
+    """The tiny LLaVA-NeXT with a 32-layer LLM: in-LLM methods cut at their released layers."""
+    from lmms_tokprune.testing.tiny_next import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("next32") / "tiny-llava-next-32", text_layers=32)

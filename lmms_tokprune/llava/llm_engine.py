@@ -17,7 +17,7 @@ import torch
 
 from ..efficiency.timing import StepClock
 from ..methods import CompressedImage
-from ..methods.llm_stages import LLMContext, LLMPlan
+from ..methods.llm_stages import LLMContext, LLMPlan, check_llm
 from .batch import CompressResult, PreparedBatch
 from .decoder import decoder_parts
 from .engine import CompressedLlava
@@ -45,7 +45,7 @@ class PrunedLLMLlava(CompressedLlava):
     def __init__(self, model: torch.nn.Module, processor: Any, method: Any, **kwargs: Any) -> None:
         super().__init__(model, processor, method, **kwargs)
         decoder_parts(model)  # a Llama-style decoder whose attention takes 4-D masks
-        self.llm_plan(None)  # the plan's checks (layers in range, a reachable budget) fail at load time, not mid-run
+        check_llm(self.method, self.llm_context())  # layers in range, a reachable budget: fail at load time, not mid-run
 
     @property
     def token_budget(self) -> Optional[int]:
@@ -62,15 +62,24 @@ class PrunedLLMLlava(CompressedLlava):
         valid = valid.to(patches.device)
         return CompressResult([CompressedImage(patches[b][valid[b]], index[valid[b]]) for b in range(patches.shape[0])])
 
-    def llm_plan(self, batch: PreparedBatch) -> LLMPlan:
+    def llm_context(self, batch: Optional[PreparedBatch] = None) -> LLMContext:
+        """The decoder's shape and, for a batch of a multi-unit family (NeXT), each image's patch tokens per row.
+        LLaVA-1.5 keeps counting images as visual tokens / 576 (per_image_llm_counts False), as before."""
         text = self.model.config.text_config
-        return self.method.llm_plan(LLMContext(text.num_hidden_layers, self.num_patches, text.num_attention_heads))
+        per_image = self.family.per_image_llm_counts
+        counts = None
+        if batch is not None and per_image and batch.llm.image_tokens is not None:
+            counts = tuple(tuple(row) for row in batch.llm.image_tokens)
+        return LLMContext(text.num_hidden_layers, self.num_patches, text.num_attention_heads, image_tokens=counts, layout=per_image)
+
+    def llm_plan(self, batch: PreparedBatch) -> LLMPlan:
+        return self.method.llm_plan(self.llm_context(batch))
 
     def run_llm(self, batch: PreparedBatch, kwargs: Dict[str, Any], clock: Optional[StepClock]) -> torch.Tensor:
         plan = self.llm_plan(batch)
         out = generate_pruned(self.model, batch.llm.inputs_embeds, batch.llm.attention_mask, batch.llm.image_mask, plan, kwargs,
                               self.tokenizer.eos_token_id, self.pad_token_id, score_chunk=self.score_chunk,
-                              on_step=clock.mark if clock is not None else None, timed=clock is not None)
+                              on_step=clock.mark if clock is not None else None, timed=clock is not None, layout_mask=batch.llm.layout_mask)
         batch.cut_ms = out.cut_ms  # the method's own time inside the prefill (compress_ms adds it to any stage before)
         self.fill_stats(batch, out, plan)
         return out.sequences
@@ -85,5 +94,9 @@ class PrunedLLMLlava(CompressedLlava):
             st.details = self.details(batch, out, plan, row)
 
     def details(self, batch: PreparedBatch, out: GenerationOutput, plan: LLMPlan, row: int) -> Any:
+        resolved = {k: v for k, v in plan.notes.items() if not isinstance(v, list)}
+        per_row = plan.notes.get("per_row")
+        if isinstance(per_row, list) and row < len(per_row):  # budgets resolved per image of this row (NeXT)
+            resolved.update(per_row[row] if isinstance(per_row[row], dict) else {"per_image": per_row[row]})
         return LLMDetails(out.prompt_lengths[row], out.kept_positions[row], out.cut_positions[row], out.visual_per_layer[row],
-                          {k: v for k, v in plan.notes.items() if not isinstance(v, list)}, out.evicted_in_decode[row])
+                          resolved, out.evicted_in_decode[row])

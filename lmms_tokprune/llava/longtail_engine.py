@@ -82,6 +82,11 @@ class LongtailLlava(PrunedLLMLlava):
             )
         decoder_parts(model)  # checks the attention implementation takes 4-D masks (the plan checked llm_layer)
 
+    @property
+    def token_budget(self) -> Optional[int]:
+        """Stage 1's `budget` bounds the patches entering the LLM (per image; split over a NeXT image's units)."""
+        return self.method.budget
+
     # -- stage 1 ---------------------------------------------------------------------------
     def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
                        budgets: Optional[Sequence[int]] = None) -> CompressResult:
@@ -91,7 +96,7 @@ class LongtailLlava(PrunedLLMLlava):
         def token_filter(hidden: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
             if clock is not None:
                 clock.mark()
-            _, kept = stage1_keep(q, k, **params)
+            _, kept = stage1_keep(q, k, valid=None if valid is None else valid.to(q.device), budgets=budgets, **params)
             packed = pack_kept(kept, hidden.device)
             if clock is not None:
                 clock.mark()  # stage 1 only (the LLM stage is inside prefill)

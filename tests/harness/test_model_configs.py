@@ -49,3 +49,29 @@ def test_config_is_valid(path):
     args = parse_model_args(data["model"], raw)
     assert args.method in ("none", "topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail",
                            "visionzip", "vispruner", "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm")
+
+
+def test_llava_next_configs_exist_for_every_method():
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIGS}
+    assert "llava_next/none/full.yaml" in names
+    for method in ("topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail", "visionzip", "vispruner",
+                   "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm"):
+        assert {f"llava_next/{method}/budget{b}.yaml" for b in (640, 320, 160)} <= names, method
+    for release in ("visionzip/per_crop128.yaml", "visionzip/per_crop64.yaml", "visionzip/per_crop32.yaml", "vispruner/per_crop32.yaml",
+                    "fastervlm/per_crop29.yaml", "cdpruner/per_crop32.yaml"):
+        assert f"llava_next/{release}" in names
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "llava_next" in p.parts or p.parent.name in ("fastv", "pdrop", "dart", "sparsevlm")],
+                         ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_in_llm_config_passes_its_load_time_check(path):
+    """What the engine checks when it loads (a 32-layer LLM of 32 heads): a reachable budget, layers in range."""
+    from lmms_tokprune.methods.llm_stages import LLMContext, check_llm
+
+    data = yaml.safe_load(path.read_text())
+    raw = load_config_model_args(str(path))
+    raw.pop("__model__")
+    method = parse_model_args(data["model"], raw).engine.method
+    if method.spec.plan is None:
+        return
+    check_llm(method, LLMContext(32, 576, 32, layout="llava_next" in path.parts))

@@ -102,6 +102,9 @@ class Family:
     name = "family"
     # engine options only this family reads; given explicitly on another family they are refused
     own_options: frozenset = frozenset()
+    # in-LLM plans get each image's patch tokens per row (images differ in size); False: they count images as
+    # visual tokens / N, as LLaVA-1.5 always has (its CI baseline depends on it: SparseVLM on two-image documents)
+    per_image_llm_counts = True
 
     def __init__(self, model: torch.nn.Module, processor: Any, options: Optional[FamilyOptions] = None) -> None:
         self.model = model
@@ -165,6 +168,10 @@ class Family:
         for key, image in zip(image_keys, batch.images):
             out += [int(key)] if image.units == 1 else [(int(key) * 1_000_003 + u) % (2**63 - 1) for u in range(image.units)]
         return out
+
+    def check_budget(self, method: Any) -> None:
+        """Load time: the method's `budget` must fit a unit's N patches (one unit per image here)."""
+        method.check_patches(self.num_patches)
 
     def unit_budgets(self, budget: Optional[int], batch: UnitBatch) -> Optional[List[int]]:
         """The exact token count of every unit for a per-image `budget` (None: the method's own count per unit)."""

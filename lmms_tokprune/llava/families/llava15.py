@@ -17,6 +17,7 @@ from .base import Family, ImageUnits, UnitBatch
 class Llava15(Family):
     name = "llava15"
     own_options = frozenset({"pad_to_square"})
+    per_image_llm_counts = False
 
     def __init__(self, model: torch.nn.Module, processor: Any, options: Any = None) -> None:
         super().__init__(model, processor, options)

@@ -1,0 +1,198 @@
+"""LLaVA-NeXT / LLaVA-1.6 (transformers `model_type` 'llava_next'): anyres images.
+
+An image becomes a base unit (the whole image resized to 336 px) plus a grid of 336-px crops (1x2, 2x1, 2x2, 1x3, 3x1
+for the released pinpoints), each one CLIP image of 24 x 24 patches. transformers' `pack_image_features` feeds the LLM
+the base unit's 576 tokens, then the crops stitched into one (24 a) x (24 b) map, cut to the image's aspect ratio
+("unpadding": rows or columns that only cover the padding go) and read row by row with one `image_newline` token after
+every row: 576 + H'W' visual tokens and H' layout tokens per image.
+
+Units for the methods: the base unit (all patches valid) and every crop, whose valid patches are those unpadding keeps
+(a patch that unpadding removes is never kept nor merged). Re-assembly of compressed units (`assemble`): the base
+unit's tokens as the method ordered them (like LLaVA-1.5), then the crops' kept tokens in global raster order of the
+unpadded grid with a newline after each row that keeps a token, then the crops' tokens that are not one patch
+(merged remainders, CLS tokens), crop by crop. With every valid patch kept this is exactly `pack_image_features`.
+
+Budgets: `budget=N` per image is split over its units (`budget_split=even`: equal shares, remainder to the first
+units, each capped by its valid patches); `budget_scope=unit` gives every unit N (the releases' per-crop settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...methods import CompressedImage
+from ..batch import ImageTokens
+from .base import Family, ImageUnits, UnitBatch, split_budget
+
+
+@dataclass(frozen=True)
+class CropGrid:
+    """Where an image's crops sit: `rows` x `cols` crops of `side` x `side` patches, and the box unpadding keeps in
+    the stitched (rows*side) x (cols*side) map: rows top..bottom-1, cols left..right-1."""
+
+    rows: int
+    cols: int
+    side: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def height(self) -> int:
+        return self.bottom - self.top
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    def valid(self) -> torch.Tensor:
+        """[rows * cols, side * side] bool: the patches of each crop (raster order of crops) inside the box."""
+        r = torch.arange(self.rows * self.side)
+        c = torch.arange(self.cols * self.side)
+        inside = ((r >= self.top) & (r < self.bottom))[:, None] & ((c >= self.left) & (c < self.right))[None, :]
+        return inside.view(self.rows, self.side, self.cols, self.side).permute(0, 2, 1, 3).reshape(self.rows * self.cols, -1)
+
+    def global_position(self, crop: int, index: torch.Tensor) -> torch.Tensor:
+        """Patch `index` of crop `crop` -> its raster position in the stitched map (row * cols*side + col)."""
+        row = (crop // self.cols) * self.side + index // self.side
+        col = (crop % self.cols) * self.side + index % self.side
+        return row * (self.cols * self.side) + col
+
+
+def unpadded_box(height: int, width: int, grid_height: int, grid_width: int) -> Tuple[int, int, int, int]:
+    """transformers' `unpad_image` on a (grid_height x grid_width) feature map of an image of height x width pixels:
+    (top, bottom, left, right) of what it keeps (the same arithmetic, so the counts match the model and processor)."""
+    original_aspect = width / height
+    current_aspect = grid_width / grid_height
+    if original_aspect > current_aspect:
+        new_height = int(round(height * (grid_width / width), 7))
+        padding = (grid_height - new_height) // 2
+        return padding, grid_height - padding, 0, grid_width
+    new_width = int(round(width * (grid_height / height), 7))
+    padding = (grid_width - new_width) // 2
+    return 0, grid_height, padding, grid_width - padding
+
+
+class LlavaNext(Family):
+    name = "llava_next"
+    own_options = frozenset({"budget_scope", "budget_split"})
+
+    def __init__(self, model: torch.nn.Module, processor: Any, options: Any = None) -> None:
+        super().__init__(model, processor, options)
+        self.image_processor = processor.image_processor
+        self.pinpoints = [list(p) for p in model.config.image_grid_pinpoints]
+        text_type = getattr(model.config.text_config, "model_type", "llama")
+        self.conversation = "mistral_instruct" if text_type == "mistral" else "vicuna_v1"
+
+    @property
+    def image_newline(self) -> torch.Tensor:
+        return self.model.model.image_newline
+
+    # -- visuals -> units -------------------------------------------------------------------
+    def crop_grid(self, height: int, width: int) -> CropGrid:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        size = self.model.config.vision_config.image_size
+        rows, cols = get_anyres_image_grid_shape((height, width), self.pinpoints, size)
+        side = self.layout.rows
+        return CropGrid(rows, cols, side, *unpadded_box(height, width, rows * side, cols * side))
+
+    def plan_image(self, image: Any) -> ImageUnits:
+        width, height = image.size
+        grid = self.crop_grid(height, width)
+        valid = torch.cat([torch.ones(1, self.num_patches, dtype=torch.bool), grid.valid()])
+        return ImageUnits(1 + grid.rows * grid.cols, self.num_patches + grid.height * grid.width, grid.height, valid, grid, (width, height))
+
+    def units(self, images: Sequence[Any]) -> UnitBatch:
+        rgb = self.rgb(images)
+        if not rgb:
+            return UnitBatch(torch.zeros(0), [], self.layout)
+        out = self.image_processor(images=rgb, return_tensors="pt")
+        plans = [self.plan_image(im) for im in rgb]
+        sizes = out["image_sizes"].tolist()
+        for plan, (height, width) in zip(plans, sizes):
+            if (width, height) != plan.size:
+                raise ValueError(f"the processor saw a {width}x{height} image for a {plan.size[0]}x{plan.size[1]} one")
+        pixels = torch.cat([out["pixel_values"][i, :plan.units] for i, plan in enumerate(plans)])
+        return UnitBatch(pixels, plans, self.layout)
+
+    # -- budgets -----------------------------------------------------------------------------------
+    def check_budget(self, method: Any) -> None:
+        """Load time: budget_scope=unit must fit one unit's N patches; a per-image budget is checked per document
+        (what it can be split over depends on the image's size)."""
+        if self.options.budget_scope == "unit":
+            method.check_patches(self.num_patches)
+
+    def unit_budgets(self, budget: Optional[int], batch: UnitBatch) -> Optional[List[int]]:
+        if budget is None:
+            return None
+        shares: List[int] = []
+        for image in batch.images:
+            shares += self.image_shares(budget, image)
+        return shares
+
+    def image_shares(self, budget: int, image: ImageUnits) -> List[int]:
+        """One image's budget per unit (ValueError when it cannot be met: a clear per-document error)."""
+        counts = image.valid_counts(self.num_patches)
+        if self.options.budget_scope == "unit":
+            short = [u for u, n in enumerate(counts) if n < budget]
+            if short:
+                raise ValueError(f"budget={budget} per unit (budget_scope=unit) is more than unit {short[0]}'s {counts[short[0]]} valid "
+                                 f"patches (a {image.size[0]}x{image.size[1]} image: {len(counts)} units)")
+            return [budget] * len(counts)
+        if budget < len(counts):
+            raise ValueError(f"budget={budget} is less than the {len(counts)} units of a {image.size[0]}x{image.size[1]} image "
+                             "(one token per unit at least); give more, or budget_scope=unit")
+        return split_budget(budget, counts)
+
+    def max_visual_tokens(self, budget: Optional[int], image: ImageUnits) -> int:
+        if budget is None:
+            return image.visual_tokens_in + image.layout_tokens_in
+        total = sum(self.image_shares(budget, image))
+        return total + min(total, image.layout_tokens_in)  # a newline per kept row at most
+
+    # -- re-assembly -------------------------------------------------------------------------
+    def assemble(self, batch: UnitBatch, compressed: Sequence[CompressedImage], projected: Sequence[torch.Tensor]) -> List[ImageTokens]:
+        out: List[ImageTokens] = []
+        unit = 0
+        for image in batch.images:
+            mine = list(zip(compressed[unit:unit + image.units], projected[unit:unit + image.units]))
+            out.append(self.image_sequence(image, mine))
+            unit += image.units
+        return out
+
+    def image_sequence(self, image: ImageUnits, units: Sequence[Tuple[CompressedImage, torch.Tensor]]) -> ImageTokens:
+        """Base tokens, grid tokens in global raster order with a newline after each row that keeps one, then the
+        crops' tokens that are not one patch (crop order)."""
+        grid: CropGrid = image.placement
+        (base, base_feats), crops = units[0], units[1:]
+        positions, feats, loose = [], [], []
+        for crop, (comp, proj) in enumerate(crops):
+            patch = comp.index >= 0
+            positions.append(grid.global_position(crop, comp.index[patch].to(torch.long).cpu()))
+            feats.append(proj[patch.to(proj.device)])
+            loose.append(proj[~patch.to(proj.device)])
+        position = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+        grid_feats = torch.cat(feats) if feats else base_feats[:0]
+        order = torch.argsort(position, stable=True)
+        position, grid_feats = position[order], grid_feats[order.to(grid_feats.device)]
+        width = grid.cols * grid.side
+        row = position // width
+        last_of_row = torch.ones_like(row, dtype=torch.bool)
+        last_of_row[:-1] = row[1:] != row[:-1]
+        newline = self.image_newline.to(grid_feats.device, grid_feats.dtype)
+        slots = torch.arange(row.numel()) + torch.cumsum(last_of_row.long(), 0) - last_of_row.long()  # where each grid token goes
+        rows_kept = int(last_of_row.sum())
+        sequence = newline.expand(row.numel() + rows_kept, -1).clone()
+        sequence[slots.to(sequence.device)] = grid_feats
+        is_layout = torch.ones(sequence.shape[0], dtype=torch.bool)
+        is_layout[slots] = False
+        extra = torch.cat(loose) if loose else base_feats[:0]
+        features = torch.cat([base_feats, sequence, extra])
+        layout = torch.cat([torch.zeros(base_feats.shape[0], dtype=torch.bool), is_layout, torch.zeros(extra.shape[0], dtype=torch.bool)])
+        visual = base.num_tokens + sum(c.num_tokens for c, _ in crops)
+        return ImageTokens(features, layout, visual, rows_kept, image_tokens_in=image.visual_tokens_in)
