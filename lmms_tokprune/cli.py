@@ -47,26 +47,41 @@ def _int_list(text: Optional[str], what: str) -> Optional[List[float]]:
         raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
+def _vision_blocks(text: str):
+    """--vision-blocks: 'feature', 'all' or a block count."""
+    if text in ("feature", "all"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'feature', 'all' or a block count, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'feature', 'all' or a block count >= 1, got {value}")
+    return value
+
+
 def _flops(args: argparse.Namespace) -> int:
-    from .efficiency.flops import flops_report
+    from .efficiency.flops import flops_report, vision_blocks_for
 
     source = args.pretrained or args.preset
+    blocks = vision_blocks_for(args.method, args.vision_blocks)
     report = flops_report(source, args.visual_tokens, args.text_tokens,
                           layer_seq_lens=_int_list(args.layer_seq_lens, "--layer-seq-lens"),
-                          vision_block_tokens=_int_list(args.vision_block_tokens, "--vision-block-tokens"), images=args.images)
+                          vision_block_tokens=_int_list(args.vision_block_tokens, "--vision-block-tokens"), images=args.images,
+                          vision_blocks=blocks)
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"model {report['model']}: {args.visual_tokens} visual + {args.text_tokens} text tokens = sequence {report['sequence_length']}")
     rows = [
         ("LLM prefill (paper convention)", report["prefill_tflops"]),
-        (f"CLIP vision tower ({args.images} image(s))", report["vision_tflops"]),
+        (f"CLIP vision tower ({args.images} image(s) x {report['vision_blocks']} blocks)", report["vision_tflops"]),
         ("projector", report["projector_tflops"]),
         ("total prefill", report["total_prefill_tflops"]),
         ("decode, per generated token", report["decode_tflops_per_token"]),
     ]
     for label, value in rows:
-        print(f"  {label:<40} {value:12.6g} TFLOPs")
+        print(f"  {label:<46} {value:12.6g} TFLOPs")
     print(f"  ({report['convention']})")
     return 0
 
@@ -254,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--layer-seq-lens", default=None, help="comma-separated tokens entering each LLM layer (in-LLM pruning)")
     flops.add_argument("--vision-block-tokens", default=None, help="comma-separated tokens entering each CLIP block (in-CLIP pruning)")
     flops.add_argument("--images", type=int, default=1, help="images per prompt (CLIP runs once per image)")
+    flops.add_argument("--vision-blocks", type=_vision_blocks, default=None,
+                       help="CLIP blocks that run: 'feature' (default: up to vision_feature_layer, 23 of 24 on LLaVA, as the engine "
+                            "runs it), 'all' (a method that reads the last block's q/k or output), or a count")
+    flops.add_argument("--method", default=None,
+                       help="the method whose CLIP blocks to count: 'all' when it reads the last block (topk_cls, prumerge, recover, "
+                            "longtail...), else up to the feature block; --vision-blocks wins")
     flops.add_argument("--json", action="store_true", help="print JSON")
     flops.set_defaults(func=_flops)
 

@@ -14,6 +14,7 @@ from .flops import (
     prefill_tflops_for,
     preset,
     projector_flops,
+    vision_blocks_for,
     vision_flops,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "prefill_tflops_for",
     "preset",
     "projector_flops",
+    "vision_blocks_for",
     "vision_flops",
 ]

@@ -36,8 +36,11 @@ processing ``n_b`` tokens (CLS included; fewer when a method prunes inside CLIP)
     block_b     = 2 * n_b * (4 * D^2 + 2 * D * F) + 4 * n_b^2 * D
     vision      = patch_embed + sum_b block_b
 
-All CLIP blocks run, even though LLaVA feeds the projector the penultimate hidden states (the methods
-read the last block's q/k). The projector (LLaVA-1.5: ``mlp2x_gelu``, ``D -> h -> h``) costs
+``b`` runs over the blocks the engine actually runs (``llava/vision.py run_clip``): up to the feature block
+(``vision_feature_layer``; LLaVA-1.5 / NeXT: -2, i.e. 23 of CLIP-L's 24 blocks), and all of them only when the
+method reads the last block (its q/k or its output: ``MethodSpec.needs_qk`` / ``needs_last_block``, e.g. topk_cls,
+PruMerge, Recoverable Compression, the long-tail method). ``vision_blocks=`` / ``--vision-blocks`` says which
+(``"feature"`` default, ``"all"``, or a block count). The projector (LLaVA-1.5: ``mlp2x_gelu``, ``D -> h -> h``) costs
 ``2 * m * (D*h + h*h)`` for ``m`` visual tokens entering it (the kept tokens: methods compress the
 pre-projector features).
 
@@ -45,7 +48,8 @@ Table 6 of Recoverable Compression (LLaVA-1.5-7B, 60 text tokens) reports the LL
 8.5 TFLOPs at 576 visual tokens and 1.5 TFLOPs at ~10 % (58 visual tokens). This module gives
 8.45 and 1.54 (``prefill_tflops_for("llava-1.5-7b", 576, 60)`` / ``(..., 58, 60)``; 1.52 at 57), i.e.
 within 0.6 % and 2.4 %. The CLIP tower (0.38 TFLOPs per image) and the projector (0.024 TFLOPs at 576
-tokens) are reported separately (``flops_report``).
+tokens) are reported separately (``flops_report``); 0.38 TFLOPs is all 24 blocks, the tower up to LLaVA's
+feature block (23 blocks, what runs for a method that does not read the last block) is 0.37 TFLOPs.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = [
@@ -70,6 +74,7 @@ __all__ = [
     "preset",
     "prefill_tflops_for",
     "projector_flops",
+    "vision_blocks_for",
     "vision_flops",
 ]
 
@@ -127,12 +132,38 @@ class VisionConfig:
     image_size: int = 336
     patch_size: int = 14
     num_channels: int = 3
+    # The hidden_states index the LLM is fed (LlavaConfig.vision_feature_layer, HF convention: i = after block i,
+    # negative from the end): the engine runs CLIP up to that block unless the method reads the last one.
+    # -1 (a bare tower: its output); LLaVA checkpoints and presets carry their own (-2).
+    feature_layer: int = -1
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size", "patch_size", "num_channels"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"vision config {key}={value!r} must be an integer >= 1")
+        if isinstance(self.feature_layer, bool) or not isinstance(self.feature_layer, int) or not 1 <= self._resolve(self.feature_layer) <= self.num_layers:
+            raise ValueError(f"vision config feature_layer={self.feature_layer!r} is outside the {self.num_layers}-block tower "
+                             f"(an index in 1..{self.num_layers} or -1..-{self.num_layers})")
+
+    def _resolve(self, layer: int) -> int:
+        return layer if layer >= 0 else self.num_layers + 1 + layer
+
+    @property
+    def feature_blocks(self) -> int:
+        """Blocks run to get the features (LLaVA's vision_feature_layer -2 on CLIP-L: 23 of 24)."""
+        return self._resolve(self.feature_layer)
+
+    def blocks_run(self, blocks: Union[None, str, int] = None) -> int:
+        """Blocks the engine runs per unit: "feature" / None = up to the feature block, "all" = every block (a method
+        that reads the last block's q/k or output), or a count in 1..num_layers."""
+        if blocks is None or blocks == "feature":
+            return self.feature_blocks
+        if blocks == "all":
+            return self.num_layers
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= self.num_layers:
+            raise ValueError(f"vision_blocks={blocks!r} must be 'feature', 'all' or a block count in 1..{self.num_layers}")
+        return blocks
 
     @property
     def num_patches(self) -> int:
@@ -172,7 +203,9 @@ def _vicuna(hidden: int, inter: int, layers: int, heads: int) -> TextConfig:
     return TextConfig(hidden, inter, layers, heads, heads, 32064)
 
 
-_CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14)
+# LLaVA feeds the LLM CLIP's penultimate block (vision_feature_layer -2): 23 of the 24 blocks run unless a method reads the last
+_CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14,
+                           feature_layer=-2)
 
 PRESETS: Dict[str, LlavaFlopsConfig] = {
     # llava-hf/llava-1.5-7b-hf: Vicuna-7B (vocab 32064 after adding <image> and <pad>) + CLIP ViT-L/14-336
@@ -242,6 +275,7 @@ def vision_config_from(cfg: Any) -> VisionConfig:
         image_size=int(_get(cfg, "image_size", default=336)),
         patch_size=int(_get(cfg, "patch_size", default=14)),
         num_channels=int(_get(cfg, "num_channels", default=3)),
+        feature_layer=int(_get(cfg, "feature_layer", default=-1)),
     )
 
 
@@ -255,6 +289,10 @@ def from_llava_config(cfg: Any, name: str = "") -> LlavaFlopsConfig:
     vision = vision_config_from(vision_cfg)
     layers = _get(cfg, "vision_feature_layer", default=-2)
     n_feature_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+    # the deepest feature layer is where CLIP can stop (several layers: the projector reads them all)
+    deepest = max((int(x) for x in (layers if isinstance(layers, (list, tuple)) else [layers])),
+                  key=lambda x: x if x >= 0 else vision.num_layers + 1 + x)
+    vision = replace(vision, feature_layer=deepest)
     proj_in = vision.hidden_size * n_feature_layers
     return LlavaFlopsConfig(name or str(_get(cfg, "_name_or_path", default="") or "llava"), text, vision,
                             ProjectorConfig((proj_in, text.hidden_size, text.hidden_size)))
@@ -329,10 +367,22 @@ def llm_decode_flops(text_cfg: Any, kv_len: Union[Number, Sequence[Number]], lay
     return float(total)
 
 
-def vision_flops(vision_cfg: Any, block_token_counts: Optional[Union[Number, Sequence[Number]]] = None, patch_embed: bool = True) -> float:
-    """CLIP tower FLOPs; ``block_token_counts`` = tokens (CLS included) entering each block (default: all 577)."""
+def vision_flops(vision_cfg: Any, block_token_counts: Optional[Union[Number, Sequence[Number]]] = None, patch_embed: bool = True,
+                 blocks: Union[None, str, int] = None) -> float:
+    """CLIP tower FLOPs of ONE unit (image / crop) over the blocks that run; ``block_token_counts`` = tokens (CLS
+    included) entering each block (default: all 577 in every block).
+
+    ``blocks`` = the blocks run (``VisionConfig.blocks_run``): default up to the feature block, ``"all"`` when the method
+    reads the last block; a per-block ``block_token_counts`` list with ``blocks`` left out says it by its length."""
     vision = vision_config_from(vision_cfg)
-    counts = _per_layer(vision.num_tokens if block_token_counts is None else block_token_counts, vision.num_layers, "vision_flops", "block")
+    if blocks is None and block_token_counts is not None and not isinstance(block_token_counts, (int, float)):
+        block_token_counts = list(block_token_counts)
+        n_blocks = len(block_token_counts)
+        if not 1 <= n_blocks <= vision.num_layers:
+            raise ValueError(f"vision_flops: got {n_blocks} per-block values for a {vision.num_layers}-block tower")
+    else:
+        n_blocks = vision.blocks_run(blocks)
+    counts = _per_layer(vision.num_tokens if block_token_counts is None else block_token_counts, n_blocks, "vision_flops", "block")
     d, f = vision.hidden_size, vision.intermediate_size
     total = 0.0
     for n in counts:
@@ -340,6 +390,19 @@ def vision_flops(vision_cfg: Any, block_token_counts: Optional[Union[Number, Seq
     if patch_embed:
         total += 2.0 * vision.num_patches * vision.num_channels * vision.patch_size**2 * d
     return float(total)
+
+
+def vision_blocks_for(method: Optional[str], given: Union[None, str, int] = None) -> Union[None, str, int]:
+    """The CLIP blocks the engine runs for `method` (``llava/vision.py run_clip``): ``"all"`` when the method reads the
+    last block (its q/k or its output: ``MethodSpec.needs_qk`` / ``needs_last_block``), else ``"feature"``; an explicit
+    ``given`` wins, and no method leaves it to the default. (The one import of the method registry here, made only
+    when a method is named.)"""
+    if given is not None or method is None:
+        return given
+    from ..methods import get_method
+
+    spec = get_method(method)
+    return "all" if (spec.needs_qk or spec.needs_last_block) else "feature"
 
 
 def projector_flops(projector_cfg: Any, visual_tokens: Number) -> float:
@@ -370,20 +433,28 @@ def prefill_tflops_for(config_or_preset: Any, visual_tokens: Number, text_tokens
 
 def flops_report(config_or_preset: Any, visual_tokens: Number, text_tokens: Number,
                  layer_seq_lens: Optional[Sequence[Number]] = None,
-                 vision_block_tokens: Optional[Sequence[Number]] = None, images: int = 1) -> Dict[str, Any]:
+                 vision_block_tokens: Optional[Sequence[Number]] = None, images: int = 1,
+                 vision_blocks: Union[None, str, int] = None) -> Dict[str, Any]:
     """All the numbers `lmms-tokprune flops --json` prints (TFLOPs unless named otherwise).
 
     ``prefill_tflops`` = LLM prefill only (Table 6 convention); ``total_prefill_tflops`` adds the CLIP
     tower (``images`` images) and the projector (``visual_tokens`` tokens); decode is per generated
     token at a KV length equal to the prefill sequence (last layer's length when the LLM prunes).
+    ``vision_blocks``: the CLIP blocks that run (``"feature"`` default: up to the feature block, as the engine runs
+    it; ``"all"`` for a method that reads the last block; a count); a ``vision_block_tokens`` list left alone says
+    it by its length.
     """
     cfg = llava_config_for(config_or_preset)
     seq = _sequence(visual_tokens, text_tokens)
     if isinstance(images, bool) or not isinstance(images, int) or images < 0:
         raise ValueError(f"images must be an integer >= 0, got {images!r}")
+    if vision_blocks is None and vision_block_tokens is not None:
+        blocks_run = len(list(vision_block_tokens))
+    else:
+        blocks_run = cfg.vision.blocks_run(vision_blocks)
     lengths: Union[Number, Sequence[Number]] = seq if layer_seq_lens is None else list(layer_seq_lens)
     llm = llm_prefill_flops(cfg.text, lengths) / TERA
-    vision = images * vision_flops(cfg.vision, vision_block_tokens) / TERA
+    vision = images * vision_flops(cfg.vision, vision_block_tokens, blocks=blocks_run) / TERA
     projector = projector_flops(cfg.projector, visual_tokens) / TERA
     kv = lengths if layer_seq_lens is not None else seq
     out: Dict[str, Any] = {
@@ -398,6 +469,7 @@ def flops_report(config_or_preset: Any, visual_tokens: Number, text_tokens: Numb
         "total_prefill_tflops": llm + vision + projector,
         "decode_tflops_per_token": llm_decode_flops(cfg.text, kv) / TERA,
         "llm_layers": cfg.text.num_layers,
+        "vision_blocks": blocks_run,
         "convention": "multiply-add = 2 FLOPs; matmuls only; full (non-causal) attention scores; lm_head on the last position",
     }
     if layer_seq_lens is not None:

@@ -18,6 +18,7 @@ from lmms_tokprune.efficiency import (
     prefill_tflops_for,
     preset,
     projector_flops,
+    vision_blocks_for,
     vision_flops,
 )
 
@@ -147,6 +148,68 @@ def test_report_fields():
     assert pruned["vision_tflops"] < rep["vision_tflops"]
 
 
+def test_vision_flops_count_the_blocks_the_engine_runs():
+    """CLIP runs up to LLaVA's feature block (vision_feature_layer -2: 23 of 24) unless the method reads the last block."""
+    vis = preset("llava-1.5-7b").vision
+    assert vis.feature_layer == -2 and vis.feature_blocks == 23 and vis.blocks_run("all") == 24
+    block = 2 * 577 * (4 * 1024**2 + 2 * 1024 * 4096) + 4 * 577**2 * 1024
+    patch = 2 * 576 * 3 * 14 * 14 * 1024
+    assert vision_flops(vis) == 23 * block + patch
+    assert vision_flops(vis, blocks="all") == 24 * block + patch == vision_flops(vis, [577] * 24)
+    assert vision_flops(vis, blocks=5) == 5 * block + patch
+    rep, full = flops_report("llava-1.5-7b", 576, 60), flops_report("llava-1.5-7b", 576, 60, vision_blocks="all")
+    assert rep["vision_blocks"] == 23 and full["vision_blocks"] == 24
+    assert rep["vision_tflops"] == pytest.approx((23 * block + patch) / 1e12)  # 0.366 (0.382 with the last block)
+    assert full["vision_tflops"] == pytest.approx((24 * block + patch) / 1e12)
+    # a per-block list says how many blocks ran; a list that disagrees with vision_blocks is refused
+    assert flops_report("llava-1.5-7b", 576, 60, vision_block_tokens=[577] * 23)["vision_tflops"] == pytest.approx(rep["vision_tflops"])
+    with pytest.raises(ValueError, match="23 per-block values for 24 blocks"):
+        flops_report("llava-1.5-7b", 576, 60, vision_block_tokens=[577] * 23, vision_blocks="all")
+    for bad in (0, 25, "last", True):
+        with pytest.raises(ValueError, match="vision_blocks"):
+            vision_flops(vis, blocks=bad)
+    with pytest.raises(ValueError, match="outside the 24-block tower"):
+        VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, feature_layer=-25)
+
+
+def test_feature_layer_comes_from_the_llava_config():
+    from transformers import LlavaConfig
+
+    vision = {"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "image_size": 336, "patch_size": 14}
+    assert from_llava_config(LlavaConfig(vision_config=vision)).vision.feature_blocks == 3  # the default -2
+    assert from_llava_config(LlavaConfig(vision_config=vision, vision_feature_layer=-4)).vision.feature_blocks == 1
+    multi = from_llava_config(LlavaConfig(vision_config=vision, vision_feature_layer=[-3, 2], vision_feature_select_strategy="full"))
+    assert multi.vision.feature_blocks == 2 and multi.projector.dims[0] == 2 * 64  # the deepest of the layers read
+    # a bare CLIP tower (no LLaVA around it) is read at its output: every block
+    assert VisionConfig(hidden_size=4, intermediate_size=8, num_layers=2, num_heads=1).feature_blocks == 2
+
+
+def test_engine_runs_the_blocks_the_flops_count(tiny_llava):
+    """The CLIP blocks the engine runs for a method (counted with forward hooks) are the blocks `flops --method` counts."""
+    from PIL import Image
+
+    from lmms_tokprune.llava.batch import Sample
+    from lmms_tokprune.llava.opener import open_engine
+    from lmms_tokprune.llava.options import engine_options
+    from lmms_tokprune.llava.vision import clip_parts
+
+    model = processor = None
+    cfg = llava_config_for(str(tiny_llava))
+    for method, params in (("none", {}), ("topk_cls", {"budget": 8}), ("visionzip", {"budget": 8}), ("fastv", {"k": 1})):
+        engine = open_engine(engine_options({"pretrained": str(tiny_llava), "method": method, **params}), None, model, processor)
+        model, processor = engine.model, engine.processor
+        ran = []
+        handles = [layer.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, layer in enumerate(clip_parts(engine.vision_tower)[2])]
+        try:
+            engine.generate([Sample("What colour?", [Image.new("RGB", (40, 30), (200, 10, 10))], [0])], {"max_new_tokens": 1})
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(ran) == cfg.vision.blocks_run(vision_blocks_for(method)), method
+    assert vision_blocks_for("topk_cls") == "all" and vision_blocks_for("visionzip") == "feature" and vision_blocks_for("topk_cls", 3) == 3
+
+
 def test_cli_flops_json(capsys):
     assert main(["flops", "--preset", "llava-1.5-7b", "--visual-tokens", "576", "--text-tokens", "60", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -159,6 +222,25 @@ def test_cli_flops_json(capsys):
     assert json.loads(capsys.readouterr().out)["prefill_tflops"] == pytest.approx(1.5, rel=0.03)
     assert main(["flops", "--preset", "nope"]) == 2
     assert "valid presets" in capsys.readouterr().err
+
+
+def test_cli_flops_vision_blocks(capsys):
+    def vision(*argv):
+        assert main(["flops", "--json", *argv]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return out["vision_blocks"], out["vision_tflops"]
+
+    feature, full = vision(), vision("--vision-blocks", "all")
+    assert feature[0] == 23 and full[0] == 24 and feature[1] < full[1]
+    assert vision("--method", "topk_cls") == full and vision("--method", "visionzip") == feature == vision("--method", "fastv")
+    assert vision("--method", "topk_cls", "--vision-blocks", "feature") == feature
+    assert vision("--vision-blocks", "12")[0] == 12
+    for bad in ("0", "last"):
+        with pytest.raises(SystemExit):
+            main(["flops", "--vision-blocks", bad])
+        assert "--vision-blocks" in capsys.readouterr().err
+    assert main(["flops", "--vision-blocks", "25"]) == 2
+    assert "block count in 1..24" in capsys.readouterr().err
 
 
 def test_cli_flops_refuses_a_checkpoint_that_is_not_llava(tiny_clip, tiny_llava, capsys):
