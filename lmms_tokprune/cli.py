@@ -68,14 +68,15 @@ def _flops(args: argparse.Namespace) -> int:
     report = flops_report(source, args.visual_tokens, args.text_tokens,
                           layer_seq_lens=_int_list(args.layer_seq_lens, "--layer-seq-lens"),
                           vision_block_tokens=_int_list(args.vision_block_tokens, "--vision-block-tokens"), images=args.images,
-                          vision_blocks=blocks)
+                          vision_blocks=blocks, units=args.units, layout_tokens=args.layout_tokens)
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"model {report['model']}: {args.visual_tokens} visual + {args.text_tokens} text tokens = sequence {report['sequence_length']}")
+    layout = f" + {args.layout_tokens} layout" if args.layout_tokens else ""
+    print(f"model {report['model']}: {args.visual_tokens} visual{layout} + {args.text_tokens} text tokens = sequence {report['sequence_length']}")
     rows = [
         ("LLM prefill (paper convention)", report["prefill_tflops"]),
-        (f"CLIP vision tower ({args.images} image(s) x {report['vision_blocks']} blocks)", report["vision_tflops"]),
+        (f"CLIP vision tower ({report['units']} unit(s) x {report['vision_blocks']} blocks)", report["vision_tflops"]),
         ("projector", report["projector_tflops"]),
         ("total prefill", report["total_prefill_tflops"]),
         ("decode, per generated token", report["decode_tflops_per_token"]),
@@ -261,14 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--tasks", action="store_true", help="print only the tasks folder: --include_path $(lmms-tokprune paths --tasks)")
     paths.set_defaults(func=_paths)
 
-    flops = sub.add_parser("flops", help="analytic FLOPs of LLaVA-1.5 prefill/decode for given token counts")
-    flops.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b (default) or llava-1.5-13b")
+    flops = sub.add_parser("flops", help="analytic FLOPs of LLaVA-1.5 / LLaVA-NeXT prefill/decode for given token counts")
+    flops.add_argument("--preset", default="llava-1.5-7b",
+                       help="llava-1.5-7b (default), llava-1.5-13b, llava-next-7b (llava-v1.6-vicuna-7b), llava-next-mistral-7b, "
+                            "llava-next-13b, or a hub id of one of them")
     flops.add_argument("--pretrained", default=None, help="a checkpoint folder: read its config.json instead of a preset")
     flops.add_argument("--visual-tokens", type=_count, default=576, help="visual tokens entering the LLM (default 576)")
     flops.add_argument("--text-tokens", type=_count, default=60, help="text tokens of the prompt (default 60, as in the papers' Table 6)")
     flops.add_argument("--layer-seq-lens", default=None, help="comma-separated tokens entering each LLM layer (in-LLM pruning)")
     flops.add_argument("--vision-block-tokens", default=None, help="comma-separated tokens entering each CLIP block (in-CLIP pruning)")
-    flops.add_argument("--images", type=int, default=1, help="images per prompt (CLIP runs once per image)")
+    flops.add_argument("--images", type=_at_least(0), default=None, help="images per prompt (LLaVA-1.5: CLIP runs once per image)")
+    flops.add_argument("--units", type=_at_least(0), default=None,
+                       help="CLIP passes (LLaVA-NeXT: the base image + each crop, e.g. 5 for one image on a 2x2 grid; LLaVA-1.5: "
+                            "= --images; default 1)")
+    flops.add_argument("--layout-tokens", type=_count, default=0,
+                       help="tokens the LLM gets that are not patches (LLaVA-NeXT's newline tokens: one per kept grid row)")
     flops.add_argument("--vision-blocks", type=_vision_blocks, default=None,
                        help="CLIP blocks that run: 'feature' (default: up to vision_feature_layer, 23 of 24 on LLaVA, as the engine "
                             "runs it), 'all' (a method that reads the last block's q/k or output), or a count")

@@ -1,4 +1,4 @@
-"""Efficiency: analytic FLOPs of LLaVA-1.5 inference (prefill, decode, vision tower, projector)."""
+"""Efficiency: analytic FLOPs of LLaVA-1.5 / LLaVA-NeXT inference (prefill, decode, vision tower per unit, projector)."""
 
 from .flops import (
     PRESETS,
@@ -6,6 +6,7 @@ from .flops import (
     ProjectorConfig,
     TextConfig,
     VisionConfig,
+    clip_units,
     flops_report,
     from_llava_config,
     llava_config_for,
@@ -24,6 +25,7 @@ __all__ = [
     "ProjectorConfig",
     "TextConfig",
     "VisionConfig",
+    "clip_units",
     "flops_report",
     "from_llava_config",
     "llava_config_for",

@@ -1,7 +1,7 @@
-r"""Analytic FLOPs of LLaVA-1.5 inference: LLM prefill, LLM decode, CLIP vision tower, projector.
+r"""Analytic FLOPs of LLaVA-1.5 and LLaVA-NeXT inference: LLM prefill, LLM decode, CLIP vision tower, projector.
 
 Pure Python arithmetic (no torch, no transformers import) from a transformers config, a plain dict
-(``config.json``) or a named preset.
+(``config.json``) or a named preset (``vision_blocks_for`` alone asks the method registry, when a method is named).
 
 Counting convention
 -------------------
@@ -50,6 +50,12 @@ Table 6 of Recoverable Compression (LLaVA-1.5-7B, 60 text tokens) reports the LL
 within 0.6 % and 2.4 %. The CLIP tower (0.38 TFLOPs per image) and the projector (0.024 TFLOPs at 576
 tokens) are reported separately (``flops_report``); 0.38 TFLOPs is all 24 blocks, the tower up to LLaVA's
 feature block (23 blocks, what runs for a method that does not read the last block) is 0.37 TFLOPs.
+
+LLaVA-NeXT (``llava-next-7b`` = llava-hf/llava-v1.6-vicuna-7b-hf, ``llava-next-mistral-7b``, ``llava-next-13b``, or a
+``llava_next`` checkpoint): an image is several CLIP passes, its *units* (the base image + each crop of its anyres grid:
+3 for a 1x2 / 2x1 grid, 4 for 1x3 / 3x1, 5 for 2x2), so the tower costs ``units x`` the per-unit count above. The LLM
+receives 576 base tokens + the unpadded grid's H'*W' patch tokens + H' newline tokens (*layout* tokens: in the
+sequence, never through the projector); e.g. a 672x672 image: 5 units, 576 + 48*48 = 2880 patch tokens + 48 newlines.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ __all__ = [
     "ProjectorConfig",
     "TextConfig",
     "VisionConfig",
+    "MODEL_TYPES",
     "PRESETS",
+    "clip_units",
     "flops_report",
     "from_llava_config",
     "llm_decode_flops",
@@ -197,10 +205,17 @@ class LlavaFlopsConfig:
     text: TextConfig
     vision: VisionConfig
     projector: ProjectorConfig
+    # transformers model_type: 'llava' (LLaVA-1.5: one CLIP pass per image) or 'llava_next' (one per unit: the base
+    # image + each crop of its anyres grid)
+    model_type: str = "llava"
 
 
 def _vicuna(hidden: int, inter: int, layers: int, heads: int) -> TextConfig:
     return TextConfig(hidden, inter, layers, heads, heads, 32064)
+
+
+NEXT_MODEL_TYPE = "llava_next"
+MODEL_TYPES = ("llava", NEXT_MODEL_TYPE)
 
 
 # LLaVA feeds the LLM CLIP's penultimate block (vision_feature_layer -2): 23 of the 24 blocks run unless a method reads the last
@@ -211,6 +226,19 @@ PRESETS: Dict[str, LlavaFlopsConfig] = {
     # llava-hf/llava-1.5-7b-hf: Vicuna-7B (vocab 32064 after adding <image> and <pad>) + CLIP ViT-L/14-336
     "llava-1.5-7b": LlavaFlopsConfig("llava-1.5-7b", _vicuna(4096, 11008, 32, 32), _CLIP_L_336, ProjectorConfig((1024, 4096, 4096))),
     "llava-1.5-13b": LlavaFlopsConfig("llava-1.5-13b", _vicuna(5120, 13824, 40, 40), _CLIP_L_336, ProjectorConfig((1024, 5120, 5120))),
+    # llava-hf/llava-v1.6-vicuna-7b-hf (LLaVA-NeXT): lmsys/vicuna-7b-v1.5 (4096 wide, MLP 11008, 32 layers, 32 heads, no GQA,
+    # vocab 32064) + CLIP ViT-L/14-336 (vision_feature_layer -2) + a 1024 -> 4096 -> 4096 GELU projector; the anyres grid
+    # (pinpoints 336x672, 672x336, 672x672, 1008x336, 336x1008) makes an image 1 + 2..4 units, each one CLIP pass
+    "llava-next-7b": LlavaFlopsConfig("llava-next-7b", _vicuna(4096, 11008, 32, 32), _CLIP_L_336, ProjectorConfig((1024, 4096, 4096)),
+                                      NEXT_MODEL_TYPE),
+    # llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B-Instruct-v0.2 (4096 wide, MLP 14336, 32 layers, 32 query heads and 8
+    # key/value heads of 128, vocab 32064 after LLaVA's added tokens; its sliding window, if any, is >= 4096 and never
+    # shortens a NeXT prompt) + the same CLIP and projector widths
+    "llava-next-mistral-7b": LlavaFlopsConfig("llava-next-mistral-7b", TextConfig(4096, 14336, 32, 32, 8, 32064), _CLIP_L_336,
+                                              ProjectorConfig((1024, 4096, 4096)), NEXT_MODEL_TYPE),
+    # llava-hf/llava-v1.6-vicuna-13b-hf: lmsys/vicuna-13b-v1.5 (5120 wide, MLP 13824, 40 layers, 40 heads, vocab 32064)
+    "llava-next-13b": LlavaFlopsConfig("llava-next-13b", _vicuna(5120, 13824, 40, 40), _CLIP_L_336, ProjectorConfig((1024, 5120, 5120)),
+                                       NEXT_MODEL_TYPE),
 }
 _ALIASES = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
@@ -219,11 +247,22 @@ _ALIASES = {
     "llava-hf/llava-1.5-13b-hf": "llava-1.5-13b",
     "liuhaotian/llava-v1.5-13b": "llava-1.5-13b",
     "llava-v1.5-13b": "llava-1.5-13b",
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-next-7b",
+    "liuhaotian/llava-v1.6-vicuna-7b": "llava-next-7b",
+    "llava-v1.6-vicuna-7b": "llava-next-7b",
+    "llava-next-vicuna-7b": "llava-next-7b",
+    "llava-hf/llava-v1.6-mistral-7b-hf": "llava-next-mistral-7b",
+    "liuhaotian/llava-v1.6-mistral-7b": "llava-next-mistral-7b",
+    "llava-v1.6-mistral-7b": "llava-next-mistral-7b",
+    "llava-hf/llava-v1.6-vicuna-13b-hf": "llava-next-13b",
+    "liuhaotian/llava-v1.6-vicuna-13b": "llava-next-13b",
+    "llava-v1.6-vicuna-13b": "llava-next-13b",
 }
 
 
 def preset(name: str) -> LlavaFlopsConfig:
-    """A named preset (`llava-1.5-7b`, `llava-1.5-13b`; hub ids of those checkpoints are accepted too)."""
+    """A named preset (`llava-1.5-7b`, `llava-1.5-13b`, `llava-next-7b`, `llava-next-mistral-7b`, `llava-next-13b`; hub ids
+    of those checkpoints and `llava-v1.6-*` names are accepted too)."""
     key = _ALIASES.get(name, name)
     if key not in PRESETS:
         raise ValueError(f"unknown FLOPs preset {name!r}; valid presets: {', '.join(PRESETS)}")
@@ -280,7 +319,7 @@ def vision_config_from(cfg: Any) -> VisionConfig:
 
 
 def from_llava_config(cfg: Any, name: str = "") -> LlavaFlopsConfig:
-    """LlavaFlopsConfig from a transformers ``LlavaConfig`` (or its ``config.json`` as a dict)."""
+    """LlavaFlopsConfig from a transformers ``LlavaConfig`` / ``LlavaNextConfig`` (or its ``config.json`` as a dict)."""
     text_cfg = _get(cfg, "text_config")
     vision_cfg = _get(cfg, "vision_config")
     if text_cfg is None or vision_cfg is None:
@@ -294,8 +333,9 @@ def from_llava_config(cfg: Any, name: str = "") -> LlavaFlopsConfig:
                   key=lambda x: x if x >= 0 else vision.num_layers + 1 + x)
     vision = replace(vision, feature_layer=deepest)
     proj_in = vision.hidden_size * n_feature_layers
-    return LlavaFlopsConfig(name or str(_get(cfg, "_name_or_path", default="") or "llava"), text, vision,
-                            ProjectorConfig((proj_in, text.hidden_size, text.hidden_size)))
+    model_type = str(_get(cfg, "model_type", default="llava"))
+    return LlavaFlopsConfig(name or str(_get(cfg, "_name_or_path", default="") or model_type), text, vision,
+                            ProjectorConfig((proj_in, text.hidden_size, text.hidden_size)), model_type)
 
 
 def llava_config_for(source: Any) -> LlavaFlopsConfig:
@@ -310,9 +350,10 @@ def llava_config_for(source: Any) -> LlavaFlopsConfig:
         if os.path.isfile(config_json):
             with open(config_json) as fh:
                 data = json.load(fh)
-            if data.get("model_type") != "llava":
+            if data.get("model_type") not in MODEL_TYPES:
                 raise ValueError(f"{text!r} is a {data.get('model_type', 'unknown')!r} checkpoint; FLOPs are computed for LLaVA-1.5 "
-                                 "checkpoints (model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+                                 "and LLaVA-NeXT checkpoints (model_type 'llava' / 'llava_next', e.g. llava-hf/llava-1.5-7b-hf, "
+                                 "llava-hf/llava-v1.6-vicuna-7b-hf)")
             return from_llava_config(data, name=text)
         raise ValueError(f"{text!r} is neither a FLOPs preset nor a checkpoint folder with config.json; "
                          f"valid presets: {', '.join(PRESETS)}")
@@ -413,58 +454,90 @@ def projector_flops(projector_cfg: Any, visual_tokens: Number) -> float:
     return float(visual_tokens) * proj.flops_per_token()
 
 
-def _sequence(visual_tokens: Number, text_tokens: Number) -> Number:
-    for key, value in (("visual_tokens", visual_tokens), ("text_tokens", text_tokens)):
+def _sequence(visual_tokens: Number, text_tokens: Number, layout_tokens: Number = 0) -> Number:
+    for key, value in (("visual_tokens", visual_tokens), ("text_tokens", text_tokens), ("layout_tokens", layout_tokens)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-    return visual_tokens + text_tokens
+    return visual_tokens + layout_tokens + text_tokens
 
 
 def prefill_tflops_for(config_or_preset: Any, visual_tokens: Number, text_tokens: Number,
-                       layer_seq_lens: Optional[Sequence[Number]] = None) -> float:
+                       layer_seq_lens: Optional[Sequence[Number]] = None, layout_tokens: Number = 0) -> float:
     """LLM prefill TFLOPs (the papers' convention: LLM only) for a preset name, checkpoint folder,
     LlavaConfig or LlavaFlopsConfig. ``layer_seq_lens`` overrides the constant length
-    ``visual_tokens + text_tokens`` per layer (in-LLM pruning)."""
+    ``visual_tokens + layout_tokens + text_tokens`` per layer (in-LLM pruning); ``layout_tokens`` = the tokens the LLM
+    receives that are not patches (LLaVA-NeXT's newline tokens)."""
     cfg = llava_config_for(config_or_preset)
-    seq = _sequence(visual_tokens, text_tokens)
+    seq = _sequence(visual_tokens, text_tokens, layout_tokens)
     lengths: Union[Number, Sequence[Number]] = seq if layer_seq_lens is None else layer_seq_lens
     return llm_prefill_flops(cfg.text, lengths) / TERA
 
 
+def _count_arg(name: str, value: Optional[int]) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def clip_units(cfg: LlavaFlopsConfig, units: Optional[int] = None, images: Optional[int] = None) -> int:
+    """CLIP passes the vision tower makes: ``units`` (LLaVA-NeXT: the base image + each crop of every image, e.g. 5 for
+    one image on a 2x2 grid); ``images`` is the same count on LLaVA-1.5 (one pass per image), where giving both with
+    different values is an error. On LLaVA-NeXT an image count alone does not say how many passes: ``units`` is
+    needed. Neither: 1."""
+    units, images = _count_arg("units", units), _count_arg("images", images)
+    if cfg.model_type == NEXT_MODEL_TYPE:
+        if units is None and images is not None:
+            raise ValueError(f"{cfg.name} is a LLaVA-NeXT model: an image is 1 + its crops CLIP passes (units); give units "
+                             "(e.g. 5 for one image on a 2x2 grid, 3 for 1x2) instead of images")
+        if units is not None and images is not None and units < images:
+            raise ValueError(f"units={units} is fewer than images={images}: every LLaVA-NeXT image is at least its base unit")
+        return 1 if units is None else units
+    if units is not None and images is not None and units != images:
+        raise ValueError(f"units={units} and images={images}: on {cfg.name} (LLaVA-1.5) a unit is an image; give one of them")
+    return units if units is not None else (images if images is not None else 1)
+
+
 def flops_report(config_or_preset: Any, visual_tokens: Number, text_tokens: Number,
                  layer_seq_lens: Optional[Sequence[Number]] = None,
-                 vision_block_tokens: Optional[Sequence[Number]] = None, images: int = 1,
-                 vision_blocks: Union[None, str, int] = None) -> Dict[str, Any]:
+                 vision_block_tokens: Optional[Sequence[Number]] = None, images: Optional[int] = None,
+                 vision_blocks: Union[None, str, int] = None, units: Optional[int] = None,
+                 layout_tokens: Number = 0) -> Dict[str, Any]:
     """All the numbers `lmms-tokprune flops --json` prints (TFLOPs unless named otherwise).
 
-    ``prefill_tflops`` = LLM prefill only (Table 6 convention); ``total_prefill_tflops`` adds the CLIP
-    tower (``images`` images) and the projector (``visual_tokens`` tokens); decode is per generated
+    ``prefill_tflops`` = LLM prefill only (Table 6 convention) over ``visual_tokens + layout_tokens + text_tokens``
+    (``layout_tokens``: LLaVA-NeXT's newline tokens, which enter the LLM but not the projector);
+    ``total_prefill_tflops`` adds the CLIP tower (``units`` CLIP passes, see ``clip_units``: LLaVA-1.5 one per image,
+    LLaVA-NeXT the base image + each crop) and the projector (``visual_tokens`` tokens); decode is per generated
     token at a KV length equal to the prefill sequence (last layer's length when the LLM prunes).
     ``vision_blocks``: the CLIP blocks that run (``"feature"`` default: up to the feature block, as the engine runs
     it; ``"all"`` for a method that reads the last block; a count); a ``vision_block_tokens`` list left alone says
     it by its length.
     """
     cfg = llava_config_for(config_or_preset)
-    seq = _sequence(visual_tokens, text_tokens)
-    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
-        raise ValueError(f"images must be an integer >= 0, got {images!r}")
+    seq = _sequence(visual_tokens, text_tokens, layout_tokens)
+    n_units = clip_units(cfg, units, images)
     if vision_blocks is None and vision_block_tokens is not None:
         blocks_run = len(list(vision_block_tokens))
     else:
         blocks_run = cfg.vision.blocks_run(vision_blocks)
     lengths: Union[Number, Sequence[Number]] = seq if layer_seq_lens is None else list(layer_seq_lens)
     llm = llm_prefill_flops(cfg.text, lengths) / TERA
-    vision = images * vision_flops(cfg.vision, vision_block_tokens, blocks=blocks_run) / TERA
+    per_unit = vision_flops(cfg.vision, vision_block_tokens, blocks=blocks_run) / TERA
+    vision = n_units * per_unit
     projector = projector_flops(cfg.projector, visual_tokens) / TERA
     kv = lengths if layer_seq_lens is not None else seq
     out: Dict[str, Any] = {
         "model": cfg.name,
+        "model_type": cfg.model_type,
         "visual_tokens": visual_tokens,
+        "layout_tokens": layout_tokens,
         "text_tokens": text_tokens,
         "sequence_length": seq,
         "prefill_tflops": llm,
         "llm_prefill_tflops": llm,
         "vision_tflops": vision,
+        "vision_tflops_per_unit": per_unit,
+        "units": n_units,
         "projector_tflops": projector,
         "total_prefill_tflops": llm + vision + projector,
         "decode_tflops_per_token": llm_decode_flops(cfg.text, kv) / TERA,
@@ -475,6 +548,8 @@ def flops_report(config_or_preset: Any, visual_tokens: Number, text_tokens: Numb
     if layer_seq_lens is not None:
         out["layer_seq_lens"] = list(layer_seq_lens)
         out["mean_layer_seq_len"] = sum(layer_seq_lens) / len(layer_seq_lens)
+    if images is not None:
+        out["images"] = images
     if vision_block_tokens is not None:
         out["vision_block_tokens"] = list(vision_block_tokens)
     out["config"] = {"text": asdict(cfg.text), "vision": asdict(cfg.vision), "projector": list(cfg.projector.dims)}

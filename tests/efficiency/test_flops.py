@@ -249,3 +249,83 @@ def test_cli_flops_refuses_a_checkpoint_that_is_not_llava(tiny_clip, tiny_llava,
     assert "is a 'clip' checkpoint; FLOPs are computed for LLaVA-1.5" in capsys.readouterr().err
     assert main(["flops", "--pretrained", str(tiny_llava), "--visual-tokens", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["llm_layers"] == 2
+
+
+# -- LLaVA-NeXT ------------------------------------------------------------------------------------------------
+NEXT_7B = dict(  # llava-hf/llava-v1.6-vicuna-7b-hf's config.json (text: lmsys/vicuna-7b-v1.5, LlamaConfig defaults for the widths)
+    model_type="llava_next",
+    text_config={"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096},
+    vision_config={"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                   "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+)
+
+
+def test_next_presets_and_aliases():
+    vicuna, mistral = preset("llava-next-7b"), preset("llava-hf/llava-v1.6-mistral-7b-hf")
+    assert preset("llava-hf/llava-v1.6-vicuna-7b-hf") is vicuna and preset("llava-v1.6-mistral-7b") is mistral
+    assert vicuna.model_type == mistral.model_type == "llava_next" and preset("llava-1.5-7b").model_type == "llava"
+    # the same Vicuna-7B, CLIP and projector as LLaVA-1.5-7B: equal token counts cost the same LLM prefill
+    assert (vicuna.text, vicuna.vision, vicuna.projector) == (preset("llava-1.5-7b").text, preset("llava-1.5-7b").vision,
+                                                              preset("llava-1.5-7b").projector)
+    assert prefill_tflops_for("llava-next-7b", 2880, 60, layout_tokens=48) == prefill_tflops_for("llava-1.5-7b", 2928, 60)
+    # Mistral-7B: 32 query heads and 8 key/value heads of 128, MLP 14336, vocab 32064
+    t = mistral.text
+    assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads, t.vocab_size) == (4096, 14336, 32, 32, 8, 32064)
+    assert t.linear_flops_per_token() == 2 * 4096 * (2 * 4096 + 2 * 1024) + 2 * 3 * 4096 * 14336
+    assert preset("llava-v1.6-vicuna-13b").text == preset("llava-1.5-13b").text
+    with pytest.raises(ValueError, match="llava-next-7b"):
+        preset("llava-next-34b")
+
+
+def test_from_llava_config_reads_a_llava_next_config(tmp_path):
+    from transformers import LlavaNextConfig
+
+    cfg = LlavaNextConfig(**{k: v for k, v in NEXT_7B.items() if k != "model_type"})
+    got = from_llava_config(cfg)
+    want = preset("llava-next-7b")
+    assert (got.text, got.vision, got.projector, got.model_type) == (want.text, want.vision, want.projector, "llava_next")
+    cfg.save_pretrained(tmp_path)
+    folder = llava_config_for(str(tmp_path))  # config.json, no transformers
+    assert (folder.text, folder.vision, folder.model_type) == (want.text, want.vision, "llava_next")
+    mistral = dict(NEXT_7B, text_config={**NEXT_7B["text_config"], "model_type": "mistral", "intermediate_size": 14336, "num_key_value_heads": 8})
+    assert from_llava_config(mistral).text == preset("llava-next-mistral-7b").text
+
+
+def test_next_vision_cost_is_per_unit():
+    """One CLIP pass per unit (base image + each crop): a 672x672 image on the 2x2 grid is 5 passes; its 48 newline tokens
+    enter the LLM (sequence, prefill) but not the projector."""
+    one = flops_report("llava-next-7b", 576, 60)
+    five = flops_report("llava-next-7b", 2880, 60, units=5, layout_tokens=48)
+    assert one["units"] == 1 and five["units"] == 5 and five["model_type"] == "llava_next"
+    assert five["vision_tflops"] == pytest.approx(5 * one["vision_tflops"]) == pytest.approx(5 * five["vision_tflops_per_unit"])
+    assert five["sequence_length"] == 2880 + 48 + 60 and five["layout_tokens"] == 48
+    assert five["prefill_tflops"] == pytest.approx(prefill_tflops_for("llava-next-7b", 2880, 60, layout_tokens=48))
+    assert five["projector_tflops"] == pytest.approx(2880 * 2 * (1024 * 4096 + 4096 * 4096) / 1e12)
+    assert flops_report("llava-next-7b", 2880, 60, units=5, images=1)["images"] == 1
+    assert flops_report("llava-next-7b", 2880, 60, units=5, vision_blocks="all")["vision_tflops"] > five["vision_tflops"]
+    with pytest.raises(ValueError, match="give units"):  # an image count does not say how many crops
+        flops_report("llava-next-7b", 2880, 60, images=1)
+    with pytest.raises(ValueError, match="fewer than images"):
+        flops_report("llava-next-7b", 2880, 60, images=2, units=1)
+    # LLaVA-1.5: a unit is an image (images keeps working; both must agree)
+    assert flops_report("llava-1.5-7b", 1152, 60, images=2)["vision_tflops"] == flops_report("llava-1.5-7b", 1152, 60, units=2)["vision_tflops"]
+    with pytest.raises(ValueError, match="a unit is an image"):
+        flops_report("llava-1.5-7b", 1152, 60, images=2, units=3)
+    with pytest.raises(ValueError, match="layout_tokens"):
+        flops_report("llava-next-7b", 2880, 60, units=5, layout_tokens=-1)
+
+
+def test_cli_flops_next(capsys):
+    argv = ["flops", "--preset", "llava-next-7b", "--visual-tokens", "2880", "--layout-tokens", "48", "--text-tokens", "60", "--units", "5"]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["units"] == 5 and out["sequence_length"] == 2988 and out["vision_blocks"] == 23
+    assert out["vision_tflops"] == pytest.approx(5 * flops_report("llava-next-7b", 576, 60)["vision_tflops"])
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "2880 visual + 48 layout + 60 text tokens = sequence 2988" in text and "(5 unit(s) x 23 blocks)" in text
+    assert main(["flops", "--preset", "llava-next-7b", "--visual-tokens", "2880", "--images", "1"]) == 2
+    assert "give units" in capsys.readouterr().err
