@@ -19,6 +19,9 @@ highest relevance (ties to the lowest index). The greedy steps run over the whol
 relevance, kernel and greedy steps in float64 from settled cosines (signals.settle): the picks do not depend on the
 BLAS summation order, and past the kernel's rank the gains fall to ~1e-16 (float64 noise) instead of fp32's ~1e-7,
 so the 1e-10 floor marks the rank.
+
+Units (fixed; methods/units.py): with valid patches the relevance is min-maxed over the unit's valid patches and the
+invalid ones start out as picked (never a DPP step, never a fill). budgets[b] replaces `budget` unit by unit.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import List, Optional
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from . import units
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, register
@@ -55,8 +59,11 @@ def relevance(inp: VisionInputs, variant: str) -> torch.Tensor:
     rho = -cos.sum(dim=-1) / counts[:, None]  # padded rows add exactly 0
     if variant == "reference":
         lo, hi = rho.min(), rho.max()
-    else:
+    elif inp.valid is None:
         lo, hi = rho.min(dim=1, keepdim=True).values, rho.max(dim=1, keepdim=True).values
+    else:  # over each unit's valid patches (the invalid ones get values outside [0, 1]; they are never picked)
+        lo = rho.masked_fill(~inp.valid, float("inf")).min(dim=1, keepdim=True).values
+        hi = rho.masked_fill(~inp.valid, float("-inf")).max(dim=1, keepdim=True).values
     return (rho - lo + 1e-6) / (hi - lo if variant == "reference" else (hi - lo).clamp_min(1e-12))
 
 
@@ -69,17 +76,20 @@ def dpp_kernel(inp: VisionInputs, rho: torch.Tensor, variant: str) -> torch.Tens
     return rho[:, :, None] * torch.bmm(unit, unit.transpose(1, 2)) * rho[:, None, :]
 
 
-def greedy_map(kernel: torch.Tensor, count: int, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_map(kernel: torch.Tensor, count: int, fill: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fast greedy MAP over [B, N, N] kernels, all images at once -> [B, count] picks.
 
     fill [B, N] (fixed): when the best remaining gain is <= RANK_FLOOR or not finite, the pick is the unpicked
     token of highest `fill` instead (ties: the lowest index); None (reference): the released arithmetic, NaN included.
+    valid [B, N] (fixed): the invalid tokens start out as picked (gain -inf, never a fill), so no step picks one.
     """
     b, n, _ = kernel.shape
     rows = torch.arange(b, device=kernel.device)
     gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()
     c = torch.zeros(b, count, n, dtype=kernel.dtype, device=kernel.device)
-    picked = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=kernel.device) if valid is None else ~valid
+    if valid is not None:
+        gains = gains.masked_fill(picked, float("-inf"))
     out = []
     spent = torch.zeros(b, dtype=torch.bool, device=kernel.device)
     for t in range(count):
@@ -111,7 +121,8 @@ def _cdpruner(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> 
     kernel = dpp_kernel(inp, rho, variant)
     if variant == "reference":
         return gather_sorted(inp, torch.unique(greedy_map(kernel, budget)[0]).expand(1, -1))
-    return gather_sorted(inp, greedy_map(kernel, budget, fill=rho))
+    budgets = units.unit_budgets(inp, budget)
+    return gather_sorted(inp, greedy_map(kernel, max(budgets), fill=rho, valid=inp.valid), budgets)
 
 
 register(
@@ -123,5 +134,6 @@ register(
         needs=frozenset({"projected", "patch_embeds", "text_segments"}),
         reference_batch_one=True,
         reference_short=True,
+        unit_aware=True,
     )
 )

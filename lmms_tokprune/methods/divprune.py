@@ -17,6 +17,10 @@ distinct (a re-picked token sits at several consecutive positions; reproduced: `
 at position 35, and its unpruned labels (a loglikelihood-only crash). `fixed` = per image, picked tokens masked
 (exactly n), ties to the lowest index, distances from settled float64 cosines (signals.cosine_gram): the max-min
 ranking then does not depend on the BLAS summation order, and exact duplicates are exactly at distance 0.
+
+Units (fixed; methods/units.py): with valid patches `ratio` keeps int(round(ratio * V)) of the unit's V valid patches,
+and only they are candidates or count as distances (a column's second-smallest entry over the valid rows).
+budgets[b] replaces `budget` / `ratio` unit by unit.
 """
 
 from __future__ import annotations
@@ -43,13 +47,22 @@ def cosine_distance(p: torch.Tensor, variant: str) -> torch.Tensor:
     return 1.0 - torch.bmm(unit, unit.transpose(1, 2))
 
 
-def max_min_picks(dist: torch.Tensor, count: int, mask_picked: bool) -> torch.Tensor:
-    """Greedy max-min over [B, N, N] distances, all images at once -> [B, count] picks (repeats possible unless masked)."""
+def max_min_picks(dist: torch.Tensor, count: int, mask_picked: bool, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Greedy max-min over [B, N, N] distances, all images at once -> [B, count] picks (repeats possible unless masked).
+
+    valid [B, N] (fixed): only valid tokens are candidates and only their distances count (a column's
+    second-smallest entry over the valid rows; invalid columns never picked)."""
     b, n, _ = dist.shape
     rows = torch.arange(b, device=dist.device)
-    first = torch.topk(dist, 2, dim=1, largest=False).values[:, 1]  # per column: the second-smallest entry
+    if valid is None:
+        first = torch.topk(dist, 2, dim=1, largest=False).values[:, 1]  # per column: the second-smallest entry
+    else:
+        first = torch.topk(dist.masked_fill(~valid[:, :, None], float("inf")), min(2, n), dim=1, largest=False).values[:, -1]
+        first = first.masked_fill(~valid, float("-inf"))
     picks = [torch.argmax(first, dim=1)]
     score = dist[rows, picks[0]]  # min over the picked of D_sj, with one pick: that row
+    if valid is not None:
+        score = score.masked_fill(~valid, float("-inf"))  # stays -inf: min(-inf, d) = -inf
     for _ in range(count - 1):
         if mask_picked:
             score = score.index_put((rows, picks[-1]), torch.tensor(float("-inf"), dtype=score.dtype, device=score.device))
@@ -59,13 +72,17 @@ def max_min_picks(dist: torch.Tensor, count: int, mask_picked: bool) -> torch.Te
 
 
 def _divprune(inp: VisionInputs, variant: str, ratio: Optional[float] = None, budget: Optional[int] = None) -> List[CompressedImage]:
-    count = units.keep_count(inp.num_patches, budget, ratio, default_ratio=DEFAULT_RATIO, rounding=units.NEAREST, minimum=0)
-    if count < 1:
-        raise ValueError(f"divprune: ratio={ratio} keeps int(round(ratio * {inp.num_patches})) = 0 tokens; give a larger ratio or budget")
+    counts = units.unit_counts(inp, budget, ratio, default_ratio=DEFAULT_RATIO, rounding=units.NEAREST, minimum=0)
+    if min(counts) < 1:
+        short = counts.index(min(counts))
+        v = units.valid_counts(inp)[short]
+        where = "" if inp.valid is None else f" of unit {short}'s {v} valid patches"
+        raise ValueError(f"divprune: ratio={ratio} keeps int(round(ratio * {v})) = 0 tokens{where}; give a larger ratio or budget")
     if variant == "reference":
-        picks = max_min_picks(cosine_distance(inp.projected[:1], variant), count, mask_picked=False)
+        picks = max_min_picks(cosine_distance(inp.projected[:1], variant), counts[0], mask_picked=False)
         return gather_sorted(inp, picks.expand(inp.batch_size, -1))  # sorted with the repeats, as released
-    return gather_sorted(inp, max_min_picks(cosine_distance(inp.projected, variant), count, mask_picked=True))
+    picks = max_min_picks(cosine_distance(inp.projected, variant), max(counts), mask_picked=True, valid=inp.valid)
+    return gather_sorted(inp, picks, counts)
 
 
 register(
@@ -78,5 +95,6 @@ register(
             "budget": BUDGET,
         },
         needs=frozenset({"projected"}),
+        unit_aware=True,
     )
 )

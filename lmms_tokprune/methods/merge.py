@@ -168,18 +168,21 @@ def weighted_sum(feats: torch.Tensor, nb_patch: torch.Tensor, weight: torch.Tens
     return torch.bmm(dense.scatter_add_(2, nb_patch, weight), feats)
 
 
-def single_token(feats: torch.Tensor, attn: torch.Tensor, variant: str, scores: torch.Tensor | None = None) -> list:
+def single_token(feats: torch.Tensor, attn: torch.Tensor, variant: str, scores: torch.Tensor | None = None,
+                 valid: torch.Tensor | None = None) -> list:
     """budget=1 for the merging methods: the top-attention patch c with every other patch merged into it,
     h_c + sum_{j != c} a_j h_j (the centre's merge and the extra token's sum in one token; roles: kept).
 
     reference: torch.topk's tie order; fixed: ties to the lower patch index. `scores` (fixed: the settled
-    float64 attention) decide c when given; `attn` is always the merge weight.
+    float64 attention) decide c when given; `attn` is always the merge weight. valid [B, N] (fixed): c is the
+    top valid patch and only valid patches are merged into it.
     """
     from .inputs import ROLE_KEPT, CompressedImage
 
-    top = top_indices(attn if scores is None else scores, 1, variant)[:, 0]
+    ranking = attn if scores is None else scores
+    top = top_indices(ranking if valid is None else ranking.masked_fill(~valid, float("-inf")), 1, variant)[:, 0]
     rows = torch.arange(attn.shape[0], device=attn.device)
-    weight = attn.clone()
+    weight = attn.clone() if valid is None else attn * valid.to(attn.dtype)
     weight[rows, top] = 0.0
     merged = feats[rows, top] + torch.einsum("bn,bnd->bd", weight.to(feats.dtype), feats)
     role = torch.full((1,), ROLE_KEPT, dtype=torch.long, device=attn.device)

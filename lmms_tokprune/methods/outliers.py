@@ -91,19 +91,44 @@ def quartiles(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _np_percentile_f32(xs, 25), _np_percentile_f32(xs, 75)
 
 
-def iqr_outliers(scores: torch.Tensor, whisker: float = 1.5) -> torch.Tensor:
+def _np_percentile_f32_counts(xs: torch.Tensor, counts: torch.Tensor, q: int) -> torch.Tensor:
+    """`_np_percentile_f32` of each row's first counts[b] sorted values (a row of its own length): the same float64
+    index arithmetic and float32 lerp, elementwise per row, so a full row gives the same bits."""
+    virtual = (counts.to(torch.float64) - 1) * (q / 100)
+    prev = torch.floor(virtual).long()
+    lone = counts == 1  # numpy: index -1 for both ends, gamma = virtual + 1
+    prev = torch.where(lone, 0, prev)
+    nxt = torch.where(lone, 0, prev + 1)
+    gamma = torch.where(lone, virtual + 1.0, virtual - prev.to(torch.float64))
+    a = xs.gather(1, prev[:, None])[:, 0]
+    b = xs.gather(1, nxt.clamp(max=xs.shape[1] - 1)[:, None])[:, 0]
+    diff = b - a
+    high = b - diff * (1.0 - gamma).to(torch.float32)
+    low = a + diff * gamma.to(torch.float32)
+    return torch.where(gamma >= 0.5, high, low)
+
+
+def iqr_outliers(scores: torch.Tensor, whisker: float = 1.5, mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, N] -> bool [B, N]: x > Q3 + whisker * (Q3 - Q1) per row, strict, all in float32.
 
     Reproduces PruMerge's ``attn_np = attn.float().numpy(); Q1, Q3 = np.percentile(attn_np, 25/75);
     upper = Q3 + 1.5 * (Q3 - Q1); attn_np > upper`` bit for bit (numpy 2 keeps float32 throughout), so a
     score sitting exactly on, or one ulp off, the fence gets the reference's label.
+
+    mask [B, N] bool (valid patches, >= 1 per row): each row's fence from its masked entries only, exactly as
+    numpy on that subset; entries outside the mask are never outliers.
     """
     _check_scores("iqr_outliers", scores)
     x = scores.to(torch.float32)
-    q1, q3 = quartiles(x)
+    if mask is None:
+        q1, q3 = quartiles(x)
+    else:
+        xs = torch.sort(x.masked_fill(~mask, float("inf")), dim=1).values  # the row's own values first, ascending
+        counts = mask.sum(dim=1)
+        q1, q3 = _np_percentile_f32_counts(xs, counts, 25), _np_percentile_f32_counts(xs, counts, 75)
     w = torch.tensor(float(whisker), dtype=torch.float32, device=x.device)
     fence = q3 + w * (q3 - q1)
-    return x > fence[:, None]
+    return x > fence[:, None] if mask is None else (x > fence[:, None]) & mask
 
 
 # ----------------------------------------------------------------------------------------------------- LOF

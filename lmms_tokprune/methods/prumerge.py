@@ -42,6 +42,12 @@ Matched budget (`budget=N`, both variants, replaces the adaptive / ratio rule):
                  Plus the extra token: exactly N.
   budget = 1 (both): the top-attention patch with every other patch merged into it, h_c + sum_{j != c} a_j h_j
                  (merge.single_token: no room for an extra token, so its sum joins the one centre).
+
+Units (fixed; methods/units.py): with valid patches, a unit's IQR fence is taken over its V valid patches, the top-k
+and every centre are valid, `ratio` keeps int(V * ratio), PruMerge+'s ratio is k / V and its stride runs over the
+unit's valid list (valid-list positions 0, s, 2s, ... < V - 1), and only valid patches are neighbours or in the
+extra token (the merge pool); the CLS attention stays CLIP's (softmax over all keys). budgets[b] works as `budget`
+unit by unit (budget-1 units get the single token, in their own sub-batch).
 """
 
 from __future__ import annotations
@@ -76,17 +82,23 @@ def ranks(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, pos)
 
 
-def stride_of(k: torch.Tensor, n: int) -> torch.Tensor:
-    """PruMerge+ stride int(int(1/ratio)/3) with ratio = k/n, in float64 exactly as Python does."""
-    ratio = k.to(torch.float64) / n
+def stride_of(k: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """PruMerge+ stride int(int(1/ratio)/3) with ratio = k/n, in float64 exactly as Python does (n: N, or each
+    unit's valid count V, broadcast against k)."""
+    ratio = k.to(torch.float64) / (n if isinstance(n, int) else n.to(torch.float64))
     return torch.floor(torch.floor(1.0 / ratio) / 3.0).long()
 
 
-def stride_mask(stride: torch.Tensor, n: int) -> torch.Tensor:
-    """[...] strides -> bool [..., N]: raster positions 0, s, 2s, ... < N - 1 (N - 1 never sampled)."""
-    p = torch.arange(n, device=stride.device)
+def stride_mask(stride: torch.Tensor, n: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[...] strides -> bool [..., N]: raster positions 0, s, 2s, ... < N - 1 (N - 1 never sampled).
+    valid [B, N] (strides [B]): the same stride over each unit's list of valid patches (raster order): valid-list
+    positions 0, s, 2s, ... < V - 1, as if those V patches were the whole image."""
     s = stride.clamp(min=1).unsqueeze(-1)
-    return (p % s == 0) & (p < n - 1)
+    if valid is None:
+        p = torch.arange(n, device=stride.device)
+        return (p % s == 0) & (p < n - 1)
+    vpos = units.valid_positions(valid)
+    return valid & (vpos % s == 0) & (vpos < valid.sum(dim=1, keepdim=True) - 1)
 
 
 def layout(rank: torch.Tensor, kept: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
@@ -97,15 +109,16 @@ def layout(rank: torch.Tensor, kept: torch.Tensor, spatial: torch.Tensor) -> tor
     return torch.argsort(key, dim=1)
 
 
-def adaptive_counts(attn: torch.Tensor, whisker: float, variant: str) -> tuple[torch.Tensor, float]:
+def adaptive_counts(attn: torch.Tensor, whisker: float, variant: str, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """IQR outlier count per image -> (k [B], reference ratio). Reference pools the batch into
-    one fence: ratio = count / (B*N), every image gets k = int(N * ratio)."""
+    one fence: ratio = count / (B*N), every image gets k = int(N * ratio). fixed with `valid`: each unit's fence
+    over its valid patches, which alone can be outliers."""
     b, n = attn.shape
     if variant == "reference":
         count = int(iqr_outliers(attn.reshape(1, -1), whisker).sum())
         ratio = count / (b * n)
         return torch.full((b,), int(n * ratio), dtype=torch.long, device=attn.device), ratio
-    k = iqr_outliers(attn, whisker).sum(dim=1).clamp(min=1)
+    k = iqr_outliers(attn, whisker, mask=valid).sum(dim=1).clamp(min=1)
     return k, float("nan")
 
 
@@ -137,41 +150,49 @@ def top_selection(attn: torch.Tensor, k: torch.Tensor, variant: str) -> Selectio
     return Selection(top_indices(attn, kmax, variant), counts, [0] * len(counts))
 
 
-def plus_selection(attn: torch.Tensor, k: torch.Tensor, stride: torch.Tensor, variant: str) -> Selection:
-    """PruMerge+ adaptive rule: top-k_b, then stride samples not already kept, ascending."""
+def plus_selection(attn: torch.Tensor, k: torch.Tensor, stride: torch.Tensor, variant: str, valid: torch.Tensor | None = None) -> Selection:
+    """PruMerge+ adaptive rule: top-k_b, then stride samples not already kept, ascending (attn: invalid patches at
+    -inf, valid: their stride runs over the valid list)."""
     n = attn.shape[1]
     rank = top_rank(attn, k, variant)
     kept = rank < n
-    spatial = stride_mask(stride, n) & ~kept
+    spatial = stride_mask(stride, n, valid) & ~kept
     counts = torch.stack([k, spatial.sum(dim=1)]).tolist()
     width = max(a + s for a, s in zip(*counts))
     return Selection(layout(rank, kept, spatial)[:, :width], counts[0], counts[1])
 
 
-def plus_budget_selection(attn: torch.Tensor, centres: int, variant: str) -> Selection:
-    """Budget rule for PruMerge+ (module docstring): exactly `centres` centres per image.
+def plus_budget_selection(attn: torch.Tensor, centres: torch.Tensor, variant: str, valid: torch.Tensor | None = None) -> Selection:
+    """Budget rule for PruMerge+ (module docstring): exactly centres[b] centres for unit b.
 
     For every top-k size k in [1, M] the stride sample's overlap with the top-k is a prefix count
     along the attention order, so each distinct stride (a few dozen) costs one cumsum over [B, N].
+    valid (fixed): attn holds the invalid patches at -inf (last in the order); ratios and strides are taken over
+    each unit's V valid patches and its stride runs over its valid list (stride_mask).
     """
-    _b, n = attn.shape
+    b, n = attn.shape
     order = top_indices(attn, n, variant)
     rank = ranks(order)
-    ks = torch.arange(1, centres + 1, device=attn.device)
-    strides = stride_of(ks, n).clamp(min=1)
+    v = torch.full((b,), n, device=attn.device) if valid is None else valid.sum(dim=1)
+    ks = torch.arange(1, int(centres.max()) + 1, device=attn.device)
+    strides = stride_of(ks[:, None], v[None, :]).clamp(min=1)  # [M, B]
     uniq, which = torch.unique(strides, return_inverse=True)
-    in_sample = (order[None] % uniq[:, None, None] == 0) & (order[None] < n - 1)  # [S, B, N]
-    overlap = in_sample.cumsum(dim=-1)[which, :, ks - 1]  # [M, B]: samples among the top-k
-    added = ((n - 2) // uniq + 1)[which][:, None] - overlap
-    fits = ks[:, None] + added <= centres
+    pos = order if valid is None else units.valid_positions(valid).gather(1, order)  # valid-list position, attention order
+    in_sample = (pos[None] % uniq[:, None, None] == 0) & (pos[None] < (v - 1)[None, :, None])  # [S, B, N]
+    if valid is not None:
+        in_sample &= valid.gather(1, order)[None]
+    unit = torch.arange(b, device=attn.device)
+    overlap = in_sample.cumsum(dim=-1)[which, unit[None, :], (ks - 1)[:, None]]  # [M, B]: samples among the top-k
+    added = (v[None, :] - 2) // uniq[which] + 1 - overlap
+    fits = (ks[:, None] <= centres[None, :]) & (ks[:, None] + added <= centres[None, :])
     kstar = torch.where(fits, ks[:, None], 0).max(dim=0).values  # [B]; 0 = nothing fits
-    sample = stride_mask(strides[(kstar - 1).clamp(min=0)], n)
+    sample = stride_mask(strides[(kstar - 1).clamp(min=0), unit], n, valid)
     spatial = sample & (rank >= kstar[:, None]) & (kstar[:, None] > 0)
     n_spatial = spatial.sum(dim=1)
     nonspatial_rank = ranks(layout(rank, ~spatial, spatial))  # position among non-spatial by rank
     kept = ~spatial & (nonspatial_rank < (centres - n_spatial)[:, None])
     counts = torch.stack([centres - n_spatial, n_spatial]).tolist()
-    return Selection(layout(rank, kept, spatial)[:, :centres], counts[0], counts[1])
+    return Selection(layout(rank, kept, spatial)[:, : int(centres.max())], counts[0], counts[1])
 
 
 def plus_reference_training_branch(attn: torch.Tensor, ratio: float) -> Selection:
@@ -196,17 +217,19 @@ def plus_reference_training_branch(attn: torch.Tensor, ratio: float) -> Selectio
     return Selection(idx, [k] * b, [k] * b, pool)
 
 
-def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor, num_patches: int, variant: str = "reference") -> list[CompressedImage]:
+def assemble(sel: Selection, merged: torch.Tensor, extra: torch.Tensor, num_patches: int | list[int], variant: str = "reference") -> list[CompressedImage]:
     """Per image: centres (kept, then spatial) in selection order, then the extra token.
 
     fixed: when every patch is a centre (PruMerge+ at stride 1) the extra token sums over nothing;
     it is dropped so an image never yields more tokens than patches (reference keeps the zero token).
+    num_patches: N, or each unit's valid count.
     """
     outs = []
     dev = merged.device
+    limits = num_patches if isinstance(num_patches, list) else [num_patches] * len(sel.kept)
     for b, (nk, ns) in enumerate(zip(sel.kept, sel.spatial)):
         m = nk + ns
-        if variant == "fixed" and m >= num_patches:
+        if variant == "fixed" and m >= limits[b]:
             role = torch.cat([torch.full((nk,), ROLE_KEPT, device=dev), torch.full((ns,), ROLE_MERGED, device=dev)]).long()
             outs.append(CompressedImage(merged[b, :m], sel.centres[b, :m].clone(), role))
             continue
@@ -226,7 +249,7 @@ def merge_selection(inp: VisionInputs, attn: torch.Tensor, sel: Selection, num_n
     """Run the shared kNN merge over the selected centres and build the outputs (attn: the merge weights)."""
     counts = torch.tensor([a + s for a, s in zip(sel.kept, sel.spatial)], device=attn.device)
     merged, extra = knn_merge(inp.patches, attn, units.patch_rows(inp, inp.k), sel.centres, counts, num_neighbors, pool=sel.pool, variant=variant)
-    return assemble(sel, merged, extra, inp.num_patches, variant)
+    return assemble(sel, merged, extra, units.valid_counts(inp), variant)
 
 
 def attention_signals(inp: VisionInputs, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,18 +269,24 @@ def _prumerge(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge", adaptive, ratio)
+    budgets = units.unit_budgets(inp, budget)
+    if budgets is not None and 1 in budgets and set(budgets) != {1}:  # budget-1 units: their own token rule
+        return units.split_units(inp, [m == 1 for m in budgets], lambda sub, _: _prumerge(sub, variant, adaptive, ratio, whisker, num_neighbors, budget))
     attn, scores = attention_signals(inp, variant)
-    if budget == 1:
-        return single_token(inp.patches, attn, variant, scores)
+    valid = inp.valid
+    if budgets is not None and budgets[0] == 1:
+        return single_token(inp.patches, attn, variant, scores, valid)
     n = inp.num_patches
     _check_neighbours("prumerge", variant, n, num_neighbors)
-    if budget is not None:
-        k = torch.full((inp.batch_size,), budget - 1, dtype=torch.long, device=attn.device)
+    if budgets is not None:
+        k = torch.tensor(budgets, dtype=torch.long, device=attn.device) - 1
     elif adaptive:
-        k = adaptive_counts(scores, whisker, variant)[0]
+        k = adaptive_counts(scores, whisker, variant, valid)[0]
     else:
-        k = torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
-    return merge_selection(inp, attn, top_selection(scores, k, variant), num_neighbors, variant)
+        k = torch.tensor([ratio_count(v, ratio, variant) for v in units.valid_counts(inp)], dtype=torch.long, device=attn.device)
+    sel = top_selection(units.masked(scores, valid), k, variant)
+    sel.pool = valid
+    return merge_selection(inp, attn, sel, num_neighbors, variant)
 
 
 def _plus_adaptive_reference(attn: torch.Tensor, whisker: float) -> Selection:
@@ -291,24 +320,32 @@ def _prumerge_plus(
     budget: int | None = None,
 ) -> list[CompressedImage]:
     _check_ratio_mode("prumerge_plus", adaptive, ratio)
+    budgets = units.unit_budgets(inp, budget)
+    if budgets is not None and 1 in budgets and set(budgets) != {1}:  # budget-1 units: their own token rule
+        return units.split_units(inp, [m == 1 for m in budgets],
+                                 lambda sub, _: _prumerge_plus(sub, variant, adaptive, ratio, whisker, num_neighbors, budget))
     attn, scores = attention_signals(inp, variant)
-    if budget == 1:
-        return single_token(inp.patches, attn, variant, scores)
+    valid = inp.valid
+    if budgets is not None and budgets[0] == 1:
+        return single_token(inp.patches, attn, variant, scores, valid)
     n = inp.num_patches
     _check_neighbours("prumerge_plus", variant, n, num_neighbors)
-    if budget is not None:
-        sel = plus_budget_selection(scores, budget - 1, variant)
+    if budgets is not None:
+        sel = plus_budget_selection(units.masked(scores, valid), torch.tensor(budgets, device=attn.device) - 1, variant, valid)
     elif variant == "reference" and adaptive:
         sel = _plus_adaptive_reference(attn, whisker)
     elif variant == "reference":
         sel = plus_reference_training_branch(attn, REFERENCE_RATIO if ratio is None else ratio)
     else:
+        counts = units.valid_counts(inp)
         k = (
-            adaptive_counts(scores, whisker, variant)[0]
+            adaptive_counts(scores, whisker, variant, valid)[0]
             if adaptive
-            else torch.full((inp.batch_size,), ratio_count(n, ratio, variant), dtype=torch.long, device=attn.device)
+            else torch.tensor([ratio_count(v, ratio, variant) for v in counts], dtype=torch.long, device=attn.device)
         )
-        sel = plus_selection(scores, k, stride_of(k, n).clamp(min=1), variant)
+        v = n if valid is None else torch.tensor(counts, device=attn.device)
+        sel = plus_selection(units.masked(scores, valid), k, stride_of(k, v).clamp(min=1), variant, valid)
+    sel.pool = valid if sel.pool is None else sel.pool
     return merge_selection(inp, attn, sel, num_neighbors, variant)
 
 
@@ -331,6 +368,7 @@ register(
         "PruMerge: IQR-adaptive top CLS-attention tokens, kNN-merged, plus one extra token",
         params=_params(),
         needs=frozenset({"qk", "cls"}),
+        unit_aware=True,
     )
 )
 register(
@@ -341,5 +379,6 @@ register(
         params=_params(),
         needs=frozenset({"qk", "cls"}),
         reference_batch_one=True,
+        unit_aware=True,
     )
 )

@@ -44,6 +44,12 @@ n_t' = N - 1 - n_v'; T is still drawn with all of V masked), and the remaining
 N - 1 - n_v' - n_t' slots are the secondary centres (top of a over R; the third LOF is
 skipped). Exactly N tokens: first block + centres + extra.
 
+Units (fixed; methods/units.py): with valid patches every LOF fraction is fitted on the unit's valid patches only and
+N is their count V (n_v = int(V * fraction), n_t over V - n_v, N_c = |R| over the valid rest), s' sets V to the minimum
+of s over the valid patches, and only valid patches are kept, recovered, centres, neighbours or in the extra token;
+the CLS attention and the text similarity stay as computed over all tokens. budgets[b] works as `budget` unit by
+unit (budget-1 units get the single token, in their own sub-batch).
+
 `ratio` is rejected: the method has no keep-ratio hyper-parameter (the paper moves its token
 count with the LOF k's, Table 4); use budget=N for an exact count, or lof_k_visual /
 lof_k_text / lof_k_merge.
@@ -110,8 +116,8 @@ def count_of(fraction: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.floor(total.to(torch.float64) * fraction.to(torch.float64)).long()
 
 
-def shrink(n_v: torch.Tensor, n_t: torch.Tensor, cap: int) -> tuple:
-    """Budget: shrink (n_v, n_t) proportionally to fit `cap`, visual rounded up."""
+def shrink(n_v: torch.Tensor, n_t: torch.Tensor, cap: int | torch.Tensor) -> tuple:
+    """Budget: shrink (n_v, n_t) proportionally to fit `cap` (one for all, or per unit), visual rounded up."""
     total = n_v + n_t
     over = total > cap
     nv = torch.where(over, (n_v * cap + total - 1) // total.clamp(min=1), n_v)
@@ -160,21 +166,31 @@ def top_among(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> t
 
 
 def _plan_fixed(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p: dict) -> Plan:
-    """Batched fixed variant: masks for V, T, R and the centres of every image at once."""
+    """Batched fixed variant: masks for V, T, R and the centres of every image at once. With valid patches
+    (inp.valid) every count, fraction and minimum is taken over the unit's valid patches only, and only they are
+    kept, recovered, centres or merged."""
     b, n = attn.shape
-    everything = torch.ones_like(attn, dtype=torch.bool)
-    full = torch.full((b,), n, device=attn.device)
-    n_v = count_of(outliers.lof_fraction(attn, p["lof_k_visual"]), full)
+    valid = inp.valid
+    everything = torch.ones_like(attn, dtype=torch.bool) if valid is None else valid
+    full = torch.full((b,), n, device=attn.device) if valid is None else valid.sum(dim=1)
+
+    def fraction(scores: torch.Tensor, k: int) -> torch.Tensor:
+        return outliers.lof_fraction(scores, k) if valid is None else subset_fraction(scores, valid, k)
+
+    n_v = count_of(fraction(attn, p["lof_k_visual"]), full)
     v_all = top_among(attn, everything, n_v)
-    sim_masked = torch.where(v_all, sim.min(dim=1, keepdim=True).values, sim)
-    n_t = count_of(outliers.lof_fraction(sim_masked, p["lof_k_text"]), full - n_v)
-    if p["budget"] is not None:
-        n_v, n_t = shrink(n_v, n_t, p["budget"] - 1)
+    lowest = (sim if valid is None else sim.masked_fill(~valid, float("inf"))).min(dim=1, keepdim=True).values
+    sim_masked = torch.where(v_all, lowest, sim)
+    n_t = count_of(fraction(sim_masked, p["lof_k_text"]), full - n_v)
+    budgets = p["budgets"]
+    if budgets is not None:
+        cap = torch.tensor(budgets, dtype=torch.long, device=attn.device) - 1
+        n_v, n_t = shrink(n_v, n_t, cap)
     v = top_among(attn, everything, n_v)
-    t = top_among(sim_masked, ~v_all, n_t)
-    pool = ~(v | t)
-    if p["budget"] is not None:
-        n_c = p["budget"] - 1 - n_v - n_t
+    t = top_among(sim_masked, everything & ~v_all, n_t)
+    pool = everything & ~(v | t)
+    if budgets is not None:
+        n_c = cap - n_v - n_t
     else:
         n_c = count_of(subset_fraction(attn, pool, p["lof_k_merge"]), pool.sum(dim=1))
     centres = top_among(attn, pool, n_c)
@@ -193,7 +209,7 @@ def _plan_fixed(inp: VisionInputs, attn: torch.Tensor, sim: torch.Tensor, p: dic
         keys=units.patch_rows(inp, inp.k),
         text_score=sim_masked,
         num_candidates=None,
-        keep_extra=[c > 0 or f == 0 or p["budget"] is not None for c, f in zip(counts, sizes)],  # never 0 tokens
+        keep_extra=[c > 0 or f == 0 or budgets is not None for c, f in zip(counts, sizes)],  # never 0 tokens
     )
 
 
@@ -282,17 +298,22 @@ def _recover(
     ratio: float | None = None,
 ) -> list[CompressedImage]:
     _check(variant, inp, budget)
+    budgets = units.unit_budgets(inp, budget)
+    if budgets is not None and 1 in budgets and set(budgets) != {1}:  # budget-1 units: their own token rule
+        return units.split_units(inp, [m == 1 for m in budgets], lambda sub, _: _recover(
+            sub, variant, lof_k_visual, lof_k_text, lof_k_merge, num_neighbors, text_weight, budget, ratio))
     p = {
         "lof_k_visual": lof_k_visual,
         "lof_k_text": lof_k_text,
         "lof_k_merge": lof_k_merge,
         "num_neighbors": num_neighbors,
         "budget": budget,
+        "budgets": budgets,
     }
     attn = cls_attention(inp.q, inp.k)  # the merge weights (fp32, as released)
     scores = attn if variant == "reference" else cls_attention(inp.q, inp.k, FIXED_DTYPE)  # what decisions rank
-    if budget == 1:
-        return single_token(inp.patches, attn, variant, scores)
+    if budgets is not None and budgets[0] == 1:
+        return single_token(inp.patches, attn, variant, scores, inp.valid)
     if variant == "reference":
         sim = text_similarity(inp.last_hidden, inp.text_embeds[:1].to(inp.last_hidden.dtype), inp.visual_projection.to(inp.last_hidden.dtype))
         plan = _plan_reference(inp, attn, sim, p)
@@ -330,5 +351,6 @@ register(
         },
         needs=frozenset({"qk", "cls", "last_hidden", "text"}),
         reference_batch_one=True,
+        unit_aware=True,
     )
 )

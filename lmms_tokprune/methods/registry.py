@@ -8,9 +8,11 @@ budget is a `ValueError` naming the problem instead of a crash deep inside torch
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -59,6 +61,8 @@ class MethodSpec:
     reference_batch_one: bool = False
     budget_sets: Tuple[str, ...] = ()  # released parameters that budget=N maps to (giving both is an error)
     reference_short: bool = False  # reference may return fewer than `budget` tokens, where the released code does
+    # fixed honours VisionInputs.valid (invalid patches never kept nor merged) and .budgets (exact count per unit)
+    unit_aware: bool = False
     # methods that prune inside the LLM: plan(context, variant=..., **params) -> methods.llm_stages.LLMPlan
     plan: Optional[Callable[..., Any]] = None
 
@@ -320,6 +324,48 @@ def _validate_peer_inputs(spec: MethodSpec, inp: VisionInputs, batch: int) -> No
                 raise ValueError(f"VisionInputs.text_segments[{i}] has shape {tuple(t.shape)}; expected [S >= 1, {width}]")
 
 
+def validate_units(spec: MethodSpec, variant: str, inp: VisionInputs, budget: Optional[int]) -> VisionInputs:
+    """Valid-patch masks and per-unit budgets (methods/units.py): `valid` [B, N] bool with >= 1 valid patch per unit,
+    `budgets` B integers in [1, that unit's valid patches], a scalar `budget` within every unit's valid patches;
+    fixed variants of unit-aware methods only. Returns `inp`, with `valid=None` when every patch is valid (the
+    methods then run their unmasked path). Cheap: one count over the [B, N] mask, no pass over the features."""
+    valid, budgets = inp.valid, inp.budgets
+    if valid is None and budgets is None:
+        return inp
+    given = " / ".join(name for name, value in (("valid-patch masks (VisionInputs.valid)", valid),
+                                                 ("per-unit budgets (VisionInputs.budgets)", budgets)) if value is not None)
+    if variant == "reference":
+        raise ValueError(f"{spec.name} (reference): the released code has no {given}; use variant=fixed")
+    if not spec.unit_aware:
+        raise ValueError(f"method {spec.name!r} does not take {given} yet")
+    b, n = inp.batch_size, inp.num_patches
+    counts = [n] * b
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != (b, n):
+            shape = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise ValueError(f"VisionInputs.valid must be a bool tensor [B, N] = [{b}, {n}], got {shape}")
+        if valid.device != inp.hidden.device:
+            raise ValueError(f"VisionInputs.valid is on {valid.device}, hidden on {inp.hidden.device}")
+        counts = [int(c) for c in valid.sum(dim=1).tolist()]
+        empty = [u for u, c in enumerate(counts) if c < 1]
+        if empty:
+            raise ValueError(f"VisionInputs.valid: unit {empty[0]} has no valid patch (every unit needs at least 1)")
+    if budgets is not None:
+        if isinstance(budgets, (str, bytes, torch.Tensor)) or not hasattr(budgets, "__len__") or len(budgets) != b:
+            raise ValueError(f"VisionInputs.budgets must be a sequence of {b} integers (one per unit), got {budgets!r}")
+        for u, (m, c) in enumerate(zip(budgets, counts)):
+            if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 1 <= m <= c:
+                raise ValueError(f"{spec.name}: budgets[{u}]={m!r} must be an integer in [1, {c}]: unit {u} has {c} valid patches")
+    elif budget is not None:
+        short = [u for u, c in enumerate(counts) if c < budget]
+        if short:
+            raise ValueError(f"{spec.name}: budget={budget} is more than unit {short[0]}'s {counts[short[0]]} valid patches "
+                             "(give per-unit budgets, or a smaller budget)")
+    if valid is not None and min(counts) == n:
+        inp = dataclasses.replace(inp, valid=None)
+    return inp
+
+
 def check_budget(method: str, budget: Optional[int], n: int) -> None:
     if budget is not None and not 1 <= budget <= n:
         raise ValueError(f"{method}: budget={budget} is outside [1, {n}] (N = {n} patches)")
@@ -376,13 +422,18 @@ class BoundMethod:
 
     def __call__(self, inp: VisionInputs) -> List[CompressedImage]:
         validate_inputs(self.spec, inp)
-        self.check_patches(inp.num_patches)
+        inp = validate_units(self.spec, self.variant, inp, self.budget)
+        if inp.budgets is None:  # per-unit budgets replace the scalar one (validated above, unit by unit)
+            self.check_patches(inp.num_patches)
         with torch.no_grad():
             outs = self.spec.fn(inp, variant=self.variant, **self.params)
-        if self.budget is not None and not (self.variant == "reference" and self.spec.reference_short):
-            for out in outs:
-                if out.num_tokens != self.budget:  # a method bug, never user input
-                    raise RuntimeError(f"{self.name} returned {out.num_tokens} tokens for budget {self.budget}")
+        if len(outs) != inp.batch_size:  # a method bug, never user input
+            raise RuntimeError(f"{self.name} returned {len(outs)} outputs for {inp.batch_size} units")
+        expected = inp.budgets if inp.budgets is not None else None if self.budget is None else [self.budget] * len(outs)
+        if expected is not None and not (self.variant == "reference" and self.spec.reference_short):
+            for out, want in zip(outs, expected):
+                if out.num_tokens != want:  # a method bug, never user input
+                    raise RuntimeError(f"{self.name} returned {out.num_tokens} tokens for budget {want}")
         return outs
 
 

@@ -26,17 +26,23 @@ token's target) on settled float64 scores (per-head logits, metric cosines; sign
 not depend on the BLAS summation order; the merged features stay in the inputs' dtype. dominant + contextual > 1 + N (the
 release's shape mismatch) is a ValueError in both. The release's class-level monkey patches and its eager
 attention in all 24 blocks are how it gets these tensors, not what it computes: we capture them per instance.
+
+Units (fixed; methods/units.py): with valid patches the dominant patches are the top-D valid ones, the remaining list
+is the unit's other valid patches (R_b = V_b - D), its stride step = max(1, R_b // C) and only valid patches are
+targets or members; dominant + contextual must fit the unit's 1 + V_b tokens. budgets[b] splits as `budget` does,
+unit by unit (a budget under 7 has no contextual token). Units are padded lists with per-unit counts, all at once.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from . import units
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
 from .registry import BUDGET, MethodSpec, Param, positive_int, register
-from .signals import FIXED_DTYPE, cls_attention_per_head, cosine_cross, signal_dtype, take_rows, top_indices
+from .signals import FIXED_DTYPE, cls_attention_per_head, cosine_cross, signal_dtype, take_rows, top_rank
 
 DEFAULT_DOMINANT = 191
 DEFAULT_CONTEXTUAL = 30
@@ -59,50 +65,80 @@ def merge_metric(feature_k: torch.Tensor, num_heads: int, variant: str) -> torch
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
+def unit_splits(inp: VisionInputs, dominant: int, contextual: int, budget: Optional[int], variant: str) -> List[Tuple[int, int]]:
+    """(dominant, contextual) per unit: split_budget of its budget (budgets[b], or `budget`), else the parameters;
+    each must fit the unit's CLS + valid patches."""
+    budgets = units.unit_budgets(inp, budget)
+    splits = [split_budget(m) for m in budgets] if budgets is not None else [(dominant, contextual)] * inp.batch_size
+    n = inp.num_patches
+    for u, ((dom, ctx), v) in enumerate(zip(splits, units.valid_counts(inp))):
+        if dom + ctx > 1 + v:
+            where = f"the {1 + n} tokens (CLS + {n} patches)" if v == n else f"unit {u}'s {1 + v} tokens (CLS + {v} valid patches)"
+            raise ValueError(f"visionzip: dominant={dom} + contextual={ctx} exceeds {where}")
+        if variant == "reference" and ctx == 0:
+            raise ValueError("visionzip (reference): contextual=0 divides by zero in the released code; use variant=fixed")
+    return splits
+
+
+def compact(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """bool [B, L] -> [B, width] long: each row's True positions ascending, then padding (its other positions)."""
+    p = torch.arange(keep.shape[1], device=keep.device)
+    return torch.argsort(torch.where(keep, p, keep.shape[1] + p), dim=1)[:, :width]
+
+
 def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT, contextual: int = DEFAULT_CONTEXTUAL,
                budget: Optional[int] = None) -> List[CompressedImage]:
-    if budget is not None:
-        dominant, contextual = split_budget(budget)
+    """Every unit at once; ragged units (valid patches, per-unit budgets) are padded lists with per-unit counts."""
+    splits = unit_splits(inp, dominant, contextual, budget, variant)
     n = inp.num_patches
-    if dominant + contextual > 1 + n:
-        raise ValueError(f"visionzip: dominant={dominant} + contextual={contextual} exceeds the {1 + n} tokens (CLS + {n} patches)")
-    if variant == "reference" and contextual == 0:
-        raise ValueError("visionzip (reference): contextual=0 divides by zero in the released code; use variant=fixed")
-    b, _, width = inp.hidden.shape
     dev = inp.hidden.device
-    kept_count = dominant - 1
+    valid = inp.valid
+    doms = [dom - 1 for dom, _ in splits]  # D_b patches (the CLS token counts as dominant)
+    ctxs = [ctx for _, ctx in splits]
+    rests = [v - d for v, d in zip(units.valid_counts(inp), doms)]  # R_b remaining valid patches
     scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).sum(dim=1)  # [B, N]
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    if kept_count:
-        chosen.scatter_(1, top_indices(scores, kept_count, variant), True)
-    patch = torch.arange(n, device=dev).expand(b, n)
-    kept = patch[chosen].view(b, kept_count)  # ascending
-    rest = patch[~chosen].view(b, n - kept_count)  # ascending
+    chosen = top_rank(units.masked(scores, valid), torch.tensor(doms, device=dev), variant) < n
+    kept = compact(chosen, max(doms))  # ascending
+    rest = compact(~chosen if valid is None else valid & ~chosen, max(rests))  # ascending
     patches = inp.patches
-    parts = [inp.hidden[:, :1], take_rows(patches, kept)]
-    index = [torch.full((b, 1), -1, dtype=torch.long, device=dev), kept]
-    role = [torch.full((b, 1), ROLE_EXTRA, dtype=torch.long, device=dev), torch.full_like(kept, ROLE_KEPT)]
-    if contextual:
-        remaining = n - kept_count
-        step = max(1, remaining // contextual)
-        target_pos = torch.arange(0, remaining, step, device=dev)[:contextual]
-        is_target = torch.zeros(remaining, dtype=torch.bool, device=dev)
-        is_target[target_pos] = True
+    kept_h = take_rows(patches, kept)
+    merged = targets = None
+    cmax = max(ctxs)
+    if cmax:
+        r_b = torch.tensor(rests, device=dev)[:, None]
+        c_b = torch.tensor(ctxs, device=dev)[:, None]
+        step = (r_b // c_b.clamp(min=1)).clamp(min=1)
+        t = torch.arange(rest.shape[1], device=dev)
+        is_target = (t % step == 0) & (t // step < c_b) & (t < r_b)  # remaining-list positions 0, step, ... (first C_b)
+        mmax = max(r - c for r, c in zip(rests, ctxs))
+        target_pos = compact(is_target, cmax)
+        member_pos = compact(~is_target & (t < r_b), mmax)
         metric = take_rows(merge_metric(inp.feature_k, inp.num_heads, variant), rest)
         rest_h = take_rows(patches, rest)
+        member_metric, target_metric = take_rows(metric, member_pos), take_rows(metric, target_pos)
         if variant == "reference":
-            similarity = torch.bmm(metric[:, ~is_target], metric[:, target_pos].transpose(1, 2))  # [B, R - C, C]
+            similarity = torch.bmm(member_metric, target_metric.transpose(1, 2))  # [B, R - C, C]
         else:
-            similarity = cosine_cross(metric[:, ~is_target], metric[:, target_pos], eps=EPS)
+            similarity = cosine_cross(member_metric, target_metric, eps=EPS)
+        ragged = len(set(ctxs)) > 1 or len(set(rests)) > 1
+        if ragged:  # padded targets never win, padded members join nothing
+            similarity = similarity.masked_fill(torch.arange(cmax, device=dev)[None, None, :] >= c_b[:, :, None], float("-inf"))
         best = similarity.argmax(dim=2, keepdim=True)  # ties: the first target
         assign = torch.zeros_like(similarity, dtype=rest_h.dtype).scatter_(2, best, 1.0)
+        if ragged:
+            assign = assign * (torch.arange(mmax, device=dev)[None, :] < (r_b - c_b))[:, :, None].to(assign.dtype)
         counts = assign.sum(dim=1).clamp(min=1).unsqueeze(-1)
-        merged = rest_h[:, target_pos] + torch.bmm(assign.transpose(1, 2), rest_h[:, ~is_target]) / counts
-        parts.append(merged)
-        index.append(rest[:, target_pos])
-        role.append(torch.full((b, len(target_pos)), ROLE_MERGED, dtype=torch.long, device=dev))
-    feats, idx, rl = torch.cat(parts, dim=1), torch.cat(index, dim=1), torch.cat(role, dim=1)
-    return [CompressedImage(feats[i], idx[i], rl[i]) for i in range(b)]
+        merged = take_rows(rest_h, target_pos) + torch.bmm(assign.transpose(1, 2), take_rows(rest_h, member_pos)) / counts
+        targets = rest.gather(1, target_pos)
+    minus_one = torch.full((1,), -1, dtype=torch.long, device=dev)
+    outs = []
+    for i, (d, c) in enumerate(zip(doms, ctxs)):
+        feats = [inp.hidden[i, :1], kept_h[i, :d]] + ([merged[i, :c]] if c else [])
+        index = [minus_one, kept[i, :d]] + ([targets[i, :c]] if c else [])
+        role = [torch.tensor([ROLE_EXTRA], device=dev), torch.full((d,), ROLE_KEPT, dtype=torch.long, device=dev)]
+        role += [torch.full((c,), ROLE_MERGED, dtype=torch.long, device=dev)] if c else []
+        outs.append(CompressedImage(torch.cat(feats), torch.cat(index), torch.cat(role)))
+    return outs
 
 
 def _non_negative_int(value: object) -> Optional[str]:
@@ -121,5 +157,6 @@ register(
         },
         needs=frozenset({"feature_qk", "cls"}),
         budget_sets=("dominant", "contextual"),
+        unit_aware=True,
     )
 )

@@ -39,6 +39,10 @@ same hardware and BLAS build.
 float64 from the fp32 inputs and settled (signals.settle: rounded to 2^-35, so exact ties stay exact ties), every
 ranking is a stable sort (ties to the lower patch index / list position); permuting the feature dimensions leaves
 its kept indices identical (tests/methods/test_order_invariance.py).
+
+Units (fixed; methods/units.py): with valid patches both rank the valid patches only (the attention stays CLIP's);
+VisPruner's residual is the unit's valid patches after its important ones and its rounds run per unit on padded
+lists (`fixed_rounds`). budgets[b] replaces `budget` unit by unit (T_imp = int(budgets[b] * important_ratio)).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import List, Optional
 
 import torch
 
+from . import units
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
 from .registry import REQUIRED_BUDGET, MethodSpec, Param, register
@@ -85,32 +90,68 @@ def released_survivors(order: torch.Tensor, length: int, drop: int) -> torch.Ten
                      "(an even residual), or variant=fixed")
 
 
-def diverse_rounds(x: torch.Tensor, residual: torch.Tensor, diverse: int, variant: str) -> torch.Tensor:
-    """The rounds of step 2 over the whole batch: [B, R] residual (list order) -> [B, diverse].
+def diverse_rounds(x: torch.Tensor, residual: torch.Tensor, diverse: int) -> torch.Tensor:
+    """reference's rounds of step 2 (one image): [1, R] residual (list order) -> [1, diverse].
 
-    reference's result depends on the BLAS summation order of its fp32 products (module doc: exact ties and 1e-8
-    near-ties, cascading re-orders); fixed's does not.
-
-    reference: x = the L2-normalised patches; each round's evens x odds product from the gathered rows, as the
-    release does (same arithmetic, so near-ties rank the same). fixed: x = the [B, N, N] cosine matrix of all
-    patches (settled float64, computed once) and each round reads its block (about (N - n) / 8 rounds: one
-    [N, N] product instead of one per round).
+    Its result depends on the BLAS summation order of its fp32 products (module doc: exact ties and 1e-8
+    near-ties, cascading re-orders). x = the L2-normalised patches; each round's evens x odds product from the
+    gathered rows, as the release does (same arithmetic, so near-ties rank the same).
     """
-    gram = x if variant != "reference" else None
     while diverse > 0:
         length = residual.shape[1]
         drop = min(ROUND_DROP, length - diverse)
         if drop <= 0:
             break
         evens, odds = residual[:, 0::2], residual[:, 1::2]
-        if gram is None:
-            similarity = torch.bmm(take_rows(x, evens), take_rows(x, odds).transpose(1, 2))  # [B, |E|, |O|]
-        else:
-            block = take_rows(gram, evens)  # [B, |E|, N], then the odd columns (faster than one 2-D fancy index)
-            similarity = torch.gather(block, 2, odds[:, None, :].expand(-1, block.shape[1], -1))
-        order = ranked(similarity.max(dim=2).values, variant)
-        kept_evens = order[:, drop:] if variant != "reference" else released_survivors(order, length, drop)
-        residual = torch.cat([torch.gather(evens, 1, kept_evens), odds], dim=1)
+        similarity = torch.bmm(take_rows(x, evens), take_rows(x, odds).transpose(1, 2))  # [B, |E|, |O|]
+        order = ranked(similarity.max(dim=2).values, "reference")
+        residual = torch.cat([torch.gather(evens, 1, released_survivors(order, length, drop)), odds], dim=1)
+    return residual
+
+
+def fixed_rounds(gram: torch.Tensor, residual: torch.Tensor, lengths: List[int], diverse: List[int]) -> torch.Tensor:
+    """fixed's rounds of step 2 over every unit at once: residual [B, W] (list order; unit b's first lengths[b]
+    entries, the rest padding) -> [B, W'] whose first diverse[b] entries are unit b's diverse tokens.
+
+    gram = the [B, N, N] cosine matrix of all patches (settled float64, computed once); each round reads its
+    evens x odds block (about (N - n) / 8 rounds: one [N, N] product instead of one per round). Each unit runs
+    its own rounds (drop_b = min(8, L_b - T_b)); a unit that is done (drop_b <= 0) only has its list re-ordered
+    (evens by score, then odds), never shortened, and its order no longer matters (outputs are sorted). Padded
+    evens score -inf (after every real even: stable order), padded odds are never a maximum. The per-unit counts
+    are host integers (no device syncs per round)."""
+    dev = residual.device
+    lengths = [length if t > 0 else 0 for length, t in zip(lengths, diverse)]
+    while True:
+        drops = [max(0, min(ROUND_DROP, length - t)) for length, t in zip(lengths, diverse)]
+        if not any(drops):
+            break
+        evens, odds = residual[:, 0::2], residual[:, 1::2]
+        n_even, n_odd = [(length + 1) // 2 for length in lengths], [length // 2 for length in lengths]
+        block = take_rows(gram, evens)  # [B, |E|, N], then the odd columns (faster than one 2-D fancy index)
+        similarity = torch.gather(block, 2, odds[:, None, :].expand(-1, block.shape[1], -1))
+        ragged = min(n_odd) < odds.shape[1] or min(n_even) < evens.shape[1]
+        e_slot = torch.arange(evens.shape[1], device=dev)[None, :]
+        o_slot = torch.arange(odds.shape[1], device=dev)[None, :]
+        e_count, o_count = torch.tensor(n_even, device=dev)[:, None], torch.tensor(n_odd, device=dev)[:, None]
+        if ragged:
+            similarity = similarity.masked_fill((o_slot >= o_count)[:, None, :], float("-inf"))
+        score = similarity.max(dim=2).values
+        if ragged:
+            score = score.masked_fill(e_slot >= e_count, float("-inf"))
+        sorted_evens = torch.gather(evens, 1, ranked(score, "fixed"))
+        kept_evens = [max(0, e - d) for e, d in zip(n_even, drops)]
+        new_lengths = [k + o for k, o in zip(kept_evens, n_odd)]
+        if not ragged and len(set(drops)) == 1:  # every unit drops alike: one slice, as one image would
+            residual = torch.cat([sorted_evens[:, drops[0] :], odds], dim=1)
+            lengths = new_lengths
+            continue
+        width = max(new_lengths)  # one column past the end (`width`) takes every dropped or padded entry
+        drop_t = torch.tensor(drops, device=dev)[:, None]
+        pos_e = torch.where((e_slot >= drop_t) & (e_slot < e_count), e_slot - drop_t, width)
+        pos_o = torch.where(o_slot < o_count, torch.tensor(kept_evens, device=dev)[:, None] + o_slot, width)
+        out = residual.new_zeros(residual.shape[0], width + 1)
+        residual = out.scatter_(1, pos_e, sorted_evens).scatter_(1, pos_o, odds)[:, :width]
+        lengths = new_lengths
     return residual
 
 
@@ -118,20 +159,39 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
     if variant == "reference" and inp.batch_size > 1:
         raise ValueError("vispruner (reference): the released code runs one image at a time (its LLM input assembly fails at "
                          "sample 1); use variant=fixed for a batch")
-    important = int(budget * important_ratio)
-    order = ranked(head_mean_attention(inp, variant), variant)
-    if budget == important:  # no diverse tokens: the release keeps the important ones only
-        return gather_sorted(inp, order[:, :important])
     if variant == "reference":
+        important = int(budget * important_ratio)
+        order = ranked(head_mean_attention(inp, variant), variant)
+        if budget == important:  # no diverse tokens: the release keeps the important ones only
+            return gather_sorted(inp, order[:, :important])
         x = inp.patches / inp.patches.norm(dim=-1, keepdim=True)
-    else:  # the cosines themselves, float64 and settled, norms clamped at EPS
-        x = cosine_gram(inp.patches, eps=EPS, dtype=signal_dtype(variant))
-    residual = diverse_rounds(x, order[:, important:], budget - important, variant)
-    return gather_sorted(inp, torch.cat([order[:, :important], residual], dim=1))
+        residual = diverse_rounds(x, order[:, important:], budget - important)
+        return gather_sorted(inp, torch.cat([order[:, :important], residual], dim=1))
+    # fixed: every unit at once, each with its own budget and valid patches (padded lists, per-unit lengths)
+    n = inp.num_patches
+    dev = inp.hidden.device
+    budgets = units.unit_budgets(inp, budget)
+    importants = [int(m * important_ratio) for m in budgets]
+    order = ranked(units.masked(head_mean_attention(inp, variant), inp.valid), variant)  # invalid patches last
+    lengths = [v - i for v, i in zip(units.valid_counts(inp), importants)]
+    diverse = [m - i for m, i in zip(budgets, importants)]
+    imp = torch.tensor(importants, device=dev)
+    if len(set(importants)) == 1:
+        residual = order[:, importants[0] : importants[0] + max(lengths)]
+    else:
+        residual = order.gather(1, (imp[:, None] + torch.arange(max(lengths), device=dev)[None, :]).clamp(max=n - 1))
+    gram = cosine_gram(inp.patches, eps=EPS, dtype=signal_dtype(variant))  # the cosines, float64 and settled, norms clamped at EPS
+    residual = fixed_rounds(gram, residual, lengths, diverse)
+    keep = torch.cat([order[:, : max(importants)], residual], dim=1)
+    slot_i = torch.arange(max(importants), device=dev)[None, :] < imp[:, None]
+    slot_d = torch.arange(residual.shape[1], device=dev)[None, :] < torch.tensor(diverse, device=dev)[:, None]
+    keep = torch.sort(torch.where(torch.cat([slot_i, slot_d], dim=1), keep, n), dim=1).values  # padding (n) last
+    return gather_sorted(inp, keep, budgets)
 
 
 def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
-    return gather_sorted(inp, top_indices(head_mean_attention(inp, variant), budget, variant))
+    budgets = units.unit_budgets(inp, budget)
+    return gather_sorted(inp, top_indices(units.masked(head_mean_attention(inp, variant), inp.valid), max(budgets), variant), budgets)
 
 
 register(
@@ -146,6 +206,7 @@ register(
         needs=frozenset({"feature_qk", "cls"}),
         reference_batch_one=True,
         reference_short=True,
+        unit_aware=True,
     )
 )
 register(
@@ -155,5 +216,6 @@ register(
         "FasterVLM: the top patches of the head-mean CLS attention of block 22, spatial order",
         params={"budget": REQUIRED_BUDGET},
         needs=frozenset({"feature_qk", "cls"}),
+        unit_aware=True,
     )
 )
