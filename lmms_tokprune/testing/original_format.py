@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
-from .tiny import TINY_HIDDEN, _corpus, _prepare_out, _rescale_for_variety, _vision_config_dict, build_tiny_clip_text_encoder
+from ..offline_processors import _corpus
+from .tiny import TINY_HIDDEN, _prepare_out, _rescale_for_variety, _vision_config_dict, build_tiny_clip_text_encoder
 
 __all__ = ["build_base_llm", "build_original_llava", "build_original_lora", "build_tiny_clip_tower", "sentencepiece_llama_tokenizer",
            "SP_VOCAB_SIZE"]

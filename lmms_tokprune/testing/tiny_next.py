@@ -16,10 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..offline_processors import GRID_PINPOINTS, NEXT_CHAT_TEMPLATE, next_image_processor  # re-exported (production needs them)
 from .tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGE_SIZE,
     PATCH_SIZE,
     TINY_HIDDEN,
     TINY_VERSION,
@@ -32,18 +30,6 @@ from .tiny import (
 
 __all__ = ["GRID_PINPOINTS", "NEXT_CHAT_TEMPLATE", "MISTRAL_NEXT_CHAT_TEMPLATE", "build_tiny_llava_next", "next_image_processor"]
 
-GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's anyres resolutions
-
-# llava-hf/llava-v1.6-vicuna-7b-hf's processor template (images first as "<image>\n", then the text, "ASSISTANT:")
-NEXT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
-    "{% else %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 # llava-hf/llava-v1.6-mistral-7b-hf's processor template ([INST] <image>\n{text} [/INST])
 MISTRAL_NEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
@@ -58,21 +44,6 @@ MISTRAL_TOKENIZER_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
-
-
-def next_image_processor(backend: str = "pil"):
-    """== llava-hf/llava-v1.6-vicuna-7b-hf's preprocessor_config (anyres, CLIP mean/std, 336 crops, padding)."""
-    from transformers import AutoImageProcessor  # noqa: F401  (resolves the backend classes)
-
-    if backend == "pil":
-        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil as cls
-    else:
-        from transformers import LlavaNextImageProcessor as cls
-    return cls(
-        do_resize=True, size={"shortest_edge": IMAGE_SIZE}, resample=3, do_center_crop=True,
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True, do_pad=True, image_grid_pinpoints=GRID_PINPOINTS,
-    )
 
 
 def _text_config(tok, decoder: str, text_layers: int, sliding_window: Optional[int]) -> dict:
