@@ -157,6 +157,26 @@ def _at_least(minimum: int):
     return parse
 
 
+def _budgets(text: str) -> List[int]:
+    """--budget: one visual-token count, or several separated by commas (each compressed method runs at each)."""
+    values = [_at_least(1)(x) for x in text.replace(" ", "").split(",") if x]  # "must be an integer >= 1, got 0"
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (or several separated by commas), got {text!r}")
+    return values
+
+
+def _image_size(text: str):
+    """--image-size WIDTHxHEIGHT."""
+    width, sep, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"must look like 640x480 (width x height in pixels), got {text!r}")
+    return size
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.llava_bench import format_rows, rows_as_json, run_bench
 
@@ -166,19 +186,17 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.compress_bench import compress_rows_as_json, format_compress_rows, run_compress_bench
 
         if args.budget is not None:
+            if len(args.budget) > 1:
+                raise ValueError("--compress-only takes one --budget")
             for m in methods:
                 if m != "none":
-                    params.setdefault(m, {}).setdefault("budget", args.budget)
+                    params.setdefault(m, {}).setdefault("budget", args.budget[0])
         rows_c = run_compress_bench(methods, args.variants.split(","), batch=args.batch, repeats=args.repeats * 5, device=args.device, method_params=params)
         print(json.dumps(compress_rows_as_json(rows_c)) if args.json else format_compress_rows(rows_c))
         return 0
-    if args.budget is not None:
-        for m in methods:
-            if m != "none":
-                params.setdefault(m, {}).setdefault("budget", args.budget)
     rows = run_bench(args.preset, methods, llm_layers=args.llm_layers, images=args.images, text_tokens=args.text_tokens,
                      repeats=args.repeats, device=args.device, dtype=args.dtype, method_params=params, progress=not args.json,
-                     llm_width=args.llm_width)
+                     llm_width=args.llm_width, budgets=args.budget or [None], image_size=args.image_size)
     print(json.dumps(rows_as_json(rows)) if args.json else format_rows(rows))
     return 0
 
@@ -302,13 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="also print a JSON summary of the runs")
     sweep.set_defaults(func=_sweep)
 
-    bench = sub.add_parser("bench", help="measured prefill time vs analytic FLOPs per method on a full-width LLaVA-1.5 (random weights)")
-    bench.add_argument("--preset", default="llava-1.5-7b", help="llava-1.5-7b or llava-1.5-13b")
+    bench = sub.add_parser("bench", help="measured prefill time vs analytic FLOPs per method on a full-width LLaVA-1.5 / LLaVA-NeXT (random weights)")
+    bench.add_argument("--preset", default="llava-1.5-7b",
+                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b (llava-v1.6-vicuna-7b), llava-next-mistral-7b, llava-next-13b")
     bench.add_argument("--methods", default="none,topk_cls", help="comma-separated methods, the first 'none' is the baseline")
     bench.add_argument("--llm-layers", type=_at_least(1), default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
     bench.add_argument("--llm-width", type=_at_least(128), default=None,
                        help="narrow the LLM to this width (multiple of 128; heads of 128) so all 32 layers run on a CPU")
-    bench.add_argument("--budget", type=_at_least(1), default=None, help="visual tokens per image for every compressed method")
+    bench.add_argument("--budget", type=_budgets, default=None,
+                       help="visual tokens per image for every compressed method (equivalent tokens for in-LLM ones); a comma list "
+                            "runs each method at each budget")
+    bench.add_argument("--image-size", type=_image_size, default=None,
+                       help="resize the images to WIDTHxHEIGHT (LLaVA-NeXT presets default to 640x480: a 2x2 grid, 5 units)")
     bench.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")
     bench.add_argument("--images", type=_at_least(1), default=4)
     bench.add_argument("--text-tokens", type=_at_least(0), default=60)
