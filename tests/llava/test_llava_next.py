@@ -14,8 +14,8 @@ from lmms_tokprune.llava.opener import open_engine
 from lmms_tokprune.llava.options import engine_options
 
 # one image per anyres grid of the released pinpoints, plus tiny and grayscale ones: (width, height) -> (rows, cols)
-SHAPES = {(640, 480): (2, 2), (336, 336): (1, 2), (700, 320): (1, 2), (320, 700): (2, 1), (1000, 300): (1, 3), (300, 1000): (3, 1),
-          (7, 5): (1, 2), (900, 900): (2, 2)}
+SHAPES = {(640, 480): (2, 2), (336, 336): (1, 2), (672, 336): (1, 2), (336, 672): (2, 1), (1000, 300): (1, 3), (300, 1000): (3, 1),
+          (700, 320): (1, 3), (7, 5): (1, 2), (900, 900): (2, 2)}
 QUESTIONS = ["What colour is the circle?", "How many squares are there?", "Is there a blue star in the picture?", "What shape is it?"]
 
 
@@ -162,8 +162,8 @@ def test_budget_scope_unit_gives_every_unit_the_budget(tiny_next):
 def test_impossible_budgets_are_per_document_errors(tiny_next):
     from lmms_tokprune.llava.batch import DocumentError
 
-    engine = _engine(tiny_next, method="topk_cls", budget=2)  # fewer tokens than a 2x2 image's 5 units
-    with pytest.raises(DocumentError, match="budget=2 is less than the 5 units"):
+    engine = _engine(tiny_next, method="topk_cls", budget=4)  # fewer tokens than a 2x2 image's 5 units
+    with pytest.raises(DocumentError, match="budget=4 is less than the 5 units"):
         engine.admit(Sample("q", [_image((640, 480))]))
     engine.admit(Sample("q", [_image((336, 336))]))  # 3 units: fine
     engine = _engine(tiny_next, method="topk_cls", budget=500, budget_scope="unit")  # a 640x480 image's crops have < 500 valid
