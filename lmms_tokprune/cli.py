@@ -196,7 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     rows = run_bench(args.preset, methods, llm_layers=args.llm_layers, images=args.images, text_tokens=args.text_tokens,
                      repeats=args.repeats, device=args.device, dtype=args.dtype, method_params=params, progress=not args.json,
-                     llm_width=args.llm_width, budgets=args.budget or [None], image_size=args.image_size)
+                     llm_width=args.llm_width, budgets=args.budget or [None], image_size=args.image_size, vision_layers=args.vision_layers)
     print(json.dumps(rows_as_json(rows)) if args.json else format_rows(rows))
     return 0
 
@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--llm-layers", type=_at_least(1), default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
     bench.add_argument("--llm-width", type=_at_least(128), default=None,
                        help="narrow the LLM to this width (multiple of 128; heads of 128) so all 32 layers run on a CPU")
+    bench.add_argument("--vision-layers", type=_at_least(2), default=None,
+                       help="CLIP blocks to build (default 24): fewer make a CPU run of a 5-unit NeXT image faster; the methods and "
+                            "the LLM see the same shapes, only 'vision ms' shrinks")
     bench.add_argument("--budget", type=_budgets, default=None,
                        help="visual tokens per image for every compressed method (equivalent tokens for in-LLM ones); a comma list "
                             "runs each method at each budget")

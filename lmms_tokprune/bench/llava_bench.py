@@ -89,11 +89,14 @@ def bench_preset(name: str) -> BenchPreset:
     return BENCH_PRESETS[name]
 
 
-def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000, llm_width: Optional[int] = None):
+def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000, llm_width: Optional[int] = None,
+              vision_layers: Optional[int] = None):
     """A transformers LlavaConfig (LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna) or LlavaNextConfig (NeXT: the same tower, the
     released anyres pinpoints, an image_newline; Vicuna or Mistral) with the preset's shapes. `llm_width` narrows the LLM
     (heads of 128 as in Vicuna / Mistral, the MLP and the key/value heads in the preset's proportions) so all layers fit a
-    CPU: where the in-LLM methods cut matters more than how wide the layers are."""
+    CPU: where the in-LLM methods cut matters more than how wide the layers are. `vision_layers` shortens CLIP (>= 2: the
+    features come from block -2) so a CPU run of a 5-unit NeXT image is not mostly CLIP: every tensor a method or the LLM
+    sees keeps its shape (only the tower's own time, `vision_ms`, shrinks)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, MistralConfig
 
     spec = bench_preset(preset)
@@ -109,7 +112,11 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
         group = spec.llm["num_attention_heads"] // spec.llm["num_key_value_heads"]
         shape.update(hidden_size=llm_width, num_attention_heads=heads, num_key_value_heads=max(1, heads // group),
                      intermediate_size=int(round(llm_width * spec.llm["intermediate_size"] / spec.llm["hidden_size"] / 64)) * 64)
-    clip = CLIP_TINY if spec.tiny else CLIP_L_336
+    clip = dict(CLIP_TINY if spec.tiny else CLIP_L_336)
+    if vision_layers is not None:
+        if vision_layers < 2:
+            raise ValueError(f"--vision-layers must be >= 2 (LLaVA reads CLIP's block -2), got {vision_layers}")
+        clip["num_hidden_layers"] = vision_layers
     vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
     if spec.decoder == "mistral":  # Mistral-7B-Instruct-v0.2: rope 1e6, no sliding window, 32k positions
         text: Any = MistralConfig(vocab_size=32064, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
@@ -127,10 +134,10 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
 
 
 def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype, image_token_id: int = 32000,
-                llm_width: Optional[int] = None):
+                llm_width: Optional[int] = None, vision_layers: Optional[int] = None):
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    cfg = hf_config(preset, llm_layers, image_token_id, llm_width)
+    cfg = hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers)
     cls = LlavaNextForConditionalGeneration if bench_preset(preset).family == NEXT else LlavaForConditionalGeneration
     torch.manual_seed(0)
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
@@ -205,7 +212,7 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
               images: int = 4, text_tokens: int = 60, repeats: int = 2, device: Optional[str] = None,
               dtype: Optional[str] = None, method_params: Optional[Dict[str, Dict[str, Any]]] = None, progress: bool = True,
               llm_width: Optional[int] = None, budgets: Sequence[Optional[int]] = (None,),
-              image_size: Optional[Tuple[int, int]] = None) -> List[BenchRow]:
+              image_size: Optional[Tuple[int, int]] = None, vision_layers: Optional[int] = None) -> List[BenchRow]:
     """One row per (method, budget) (see `bench_runs`), timed over `images` images x `repeats` passes after a warm-up
     pass each. `image_size` (width, height) resizes the images (NeXT presets default to NEXT_IMAGE_SIZE: 5 units)."""
     from ..llava.opener import open_engine
@@ -217,9 +224,9 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
     configs = [engine_options({"method": m, "measure_latency": True, "dtype": dtype_name, **params}) for _, m, _, params in runs]
     processor = bench_processor(preset)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    hf_config(preset, llm_layers, image_token_id, llm_width)  # bad shapes fail before anything is built
+    hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers)  # bad shapes fail before anything is built
     model = build_model(preset, llm_layers, dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name],
-                        image_token_id, llm_width)
+                        image_token_id, llm_width, vision_layers)
     size = image_size or (NEXT_IMAGE_SIZE if spec.family == NEXT else None)
     guide = None
     if any(get_method(o.method.name).needs_text_encoder for o in configs):

@@ -28,6 +28,9 @@ def test_next_presets_build_the_released_shapes():
     assert (mistral.model_type, mistral.hidden_size, mistral.num_attention_heads, mistral.num_key_value_heads, mistral.intermediate_size) == \
         ("mistral", 1024, 8, 2, 3584)
     assert hf_config("llava-1.5-7b").model_type == "llava"
+    assert hf_config("llava-next-7b", vision_layers=4).vision_config.num_hidden_layers == 4  # a shorter CLIP for CPU runs
+    with pytest.raises(ValueError, match="--vision-layers must be >= 2"):
+        hf_config("llava-next-7b", vision_layers=1)
     with pytest.raises(ValueError, match="llava-next-7b"):
         hf_config("llava-next-34b")
 
