@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     vis = sub.add_parser("visualize", help="a PNG per method showing which patches were kept, recovered and merged")
-    vis.add_argument("--pretrained", required=True, help="LLaVA-1.5 checkpoint (hub id or folder)")
+    vis.add_argument("--pretrained", required=True, help="LLaVA-1.5 or LLaVA-NeXT checkpoint (hub id or folder); NeXT maps show the base image and the crop mosaic")
     vis.add_argument("--image", required=True)
     vis.add_argument("--question", default="", help="the question (text guidance for recover)")
     vis.add_argument("--methods", default="topk_cls,prumerge,prumerge_plus,recover")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -77,3 +78,60 @@ def test_visualize_bad_input_is_one_line_before_any_work(tiny_llava, tmp_path, c
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
         assert err.count("\n") == 1
+
+
+def test_visualize_next_draws_the_crop_mosaic_of_what_the_engine_keeps(tiny_next, tmp_path):
+    """A 640x480 image on a tiny LLaVA-NeXT: 5 units (base + 2x2 crops), the unpadded box rows 6..42 of 48; the map of
+    each unit is exactly what the engine's own preparation keeps for it, padding (-2) is an invalid patch nobody kept,
+    and an in-LLM method's map shows every valid patch entering the LLM."""
+    from lmms_tokprune.llava.batch import Sample
+    from lmms_tokprune.llava.opener import open_engine
+    from lmms_tokprune.llava.options import engine_options
+    from lmms_tokprune.methods import get_method
+    from lmms_tokprune.report.token_map import ROLE_PADDING
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "maps"
+    code = main(["visualize", "--pretrained", str(tiny_next), "--image", str(image), "--question", "What colour?",
+                 "--methods", "topk_cls,fastv", "--param", "topk_cls:budget=100", "--param", "fastv:k=1", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "topk_cls.json").read_text())
+    assert record["family"] == "llava_next" and record["units"] == 5 and len(record["roles"]) == 5
+    assert record["grid"] == {"rows": 2, "cols": 2, "side": 24, "top": 6, "bottom": 42, "left": 0, "right": 48}
+    assert record["tokens"] == 100 and record["unit_tokens"] == [20] * 5  # budget=100 per image, split evenly over the units
+
+    engine = open_engine(engine_options({"pretrained": str(tiny_next), "method": "topk_cls", "budget": 100}))
+    sample = engine.admit(Sample("What colour?", [Image.open(image)], [0]))
+    prepared = engine.prepare([sample]).compressed[0]
+    valid = engine.family.plan_image(sample.images[0]).valid
+    for u, (roles, unit) in enumerate(zip(record["roles"], prepared)):
+        roles = np.array(roles)
+        kept = set(unit.index[unit.index >= 0].tolist())
+        assert set(np.flatnonzero(roles >= 0)) == kept, u
+        assert set(np.flatnonzero(roles == ROLE_PADDING)) == {p for p in np.flatnonzero(~valid[u].numpy()) if p not in kept}, u
+    assert (np.array(record["roles"][0]) != ROLE_PADDING).all()  # the base unit has no padding
+    if get_method("topk_cls").unit_aware:  # pre-projector methods that honour the valid mask never keep a padding patch
+        assert all((np.array(r)[~valid[u].numpy()] == ROLE_PADDING).all() for u, r in enumerate(record["roles"]))
+
+    fastv = json.loads((out / "fastv.json").read_text())
+    for u, roles in enumerate(fastv["roles"]):
+        roles = np.array(roles)
+        assert ((roles >= 0) == valid[u].numpy()).all() and ((roles == ROLE_PADDING) == ~valid[u].numpy()).all(), u
+    assert fastv["tokens"] == 576 + 36 * 48
+    for method in ("topk_cls", "fastv"):
+        png = Image.open(out / f"{method}.png")
+        assert png.size[0] > png.size[1] > 300 and np.asarray(png).std() > 0  # two panels side by side
+
+
+def test_next_mosaic_roles_and_picture():
+    from lmms_tokprune.llava.families.llava_next import CropGrid
+    from lmms_tokprune.report.token_map import ROLE_PADDING, mosaic_picture, mosaic_roles
+
+    grid = CropGrid(rows=1, cols=2, side=2, top=0, bottom=2, left=1, right=4)  # 2 x 4 patches, column 0 is padding
+    crops = [np.array([ROLE_KEPT, -1, -1, ROLE_RECOVERED]), np.array([-1, ROLE_KEPT, -1, -1])]
+    roles = mosaic_roles(grid, crops)
+    assert roles.tolist() == [[ROLE_KEPT, -1, -1, ROLE_KEPT], [ROLE_PADDING, ROLE_RECOVERED, -1, -1]]  # a kept padding patch stays kept
+    pictures = np.stack([np.full((4, 4, 3), 0.1), np.full((4, 4, 3), 0.9)]).astype(np.float32)
+    mosaic = mosaic_picture(grid, pictures)
+    assert mosaic.shape == (4, 8, 3) and mosaic[0, 0, 0] == pytest.approx(0.1) and mosaic[3, 7, 0] == pytest.approx(0.9)
