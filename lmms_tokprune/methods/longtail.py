@@ -64,7 +64,8 @@ import torch
 from .inputs import CompressedImage, VisionInputs
 from .llm_stages import Cut, CutDecision, DecodeEviction, InLLMMethod, LLMPlan
 from .registry import BUDGET, RATIO, MethodSpec, Param, non_negative, positive_int, register
-from .signals import FIXED_DTYPE, cls_attention, ranked
+from .signals import FIXED_DTYPE, cls_attention, ranked, top_indices
+from .units import FLOOR, keep_count
 
 ALPHA_MODES = ("expand", "scale", "offset", "none")
 FLAT_CURVE = ("keep_all", "keep_one")
@@ -167,7 +168,7 @@ def longtail_counts(
     if budget is not None:
         return [int(budget)] * b
     if ratio is not None:
-        return [max(1, int(n * ratio))] * b
+        return [keep_count(n, None, ratio, default_ratio=ratio, rounding=FLOOR)] * b
     values, _ = sort_descending(attn)
     istar, flat = split_point(values)
     counts = []
@@ -199,7 +200,7 @@ def _valid_counts(attn: torch.Tensor, valid: torch.Tensor, alpha: float, alpha_m
         elif budget is not None:
             counts.append(min(int(budget), n))
         elif ratio is not None:
-            counts.append(max(1, int(n * ratio)))
+            counts.append(keep_count(n, None, ratio, default_ratio=ratio, rounding=FLOOR))
         else:
             counts.append(_split_count(sort_descending(values[None])[0][0], alpha, alpha_mode, include_split, flat_curve))
     return counts
@@ -252,7 +253,7 @@ def h2o_keep(scores: torch.Tensor, valid: torch.Tensor, prunable: torch.Tensor, 
             continue
         keep[row, cand[n - m:]] = True
         rest = cand[: n - m]
-        top = torch.sort(scores[row, rest], descending=True, stable=True).indices[:h]
+        top = top_indices(scores[row, rest], min(h, int(rest.numel())), "fixed")
         keep[row, rest[top]] = True
     return keep
 
@@ -358,7 +359,7 @@ register(
         "long-tail split of the CLS attention inside CLIP + H2O heavy-hitter/recent pruning in the LLM "
         "(re-implementation, no reference code)",
         params=PARAMS,
-        needs=frozenset({"qk"}),
+        needs=frozenset({"qk", "cls"}),
         plan=h2o_plan,
     )
 )
