@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lmms_tokprune"
 LAYERS = {
     "catalog": 0, "coerce": 0, "paths": 0, "assets": 0,
     "methods": 1, "efficiency": 1,
+    "offline_processors": 1,  # the offline tokenizers / processors production and testing/ both build
     "testing": 2,
     "llava": 3,
     "harness": 4,
