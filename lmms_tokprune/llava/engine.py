@@ -73,7 +73,7 @@ class CompressedLlava:
         self.pad_token_id = int(pad if pad is not None else (getattr(model.config, "pad_token_id", None) or 0))
         self.flops_config = from_llava_config(model.config)
         self.measure_latency = measure_latency  # model_args measure_latency=true
-        self.family.check_budget(method)  # a budget no image of this family can meet fails at load time
+        self.family.check_method(method)  # a budget no image can meet, a variant the family has no release of: load time
 
     # -- parts of the model (the family knows where they are) --------------------------------
     @property

@@ -158,19 +158,28 @@ def floor_error(method: str, budget: float, floor: float, n: int, extend: str) -
                       f"patch tokens reaches with these parameters ({extend})")
 
 
+def no_next_release(name: str) -> ValueError:
+    """The one refusal of `variant=reference` on LLaVA-NeXT for a method whose released code has no NeXT path."""
+    return ValueError(f"{name} (variant=reference): the released code has no LLaVA-NeXT path (nothing to reproduce); "
+                      f"variant=fixed runs {name} on LLaVA-NeXT")
+
+
+def on_next(context: "LLMContext") -> bool:
+    """The batch is LLaVA-NeXT's (layout tokens, or images of other sizes than one unit)."""
+    return context.layout or (context.image_tokens is not None and context.varied)
+
+
 def refuse_reference_next(name: str, variant: str, context: "LLMContext") -> None:
-    """`reference` reproduces the releases on LLaVA-1.5 only: images of other sizes or layout tokens -> ValueError."""
-    if variant != "reference":
-        return
-    if context.layout or (context.image_tokens is not None and context.varied):
-        raise ValueError(f"{name} (reference) on LLaVA-NeXT is not implemented yet (images of other sizes than {context.num_patches} "
-                         "patch tokens, or layout tokens); use variant=fixed")
+    """`reference` of a method whose release has no LLaVA-NeXT path (FastV, SparseVLM): images of other sizes or layout
+    tokens -> ValueError (no_next_release)."""
+    if variant == "reference" and on_next(context):
+        raise no_next_release(name)
 
 
 def refuse_reference_layout(name: str, variant: str, view: Any) -> None:
     """The same refusal at a cut, for callers that pass a layout mask without saying so in the context."""
     if variant == "reference" and bool((view.layout & view.valid).any()):
-        raise ValueError(f"{name} (reference) on LLaVA-NeXT is not implemented yet (the sequence has layout tokens); use variant=fixed")
+        raise no_next_release(name)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,10 @@ class Family:
             out += [int(key)] if image.units == 1 else [(int(key) * 1_000_003 + u) % (2**63 - 1) for u in range(image.units)]
         return out
 
+    def check_method(self, method: Any) -> None:
+        """Load time (the engine calls it once with its bound method): what this family can run of it, its budget first."""
+        self.check_budget(method)
+
     def check_budget(self, method: Any) -> None:
         """Load time: the method's `budget` must fit a unit's N patches (one unit per image here)."""
         method.check_patches(self.num_patches)

@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from ...methods import CompressedImage
+from ...methods.llm_stages import no_next_release
 from ..batch import ImageTokens
 from .base import Family, ImageUnits, UnitBatch, split_budget
 
@@ -77,9 +78,20 @@ def unpadded_box(height: int, width: int, grid_height: int, grid_width: int) -> 
     return 0, grid_height, padding, grid_width - padding
 
 
+# What `variant=reference` computes on LLaVA-NeXT, per method, as each release does (shared/PEERS.md "LLaVA-NeXT"):
+RELEASED_VISIONZIP = "visionzip"  # per crop; the base unit's output whole, then the grid crops' dominant patches in global
+#                                   raster order, their CLS tokens (crop order), their contextual tokens (crop-major)
+RELEASED_SPATIAL = "spatial"  # per crop; the base unit's tokens, then the grid crops' in global raster order
+#                               (both: no unpadding, no newline, `budget` per crop)
+RELEASED_PACKED = "packed"  # over LLaVA-NeXT's packed sequence (base, unpadded grid, a newline per row): newlines are candidates
+NEXT_RELEASES = {"visionzip": RELEASED_VISIONZIP, "vispruner": RELEASED_SPATIAL, "fastervlm": RELEASED_SPATIAL,
+                 "cdpruner": RELEASED_SPATIAL, "divprune": RELEASED_PACKED, "dart": RELEASED_PACKED, "pdrop": RELEASED_PACKED}
+
+
 class LlavaNext(Family):
     name = "llava_next"
     own_options = frozenset({"budget_scope", "budget_split"})
+    release: Optional[str] = None  # variant=reference: the release's way (NEXT_RELEASES), set by check_method
 
     def __init__(self, model: torch.nn.Module, processor: Any, options: Any = None) -> None:
         super().__init__(model, processor, options)
@@ -119,6 +131,16 @@ class LlavaNext(Family):
                 raise ValueError(f"the processor saw a {width}x{height} image for a {plan.size[0]}x{plan.size[1]} one")
         pixels = torch.cat([out["pixel_values"][i, :plan.units] for i, plan in enumerate(plans)])
         return UnitBatch(pixels, plans, self.layout)
+
+    # -- the method -----------------------------------------------------------------------------------
+    def check_method(self, method: Any) -> None:
+        """Load time: `variant=reference` runs what the method's release computes on NeXT (NEXT_RELEASES), and is refused,
+        in one line, for a method whose release has no NeXT path."""
+        if method.variant == "reference":
+            if method.name not in NEXT_RELEASES:
+                raise no_next_release(method.name)
+            self.release = NEXT_RELEASES[method.name]
+        self.check_budget(method)
 
     # -- budgets -----------------------------------------------------------------------------------
     def check_budget(self, method: Any) -> None:
