@@ -24,25 +24,39 @@ import torch
 
 from . import units
 from .inputs import CompressedImage, VisionInputs
-from .registry import BUDGET, RATIO, MethodSpec, Param, register
+from .registry import BUDGET, RATIO, READ_KEPT_ROWS, READ_LOGITS, MethodSpec, Param, register
 from .signals import cls_attention, signal_dtype, take_rows, top_indices
 
 DEFAULT_RATIO = 0.25
 
 
-def gather_sorted(inp: VisionInputs, keep: torch.Tensor, counts: Optional[List[int]] = None) -> List[CompressedImage]:
+def gather_sorted(inp: VisionInputs, keep: torch.Tensor, counts: Optional[List[int]] = None, *, check: bool = False) -> List[CompressedImage]:
     """keep: [B, M] patch indices -> per-image features in ascending (spatial) order. counts (ragged units): unit b
-    keeps the first counts[b] entries of its row (the rest is padding)."""
+    keeps the first counts[b] entries of its row (the rest is padding).
+
+    check: the kept rows must be finite (ValueError naming `hidden` otherwise): a method that reads `hidden` only at
+    its kept rows (registry.READ_KEPT_ROWS) checks them here instead of the registry scanning all of `hidden`."""
+    b = keep.shape[0]
+    roles = torch.zeros_like(keep)  # ROLE_KEPT: every output is one patch
     if counts is not None and any(c != keep.shape[1] for c in counts):
         n = inp.num_patches
         slot = torch.arange(keep.shape[1], device=keep.device)
-        counted = torch.tensor(counts, device=keep.device)[:, None]
-        keep = torch.sort(torch.where(slot < counted, keep, n), dim=1).values  # padding sorts last
+        kept = slot < torch.tensor(counts, device=keep.device)[:, None]
+        keep = torch.sort(torch.where(kept, keep, n), dim=1).values  # padding sorts last
         feats = take_rows(inp.patches, keep.clamp(max=n - 1))
-        return [CompressedImage(features=feats[b, :c], index=keep[b, :c]) for b, c in enumerate(counts)]
+        if check:
+            _check_kept(torch.where(kept[:, :, None], feats, 0))  # padding rows are other patches: not read
+        return [CompressedImage(feats[i, :c], keep[i, :c], roles[i, :c]) for i, c in enumerate(counts)]
     keep = torch.sort(keep, dim=1).values
     feats = take_rows(inp.patches, keep)
-    return [CompressedImage(features=feats[b], index=keep[b]) for b in range(keep.shape[0])]
+    if check:
+        _check_kept(feats)
+    return [CompressedImage(feats[i], keep[i], roles[i]) for i in range(b)]
+
+
+def _check_kept(feats: torch.Tensor) -> None:
+    if feats.is_floating_point() and not bool(torch.isfinite(feats.sum(dtype=torch.float32))):
+        raise ValueError("VisionInputs.hidden contains NaN or inf (in a kept patch)")
 
 
 def _none(inp: VisionInputs, variant: str) -> List[CompressedImage]:
@@ -75,9 +89,10 @@ def _random(inp: VisionInputs, variant: str, budget=None, ratio=None, seed: int 
 
 def _topk_cls(inp: VisionInputs, variant: str, budget=None, ratio=None) -> List[CompressedImage]:
     """reference: fp32 attention, torch.topk; fixed: settled float64 attention, ties to the lower patch index."""
-    attn = units.masked(cls_attention(inp.q, inp.k, signal_dtype(variant)), inp.valid)
+    fixed = variant != "reference"  # fixed checks the keys through its logits and hidden at its kept rows (spec.reads)
+    attn = units.masked(cls_attention(inp.q, inp.k, signal_dtype(variant), keys="k" if fixed else None), inp.valid)
     counts = units.unit_counts(inp, budget, ratio, default_ratio=DEFAULT_RATIO, rounding=units.FLOOR, minimum=1)
-    return gather_sorted(inp, top_indices(attn, max(counts), variant), counts)
+    return gather_sorted(inp, top_indices(attn, max(counts), variant), counts, check=fixed)
 
 
 def grid_cells(rows: int, cols: int, m: int, device: torch.device) -> torch.Tensor:
@@ -164,5 +179,5 @@ register(
     )
 )
 register(MethodSpec("topk_cls", _topk_cls, "top tokens of the last CLIP block's CLS attention", params=dict(_COMMON), needs=frozenset({"qk", "cls"}),
-                      unit_aware=True))
+                      unit_aware=True, reads={"k": READ_LOGITS, "hidden": READ_KEPT_ROWS}))  # q: all (a NaN anywhere in q is an error: tested)
 register(MethodSpec("spatial", _spatial, "a uniform 2-D grid of patches", params=dict(_COMMON), unit_aware=True))

@@ -32,6 +32,17 @@ def _no_check(value: Any) -> Optional[str]:
     return None
 
 
+# How much of an input tensor a method reads, for the NaN / inf check (MethodSpec.reads; a tensor not listed: READ_ALL).
+# A NaN or inf where a method does not read cannot change its output, so only what it reads is checked, and a NaN / inf
+# there is a ValueError naming the tensor all the same.
+READ_ALL = "all"  # every entry: validate_inputs scans the tensor
+READ_CLS_ROW = "cls_row"  # token 0 only (the CLS query row of q / feature_q): validate_inputs scans that row
+READ_LOGITS = "logits"  # fixed: the keys, checked through the CLS logits they make (signals.cls_logits(keys=...)); reference: all
+READ_KEPT_ROWS = "kept_rows"  # fixed: hidden at the kept rows only, checked on the gathered rows (baselines.gather_sorted(
+#                               check=...)); reference: all
+_CHECKED_BY_THE_METHOD = (READ_LOGITS, READ_KEPT_ROWS)
+
+
 @dataclass(frozen=True)
 class Param:
     """One hyper-parameter: default, type used to coerce strings, a range check and a doc line."""
@@ -65,6 +76,8 @@ class MethodSpec:
     unit_aware: bool = False
     # methods that prune inside the LLM: plan(context, variant=..., **params) -> methods.llm_stages.LLMPlan
     plan: Optional[Callable[..., Any]] = None
+    # how much of each input tensor it reads (READ_*; absent = READ_ALL): the NaN / inf check covers that much
+    reads: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def stage(self) -> str:
@@ -220,22 +233,28 @@ def resolve_params(method: str, variant: str = "fixed", **params: Any) -> Dict[s
     return resolved
 
 
-def _check_tensor(name: str, t: Optional[torch.Tensor], batch: Optional[int], rank: int) -> None:
-    """Type, rank, batch size (when `batch` is given) and finiteness of one input tensor."""
+def _check_tensor(name: str, t: Optional[torch.Tensor], batch: Optional[int], rank: int, reads: str = READ_ALL) -> None:
+    """Type, rank, batch size (when `batch` is given) and finiteness of one input tensor, over the part the method
+    reads (`reads`: all of it, its CLS row, or nothing here: the method checks what it reads itself)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"VisionInputs.{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank or (batch is not None and t.shape[0] != batch):
         raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}; expected {rank} dims with batch {batch}")
+    if reads in _CHECKED_BY_THE_METHOD or not t.is_floating_point() or not t.numel():
+        return
+    part = t[:, 0] if reads == READ_CLS_ROW else t
     # One reduction instead of an elementwise mask: a NaN or inf anywhere makes the float32 sum non-finite
     # (features would need |x| ~ 1e34 to overflow it), at a fraction of isfinite(t).all()'s cost.
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    if not bool(torch.isfinite(part.sum(dtype=torch.float32))):
         raise ValueError(f"VisionInputs.{name} contains NaN or inf")
 
 
-def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
-    """Shapes, presence of what the method needs, and finiteness (NaN/inf is an error, not noise)."""
+def validate_inputs(spec: MethodSpec, inp: VisionInputs, variant: str = "reference") -> None:
+    """Shapes, presence of what the method needs, and finiteness (NaN/inf is an error, not noise) of what it reads
+    (MethodSpec.reads: a `fixed` variant checks its keys through its logits and hidden at its kept rows itself;
+    `reference` runs the released code, unchanged, so every tensor it reads is scanned here)."""
     if not isinstance(inp, VisionInputs):
         raise ValueError(f"compress expects VisionInputs, got {type(inp).__name__}")
     h = inp.hidden
@@ -243,12 +262,13 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
         raise ValueError("VisionInputs.hidden must be [B, 1+N, D] with N >= 1 (CLS first; [B, N, D] for a layout without CLS)")
     _validate_layout(spec, inp)
     batch = h.shape[0]
-    _check_tensor("hidden", h, batch, 3)
+    reads = _reads(spec, variant)
+    _check_tensor("hidden", h, batch, 3, reads("hidden"))
     # Check only what this method reads: a NaN in an unused tensor cannot change its output.
     used = {"q": spec.needs_qk, "k": spec.needs_qk, "last_hidden": spec.needs_last_block}
     for name in ("q", "k", "last_hidden"):
         t = getattr(inp, name)
-        _check_tensor(name, t if used[name] else None, batch, 3)
+        _check_tensor(name, t if used[name] else None, batch, 3, reads(name))
         if t is not None and tuple(t.shape[:2]) != tuple(h.shape[:2]):
             raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}, hidden has {tuple(h.shape)}")
     _check_tensor("text_embeds", inp.text_embeds if "text" in spec.needs else None, batch, 2)
@@ -266,9 +286,18 @@ def validate_inputs(spec: MethodSpec, inp: VisionInputs) -> None:
             f"method {spec.name!r} needs CLIP text guidance: VisionInputs.text_embeds and .visual_projection "
             "(load a text encoder with text_encoder=...)"
         )
-    _validate_peer_inputs(spec, inp, batch)
+    _validate_peer_inputs(spec, inp, batch, reads)
     if inp.image_keys is not None and len(inp.image_keys) != batch:
         raise ValueError(f"VisionInputs.image_keys has {len(inp.image_keys)} entries for a batch of {batch}")
+
+
+def _reads(spec: MethodSpec, variant: str) -> Callable[[str], str]:
+    """name -> how much of that tensor the variant reads and validate_inputs checks (MethodSpec.reads)."""
+    def reads(name: str) -> str:
+        scope = spec.reads.get(name, READ_ALL)
+        return READ_ALL if variant == "reference" and scope in _CHECKED_BY_THE_METHOD else scope
+
+    return reads
 
 
 def _validate_layout(spec: MethodSpec, inp: VisionInputs) -> None:
@@ -290,15 +319,15 @@ def _validate_layout(spec: MethodSpec, inp: VisionInputs) -> None:
                              "(layout cls=False), so there is no CLS attention to rank them by")
 
 
-def _validate_peer_inputs(spec: MethodSpec, inp: VisionInputs, batch: int) -> None:
-    """The peer methods' inputs (PEERS.md): present when declared, shaped like `hidden`, finite."""
+def _validate_peer_inputs(spec: MethodSpec, inp: VisionInputs, batch: int, reads: Callable[[str], str]) -> None:
+    """The peer methods' inputs (PEERS.md): present when declared, shaped like `hidden`, finite where read."""
     h = inp.hidden
     if "feature_qk" in spec.needs:
         for name in ("feature_q", "feature_k"):
             t = getattr(inp, name)
             if t is None:
                 raise ValueError(f"method {spec.name!r} needs VisionInputs.{name} (raw q_proj / k_proj outputs of the feature block)")
-            _check_tensor(name, t, batch, 3)
+            _check_tensor(name, t, batch, 3, reads(name))
             if tuple(t.shape) != tuple(h.shape):
                 raise ValueError(f"VisionInputs.{name} has shape {tuple(t.shape)}, hidden has {tuple(h.shape)}")
         heads = inp.num_heads
@@ -421,7 +450,7 @@ class BoundMethod:
         check_budget(self.name, self.budget, n)
 
     def __call__(self, inp: VisionInputs) -> List[CompressedImage]:
-        validate_inputs(self.spec, inp)
+        validate_inputs(self.spec, inp, self.variant)
         inp = validate_units(self.spec, self.variant, inp, self.budget)
         if inp.budgets is None:  # per-unit budgets replace the scalar one (validated above, unit by unit)
             self.check_patches(inp.num_patches)

@@ -41,7 +41,7 @@ import torch
 
 from . import units
 from .inputs import ROLE_EXTRA, ROLE_KEPT, ROLE_MERGED, CompressedImage, VisionInputs
-from .registry import BUDGET, MethodSpec, Param, positive_int, register
+from .registry import BUDGET, READ_CLS_ROW, READ_LOGITS, MethodSpec, Param, positive_int, register
 from .signals import FIXED_DTYPE, cls_attention_per_head, cosine_cross, signal_dtype, take_rows, top_rank
 
 DEFAULT_DOMINANT = 191
@@ -96,7 +96,8 @@ def _visionzip(inp: VisionInputs, variant: str, dominant: int = DEFAULT_DOMINANT
     doms = [dom - 1 for dom, _ in splits]  # D_b patches (the CLS token counts as dominant)
     ctxs = [ctx for _, ctx in splits]
     rests = [v - d for v, d in zip(units.valid_counts(inp), doms)]  # R_b remaining valid patches
-    scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).sum(dim=1)  # [B, N]
+    keys = None if variant == "reference" else "feature_k"  # fixed checks feature_k through its logits (spec.reads)
+    scores = cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant), keys=keys).sum(dim=1)  # [B, N]
     chosen = top_rank(units.masked(scores, valid), torch.tensor(doms, device=dev), variant) < n
     kept = compact(chosen, max(doms))  # ascending
     rest = compact(~chosen if valid is None else valid & ~chosen, max(rests))  # ascending
@@ -158,5 +159,6 @@ register(
         needs=frozenset({"feature_qk", "cls"}),
         budget_sets=("dominant", "contextual"),
         unit_aware=True,
+        reads={"feature_q": READ_CLS_ROW, "feature_k": READ_LOGITS},
     )
 )

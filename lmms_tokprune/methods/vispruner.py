@@ -54,7 +54,7 @@ import torch
 from . import units
 from .baselines import gather_sorted
 from .inputs import CompressedImage, VisionInputs
-from .registry import REQUIRED_BUDGET, MethodSpec, Param, register
+from .registry import READ_CLS_ROW, READ_KEPT_ROWS, READ_LOGITS, REQUIRED_BUDGET, MethodSpec, Param, register
 from .signals import cls_attention_per_head, cosine_gram, ranked, signal_dtype, take_rows, top_indices
 
 ROUND_DROP = 8  # the release removes at most 8 duplicated tokens per round
@@ -66,8 +66,10 @@ def _fraction(value: object) -> Optional[str]:
 
 
 def head_mean_attention(inp: VisionInputs, variant: str = "reference") -> torch.Tensor:
-    """[B, N] head-mean CLS attention: fp32 as released (reference), settled float64 logits (fixed)."""
-    return cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant)).mean(dim=1)
+    """[B, N] head-mean CLS attention: fp32 as released (reference), settled float64 logits (fixed, which checks
+    feature_k through them: MethodSpec.reads)."""
+    keys = None if variant == "reference" else "feature_k"
+    return cls_attention_per_head(inp.feature_q, inp.feature_k, inp.num_heads, signal_dtype(variant), keys=keys).mean(dim=1)
 
 
 def released_survivors(order: torch.Tensor, length: int, drop: int) -> torch.Tensor:
@@ -191,7 +193,8 @@ def _vispruner(inp: VisionInputs, variant: str, budget: Optional[int] = None, im
 
 def _fastervlm(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
     budgets = units.unit_budgets(inp, budget)
-    return gather_sorted(inp, top_indices(units.masked(head_mean_attention(inp, variant), inp.valid), max(budgets), variant), budgets)
+    keep = top_indices(units.masked(head_mean_attention(inp, variant), inp.valid), max(budgets), variant)
+    return gather_sorted(inp, keep, budgets, check=variant != "reference")  # fixed reads hidden at its kept rows only
 
 
 register(
@@ -207,6 +210,7 @@ register(
         reference_batch_one=True,
         reference_short=True,
         unit_aware=True,
+        reads={"feature_q": READ_CLS_ROW, "feature_k": READ_LOGITS},
     )
 )
 register(
@@ -217,5 +221,6 @@ register(
         params={"budget": REQUIRED_BUDGET},
         needs=frozenset({"feature_qk", "cls"}),
         unit_aware=True,
+        reads={"feature_q": READ_CLS_ROW, "feature_k": READ_LOGITS, "hidden": READ_KEPT_ROWS},
     )
 )
