@@ -8,6 +8,7 @@ Nothing here is specific to lmms-eval, and nothing here knows a family's layout 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -15,10 +16,10 @@ import torch
 from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
 from ..methods import BoundMethod, CompressedImage, VisionInputs
+from ..methods.units import select as select_units
 from .assemble import build_llm_inputs
 from .batch import BatchOutput, CompressResult, DocumentError, ImageTokens, LLMInputs, PreparedBatch, Sample, SampleStats
 from .families import Family, FamilyOptions, UnitBatch, open_family
-from .images import check_complete, to_rgb
 from .prompts import IMAGE_PLACEHOLDER
 from .text_guide import cdpruner_text
 from .vision import VisionStates, as_vision_inputs, run_clip
@@ -110,7 +111,7 @@ class CompressedLlava:
 
     # -- prompts -----------------------------------------------------------------------------
     def prompt_text(self, sample: Sample) -> str:
-        return self.family.prompt_text(sample.context, len(sample.images))
+        return self.family.sample_prompt(sample.context, sample.images)
 
     def prompt_ids(self, sample: Sample, prompt: str) -> List[int]:
         """The family's ids for the prompt style, with exactly one `<image>` id per image."""
@@ -147,8 +148,7 @@ class CompressedLlava:
         images = []
         for i, image in enumerate(sample.images):
             try:
-                check_complete(image)
-                images.append(to_rgb(image))
+                images.append(self.family.admit_visual(image, self.method))
             except (ValueError, OSError) as err:
                 raise DocumentError(f"image {i}: {err}") from None
         admitted = Sample(sample.context, images, list(sample.image_keys))
@@ -171,9 +171,11 @@ class CompressedLlava:
         return self.compress_units(pixel_values, keys, texts)
 
     def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
-                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
+                       budgets: Optional[Sequence[int]] = None, calls: Optional[Sequence[int]] = None) -> CompressResult:
         """CLIP over the units, then the method on their captured states (float32); `valid` [U, N] and `budgets` [U]
-        per unit when the family has them (NeXT unpadding, a per-image budget split over its crops)."""
+        per unit when the family has them (NeXT unpadding, a per-image budget split over its crops). `calls`: for a
+        reference variant whose release sees one call at a time, the units of each released call in order (a NeXT
+        image's base + crops, `release_batch`); None: one unit per call."""
         states = run_clip(
             self.vision_tower,
             self.pixels_on_device(pixel_values),
@@ -186,7 +188,11 @@ class CompressedLlava:
         clock = StepClock(self.device) if self.measure_latency else None
         if clock is not None:
             clock.mark()
-        if self.method.variant == "reference" and self.spec.reference_batch_one:  # the release sees one image per call
+        if self.method.variant == "reference" and self.spec.reference_batch_one and calls is not None:  # one released call each
+            starts = [sum(calls[:c]) for c in range(len(calls))]
+            outs = [out for start, size in zip(starts, calls)
+                    for out in self.method(dataclasses.replace(select_units(inputs, range(start, start + size)), release_batch=True))]
+        elif self.method.variant == "reference" and self.spec.reference_batch_one:  # the release sees one image per call
             outs = [out for b in range(inputs.batch_size) for out in self.method(inputs.image(b))]
         else:
             outs = self.method(inputs)
@@ -248,8 +254,28 @@ class CompressedLlava:
         texts = self.guidance_texts(samples, prompts)
         owner = batch.unit_image()
         keys = self.family.unit_keys(image_keys, batch)
-        return self.compress_units(batch.pixel_values, keys, [texts[i] for i in owner] if texts else [], batch.valid,
-                                   self.family.unit_budgets(self.token_budget, batch))
+        calls = self.family.reference_calls(batch, self.method) if self.method.variant == "reference" else None
+        groups = self.family.unit_groups(batch, self.method.variant)
+        if groups is None:
+            return self.compress_units(batch.pixel_values, keys, [texts[i] for i in owner] if texts else [], batch.valid,
+                                       self.family.unit_budgets(self.token_budget, batch), calls)
+        return self.compress_groups(batch, groups, keys, [texts[i] for i in owner] if texts else [])
+
+    def compress_groups(self, batch: UnitBatch, groups: Sequence[Any], keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
+        """The family's CLIP passes, one CLIP + method call each (Video-LLaVA: a video's frames through the video tower,
+        the images through the image tower); the outputs back in unit order."""
+        valid, budgets = batch.valid, self.family.unit_budgets(self.token_budget, batch)
+        outs: List[Any] = [None] * len(keys)
+        elapsed = 0.0
+        for group in groups:
+            pick = list(group.units)
+            with self.family.vision_pass(batch, group):
+                got = self.compress_units(batch.pixel_values[pick], [keys[u] for u in pick], [texts[u] for u in pick] if texts else [],
+                                          None if valid is None else valid[pick], None if budgets is None else [budgets[u] for u in pick])
+            for u, out in zip(pick, got.images):
+                outs[u] = out
+            elapsed += got.compress_ms
+        return CompressResult(outs, elapsed)
 
     def image_tokens(self, batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[ImageTokens]:
         """Projection (one call over every kept token of the batch) and the family's re-assembly, per image."""

@@ -53,7 +53,7 @@ class PrunedLLMLlava(CompressedLlava):
         return None
 
     def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
-                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
+                       budgets: Optional[Sequence[int]] = None, calls: Optional[Sequence[int]] = None) -> CompressResult:
         """Every valid patch enters the LLM (the method acts inside it): the family's own vision features, no capture."""
         patches = run_clip(self.vision_tower, self.pixels_on_device(pixel_values), feature_layer=self.feature_layer).hidden[:, 1:].float()
         index = torch.arange(patches.shape[1], device=patches.device)

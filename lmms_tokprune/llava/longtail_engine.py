@@ -89,7 +89,7 @@ class LongtailLlava(PrunedLLMLlava):
 
     # -- stage 1 ---------------------------------------------------------------------------
     def compress_units(self, pixel_values: torch.Tensor, keys: Sequence[int], texts: Sequence[str], valid: Optional[torch.Tensor] = None,
-                       budgets: Optional[Sequence[int]] = None) -> CompressResult:
+                       budgets: Optional[Sequence[int]] = None, calls: Optional[Sequence[int]] = None) -> CompressResult:
         params = self.params
         clock = StepClock(self.device) if self.measure_latency else None
 

@@ -9,7 +9,9 @@ A conditional DPP on the projector outputs, conditioned on the question, n token
    e_i = (K_ji - sum_{u<t} c_uj c_ui) / sqrt(d_j); c_t = e; d = d - e^2; d_j = -inf.
 4. Kept = the picks in ascending patch order; features = hidden rows.
 
-Variants: `reference` = the release: min and max over the whole batch tensor, the text of sample 0, no eps; past
+Variants: `reference` = the release: min and max over the whole batch tensor, the text of sample 0, no eps (one image
+per call, or with `release_batch` the units of one released call: a LLaVA-NeXT image's base + crops, min-maxed together
+as its release does); past
 the kernel's numerical rank d_j <= 0, sqrt gives NaN, NaN spreads and argmax re-picks, so fewer than n distinct
 tokens come out (reproduced, the actual count reported). More than one image -> ValueError: the released vision
 step min-maxes over the batch and uses sample 0's text, then its pipeline fails at sample 1, so no batched
@@ -114,13 +116,16 @@ def greedy_map(kernel: torch.Tensor, count: int, fill: Optional[torch.Tensor] = 
 
 
 def _cdpruner(inp: VisionInputs, variant: str, budget: Optional[int] = None) -> List[CompressedImage]:
-    if variant == "reference" and inp.batch_size > 1:
+    if variant == "reference" and inp.batch_size > 1 and not inp.release_batch:
         raise ValueError("cdpruner (reference): the released code min-maxes over the batch, uses sample 0's text and then fails at "
                          "sample 1, so it has no batched result; run one image at a time or use variant=fixed")
     rho = relevance(inp, variant)
     kernel = dpp_kernel(inp, rho, variant)
-    if variant == "reference":
-        return gather_sorted(inp, torch.unique(greedy_map(kernel, budget)[0]).expand(1, -1))
+    if variant == "reference":  # per unit its distinct picks (the release's index mask), ascending
+        picks = [torch.unique(row) for row in greedy_map(kernel, budget)]
+        width = max(int(p.numel()) for p in picks)
+        keep = torch.stack([torch.nn.functional.pad(p, (0, width - int(p.numel()))) for p in picks])
+        return gather_sorted(inp, keep, [int(p.numel()) for p in picks])
     budgets = units.unit_budgets(inp, budget)
     return gather_sorted(inp, greedy_map(kernel, max(budgets), fill=rho, valid=inp.valid), budgets)
 

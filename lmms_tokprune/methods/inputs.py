@@ -67,6 +67,9 @@ class VisionInputs:
         merges an invalid patch. None = all valid. `fixed` only (the releases do not unpad).
     budgets: B ints, the exact token count of each unit (the engine's split of a per-image budget over its
         units); replaces the `budget` parameter unit by unit. `fixed` only.
+    release_batch: `reference` only: the units are ONE call of the released code, which took them as one batch (a
+        LLaVA-NeXT image's base + crops): what the release computes over its whole batch spans them (CDPruner's relevance
+        min-max), and a release that fails past batch 1 only in its LLM assembly runs them. False: units of separate calls.
     """
 
     hidden: torch.Tensor
@@ -85,6 +88,7 @@ class VisionInputs:
     layout: Optional[UnitLayout] = None
     valid: Optional[torch.Tensor] = None
     budgets: Optional[Sequence[int]] = None
+    release_batch: bool = False
 
     @property
     def batch_size(self) -> int:

@@ -4,11 +4,15 @@ undone changes the result; refusals where no release has a NeXT path."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from lmms_tokprune.llava.batch import Sample
 from lmms_tokprune.llava.opener import open_engine
 from lmms_tokprune.llava.options import engine_options
+from lmms_tokprune.llava.vision import run_clip
 
 
 def _engine(ckpt, **args):
@@ -34,3 +38,226 @@ def test_recover_reference_is_refused_at_load(tiny_next, tiny_clip):
 def test_longtail_has_no_reference_variant_anywhere(tiny_next):
     with pytest.raises(ValueError, match="longtail: unknown variant 'reference'; valid variants: fixed"):
         _engine(tiny_next, method="longtail", variant="reference")
+
+
+# ------------------------------------------------------------------------------ per-crop releases: readings of their NeXT code
+# (from visionzip/clip_encoder.py + llava_arch.py::restore_image_features_sorted, and the encode_images +
+# prepare_inputs_labels_for_multimodal of VisPruner / FasterVLM / CDPruner with '_unpad' stripped: written here from reading
+# them). Inputs are the CLIP states the engine captures (one row per unit: base, then the crops in raster order).
+SIZES = {3: (336, 336), 4: (1000, 300), 5: (640, 480)}  # units (base + crops) -> an image of that grid
+SIDE = 24
+
+
+def _image(size, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _captured(engine, image, question="What is in the picture?"):
+    """The unit batch of one image, the method's inputs as the engine captures them, and the LLM's visual span."""
+    sample = Sample(question, [image], [0])
+    batch = engine.family.units([image])
+    states = run_clip(engine.vision_tower, engine.pixels_on_device(batch.pixel_values), feature_layer=engine.feature_layer,
+                      need_feature_qk=True)
+    units = batch.images[0].units
+    texts = engine.guidance_texts([sample], [engine.prompt_text(sample)])
+    inputs = engine.method_inputs(states, list(range(units)), texts * units)
+    prepared = engine.prepare([sample])
+    span = prepared.llm.inputs_embeds[0][prepared.llm.image_mask[0] | _layout(prepared)]
+    return batch.images[0], inputs, span, prepared
+
+
+def _layout(prepared):
+    mask = prepared.llm.layout_mask
+    return torch.zeros_like(prepared.llm.image_mask[0]) if mask is None else mask[0]
+
+
+def _cls_rows(fq, fk, heads):
+    """[U, H, N]: each unit's CLS query row of its feature block's attention over all keys, CLS column dropped."""
+    u, t, d = fq.shape
+    hd = d // heads
+    q = fq[:, :1].reshape(u, 1, heads, hd).transpose(1, 2)
+    k = fk.reshape(u, t, heads, hd).transpose(1, 2)
+    return torch.softmax((q * hd**-0.5) @ k.transpose(-1, -2), dim=-1)[:, :, 0, 1:]
+
+
+def _grid_rows(x, rows, cols):
+    """Grid crops' per-patch rows [rows*cols, 576, ...] -> the stitched map in global raster order (no unpadding)."""
+    tail = x.shape[2:]
+    return x.reshape(rows, cols, SIDE, SIDE, *tail).transpose(1, 2).reshape(rows * SIDE * cols * SIDE, *tail)
+
+
+def read_visionzip(inp, dominant, contextual, rows, cols, cls_tokens=True):
+    """Released VisionZip on a NeXT image: per unit CLS + dominant (head-summed block attention) + contextual tokens;
+    base output whole, grid dominant patches in global raster order, grid CLS tokens, grid contextual tokens."""
+    h, fk = inp.hidden, inp.feature_k
+    u, t, d = h.shape
+    hd = d // inp.num_heads
+    top = _cls_rows(inp.feature_q, fk, inp.num_heads).sum(dim=1).topk(dominant - 1, dim=1).indices + 1
+    index = torch.cat([torch.zeros(u, 1, dtype=torch.long), top], dim=1)
+    rest = torch.ones(u, t, dtype=torch.bool).scatter_(1, index, False)
+    dom = h[~rest].view(u, dominant, d)
+    metric = fk.view(u, t, inp.num_heads, hd).mean(dim=2)[rest].view(u, t - dominant, hd)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    others = h[rest].view(u, t - dominant, d)
+    step = max(1, metric.shape[1] // contextual)
+    targets = torch.arange(0, metric.shape[1], step)[:contextual]
+    members = ~torch.isin(torch.arange(metric.shape[1]), targets)
+    assign = torch.zeros(u, int(members.sum()), contextual).scatter_(2, (metric[:, members] @ metric[:, targets].transpose(1, 2)).argmax(2, keepdim=True), 1.0)
+    ctx = others[:, targets] + assign.transpose(1, 2) @ others[:, members] / assign.sum(dim=1).clamp(min=1)[..., None]
+    out = torch.cat([dom, ctx], dim=1)
+    base, grid, kept = out[0], out[1:], torch.zeros(u - 1, t - 1, dtype=torch.bool)
+    kept.scatter_(1, index[1:, 1:] - 1, True)
+    placed = torch.zeros(u - 1, t - 1, d)
+    placed[kept] = grid[:, 1:dominant].reshape(-1, d)
+    parts = [base, _grid_rows(placed, rows, cols)[_grid_rows(kept, rows, cols)]]
+    parts += [grid[:, 0]] if cls_tokens else []
+    return torch.cat(parts + [grid[:, dominant:].reshape(-1, d)])
+
+
+def read_spatial(inp, masks, rows, cols):
+    """The spatial layout of VisPruner / FasterVLM / CDPruner ('_unpad' stripped): base[mask], then the stitched grid's
+    kept patches in global raster order; no newline."""
+    h = inp.hidden[:, 1:]
+    return torch.cat([h[0][masks[0]], _grid_rows(h[1:], rows, cols)[_grid_rows(masks[1:], rows, cols)]])
+
+
+def read_fastervlm_masks(inp, budget):
+    a = _cls_rows(inp.feature_q, inp.feature_k, inp.num_heads).mean(dim=1)
+    return torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(budget, dim=1).indices, True)
+
+
+def read_vispruner_masks(inp, budget, ratio=0.5):
+    """encode_images over the image's units as one batch: important by attention, then rounds of even/odd matching."""
+    a = _cls_rows(inp.feature_q, inp.feature_k, inp.num_heads).mean(dim=1)
+    b = a.shape[0]
+    imp, div = int(budget * ratio), budget - int(budget * ratio)
+    order = a.argsort(dim=-1, descending=True)
+    important, residual = order[:, :imp], order[:, imp:]
+    x = inp.hidden[:, 1:] / inp.hidden[:, 1:].norm(dim=-1, keepdim=True)
+    while div > 0:
+        r_len = residual.shape[1]
+        r = min(8, r_len - div)
+        if r <= 0:
+            break
+        tokens = x[torch.arange(b)[:, None], residual]
+        scores = (tokens[:, ::2] @ tokens[:, 1::2].transpose(1, 2)).max(dim=-1).values
+        distinct = scores.argsort(dim=-1, descending=True)[:, r:]
+        residual = torch.cat([residual[:, ::2][torch.arange(b)[:, None], distinct], residual[:, 1::2]], dim=-1)
+    chosen = torch.cat([important, residual], dim=-1) if div > 0 else important
+    return torch.zeros_like(a, dtype=torch.bool).scatter_(1, chosen, True)
+
+
+def read_cdpruner_masks(inp, budget, joint=True):
+    """encode_images with all of the image's units as the batch: relevance min-maxed over all of them (joint)."""
+    p = inp.projected / inp.projected.norm(dim=-1, keepdim=True)
+    sim = (p.float() @ p.float().transpose(1, 2))
+    e = inp.patch_embeds / inp.patch_embeds.norm(dim=-1, keepdim=True)
+    t = inp.text_segments[0] / inp.text_segments[0].norm(dim=-1, keepdim=True)
+    rel = (-(e @ t.t())).mean(dim=-1)
+    lo, hi = (rel.min(), rel.max()) if joint else (rel.min(1, keepdim=True).values, rel.max(1, keepdim=True).values)
+    rel = (rel - lo + 1e-6) / (hi - lo)
+    kernel = rel[:, :, None] * sim * rel[:, None, :]
+    b, n = rel.shape
+    rows = torch.arange(b)
+    cis, gains, picks = torch.zeros(budget, b, n), torch.diagonal(kernel, dim1=1, dim2=2).clone(), []
+    for i in range(budget):
+        j = gains.argmax(dim=-1)
+        picks.append(j)
+        e_i = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / gains[rows, j].sqrt()[:, None]
+        cis[i] = e_i
+        gains = gains - e_i**2
+        gains[rows, j] = -float("inf")
+    return torch.zeros(b, n, dtype=torch.bool).scatter_(1, torch.stack(picks, dim=1), True)
+
+
+def _project(engine, feats):
+    with torch.no_grad():
+        return engine.projector(feats)
+
+
+@pytest.fixture(scope="module")
+def reference_engines(tiny_next, tiny_clip):
+    return {name: _engine(tiny_next, method=name, variant="reference", **params, **({"text_encoder": str(tiny_clip)} if name == "cdpruner" else {}))
+            for name, params in [("visionzip", {"budget": 32}), ("fastervlm", {"budget": 29}), ("vispruner", {"budget": 32}),
+                                 ("cdpruner", {"budget": 32})]}
+
+
+@pytest.mark.parametrize("units", sorted(SIZES))
+@pytest.mark.parametrize("method", ["visionzip", "fastervlm", "vispruner", "cdpruner"])
+def test_per_crop_reference_is_the_released_next_code(reference_engines, method, units):
+    engine = reference_engines[method]
+    image, inp, span, prepared = _captured(engine, _image(SIZES[units], seed=units))
+    grid = image.placement
+    assert image.units == units and (grid.rows * grid.cols) == units - 1
+    budget = engine.method.budget
+    if method == "visionzip":
+        feats = read_visionzip(inp, budget - 5 * budget // 32, 5 * budget // 32, grid.rows, grid.cols)
+    else:
+        masks = {"fastervlm": read_fastervlm_masks, "vispruner": read_vispruner_masks, "cdpruner": read_cdpruner_masks}[method](inp, budget)
+        feats = read_spatial(inp, masks, grid.rows, grid.cols)
+    torch.testing.assert_close(span, _project(engine, feats), rtol=1e-5, atol=1e-5)
+    st = prepared.stats[0]
+    assert st.layout_tokens == 0 and st.units == units and st.visual_tokens_in == image.visual_tokens_in  # no newline
+    assert st.visual_tokens_kept == feats.shape[0] and (method == "cdpruner" or feats.shape[0] == units * budget)  # per crop
+
+
+def test_visionzip_quirks_cls_tokens_and_no_unpadding(reference_engines):
+    engine = reference_engines["visionzip"]
+    image, inp, span, _ = _captured(engine, _image(SIZES[5], seed=5))
+    grid, budget = image.placement, engine.method.budget
+    dom, ctx = budget - 5 * budget // 32, 5 * budget // 32
+    without_cls = read_visionzip(inp, dom, ctx, grid.rows, grid.cols, cls_tokens=False)
+    assert without_cls.shape[0] == span.shape[0] - (image.units - 1)  # the grid crops' CLS tokens are LLM tokens
+    fixed = _engine(engine_path(engine), method="visionzip", budget=budget, budget_scope="unit")
+    _, _, fixed_span, _ = _captured(fixed, _image(SIZES[5], seed=5))
+    assert fixed_span.shape != span.shape or not torch.allclose(fixed_span, span)  # unpadding + newlines: another sequence
+    kept_outside = _kept_outside_box(engine, _image(SIZES[5], seed=5))
+    assert kept_outside > 0, "the release keeps grid patches that unpadding would remove"
+
+
+def engine_path(engine):
+    return engine.model.config._name_or_path
+
+
+def _kept_outside_box(engine, image):
+    sample = Sample("q", [image], [0])
+    prepared = engine.prepare([sample])
+    grid = engine.family.plan_image(image).placement
+    outside = 0
+    for crop, comp in enumerate(prepared.compressed[0][1:]):
+        patch = comp.index[comp.index >= 0]
+        row = (crop // grid.cols) * grid.side + patch // grid.side
+        col = (crop % grid.cols) * grid.side + patch % grid.side
+        outside += int(((row < grid.top) | (row >= grid.bottom) | (col < grid.left) | (col >= grid.right)).sum())
+    return outside
+
+
+def test_spatial_quirks_no_unpadding_no_newline(reference_engines, tiny_next):
+    # 500 per crop: more than the 432 patches a top crop of a 640x480 image has inside the unpadded box
+    assert _kept_outside_box(_engine(tiny_next, method="fastervlm", variant="reference", budget=500), _image(SIZES[5], seed=5)) > 0
+    engine = reference_engines["fastervlm"]
+    newline = engine.family.image_newline.detach()
+    _, _, span, prepared = _captured(engine, _image(SIZES[5], seed=5))
+    assert not any(torch.equal(row, newline) for row in span) and prepared.llm.layout_mask is None
+
+
+def test_cdpruner_min_max_over_all_crops_of_the_call(reference_engines):
+    engine = reference_engines["cdpruner"]
+    changed = 0
+    for units, size in SIZES.items():
+        image, inp, span, _ = _captured(engine, _image(size, seed=units))
+        grid = image.placement
+        per_crop = read_spatial(inp, read_cdpruner_masks(inp, engine.method.budget, joint=False), grid.rows, grid.cols)
+        changed += int(per_crop.shape != span.shape or not torch.allclose(_project(engine, per_crop), span, atol=1e-5))
+    assert changed, "min-max per crop instead of over the call must change some image's tokens"
+
+
+def test_per_crop_reference_counts_and_budget_scope(tiny_next):
+    with pytest.raises(ValueError, match="budget_scope=image does not apply to visionzip variant=reference on LLaVA-NeXT"):
+        _engine(tiny_next, method="visionzip", variant="reference", budget=32, budget_scope="image")
+    with pytest.raises(ValueError, match="budget=600 is outside"):
+        _engine(tiny_next, method="fastervlm", variant="reference", budget=600)
+    engine = _engine(tiny_next, method="visionzip", variant="reference", budget=64)
+    _, stats = engine.generate([Sample("q", [_image(SIZES[3])], [0]), Sample("q", [_image(SIZES[5])], [1])], {"max_new_tokens": 1})
+    assert [st.visual_tokens_kept for st in stats] == [3 * 64, 5 * 64]  # batch > 1 runs (per image, as released)

@@ -24,6 +24,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from ...methods import CompressedImage
+from ...methods.inputs import ROLE_EXTRA, ROLE_KEPT
 from ...methods.llm_stages import no_next_release
 from ..batch import ImageTokens
 from .base import Family, ImageUnits, UnitBatch, split_budget
@@ -87,6 +88,9 @@ RELEASED_PACKED = "packed"  # over LLaVA-NeXT's packed sequence (base, unpadded 
 NEXT_RELEASES = {"visionzip": RELEASED_VISIONZIP, "vispruner": RELEASED_SPATIAL, "fastervlm": RELEASED_SPATIAL,
                  "cdpruner": RELEASED_SPATIAL, "divprune": RELEASED_PACKED, "dart": RELEASED_PACKED, "pdrop": RELEASED_PACKED}
 
+# per-crop releases whose result for a crop depends on the image's other crops (CDPruner min-maxes its relevance over them)
+JOINT_OVER_CROPS = frozenset({"cdpruner"})
+
 
 class LlavaNext(Family):
     name = "llava_next"
@@ -113,10 +117,16 @@ class LlavaNext(Family):
         side = self.layout.rows
         return CropGrid(rows, cols, side, *unpadded_box(height, width, rows * side, cols * side))
 
+    @property
+    def per_crop_release(self) -> bool:
+        """variant=reference of a per-crop release (VisionZip's layout or the spatial one): no unpadding, no newline."""
+        return self.release in (RELEASED_VISIONZIP, RELEASED_SPATIAL)
+
     def plan_image(self, image: Any) -> ImageUnits:
         width, height = image.size
         grid = self.crop_grid(height, width)
-        valid = torch.cat([torch.ones(1, self.num_patches, dtype=torch.bool), grid.valid()])
+        # a per-crop release never unpads: every patch of every crop is a candidate
+        valid = None if self.per_crop_release else torch.cat([torch.ones(1, self.num_patches, dtype=torch.bool), grid.valid()])
         return ImageUnits(1 + grid.rows * grid.cols, self.num_patches + grid.height * grid.width, grid.height, valid, grid, (width, height))
 
     def units(self, images: Sequence[Any]) -> UnitBatch:
@@ -140,17 +150,25 @@ class LlavaNext(Family):
             if method.name not in NEXT_RELEASES:
                 raise no_next_release(method.name)
             self.release = NEXT_RELEASES[method.name]
+            if self.per_crop_release and "budget_scope" in self.options.given and self.options.budget_scope != "unit":
+                raise ValueError(f"budget_scope={self.options.budget_scope} does not apply to {method.name} variant=reference on "
+                                 "LLaVA-NeXT: its release's budget is per crop (every unit keeps budget tokens); leave budget_scope out")
         self.check_budget(method)
+
+    def reference_calls(self, batch: UnitBatch, method: Any) -> Optional[List[int]]:
+        """A per-crop release encodes an image's base + crops as one batch: one call per image where that batch changes
+        what it computes (JOINT_OVER_CROPS); the others compute each crop on its own (one unit per call)."""
+        return [image.units for image in batch.images] if self.per_crop_release and method.name in JOINT_OVER_CROPS else None
 
     # -- budgets -----------------------------------------------------------------------------------
     def check_budget(self, method: Any) -> None:
         """Load time: budget_scope=unit must fit one unit's N patches; a per-image budget is checked per document
         (what it can be split over depends on the image's size)."""
-        if self.options.budget_scope == "unit":
+        if self.options.budget_scope == "unit" or self.per_crop_release:
             method.check_patches(self.num_patches)
 
     def unit_budgets(self, budget: Optional[int], batch: UnitBatch) -> Optional[List[int]]:
-        if budget is None:
+        if budget is None or self.per_crop_release:  # a per-crop release: the method's own budget in every unit
             return None
         shares: List[int] = []
         for image in batch.images:
@@ -172,6 +190,8 @@ class LlavaNext(Family):
         return split_budget(budget, counts)
 
     def max_visual_tokens(self, budget: Optional[int], image: ImageUnits) -> int:
+        if self.per_crop_release:  # budget per crop (or the method's own count: at most CLS + every patch)
+            return image.units * (budget if budget is not None else self.num_patches + 1)
         if budget is None:
             return image.visual_tokens_in + image.layout_tokens_in
         total = sum(self.image_shares(budget, image))
@@ -183,7 +203,7 @@ class LlavaNext(Family):
         unit = 0
         for image in batch.images:
             mine = list(zip(compressed[unit:unit + image.units], projected[unit:unit + image.units]))
-            out.append(self.image_sequence(image, mine))
+            out.append(self.released_sequence(image, mine) if self.per_crop_release else self.image_sequence(image, mine))
             unit += image.units
         return out
 
@@ -218,3 +238,23 @@ class LlavaNext(Family):
         layout = torch.cat([torch.zeros(base_feats.shape[0], dtype=torch.bool), is_layout, torch.zeros(extra.shape[0], dtype=torch.bool)])
         visual = base.num_tokens + sum(c.num_tokens for c, _ in crops)
         return ImageTokens(features, layout, visual, rows_kept, image_tokens_in=image.visual_tokens_in)
+
+    def released_sequence(self, image: ImageUnits, units: Sequence[Tuple[CompressedImage, torch.Tensor]]) -> ImageTokens:
+        """A per-crop release's layout (no unpadding, no newline): the base unit's output as the method ordered it, then
+        the grid crops' patch tokens in global raster order of the whole (padded) stitched grid; VisionZip's layout then
+        appends every grid crop's CLS token (crop order) and then every grid crop's contextual tokens (crop-major)."""
+        grid: CropGrid = image.placement
+        (base, base_feats), crops = units[0], units[1:]
+        positions, feats, cls, contextual = [], [], [], []
+        for crop, (comp, proj) in enumerate(crops):
+            role = comp.role.to(proj.device)
+            patch = role == ROLE_KEPT if self.release == RELEASED_VISIONZIP else comp.index.to(proj.device) >= 0
+            positions.append(grid.global_position(crop, comp.index[patch.to(comp.index.device)].to(torch.long).cpu()))
+            feats.append(proj[patch])
+            cls.append(proj[role == ROLE_EXTRA] if self.release == RELEASED_VISIONZIP else proj[~patch])
+            contextual.append(proj[(role != ROLE_KEPT) & (role != ROLE_EXTRA)] if self.release == RELEASED_VISIONZIP else proj[:0])
+        position = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long)
+        grid_feats = torch.cat(feats) if feats else base_feats[:0]
+        grid_feats = grid_feats[torch.argsort(position, stable=True).to(grid_feats.device)]
+        features = torch.cat([base_feats, grid_feats, *cls, *contextual])
+        return ImageTokens(features, None, int(features.shape[0]), 0, image_tokens_in=image.visual_tokens_in)
