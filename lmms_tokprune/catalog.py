@@ -107,6 +107,7 @@ class ModelFamily:
 MODEL_FAMILIES: Tuple[ModelFamily, ...] = (
     ModelFamily("llava15", "llava", "llava15", "LLaVA-1.5"),
     ModelFamily("llava_next", "llava_next", "llava_next", "LLaVA-NeXT (1.6)"),
+    ModelFamily("video_llava", "video_llava", "video_llava", "Video-LLaVA"),
 )
 
 

@@ -72,3 +72,23 @@ def tiny_next32(tmp_path_factory) -> Path:
     from lmms_tokprune.testing.tiny_next import build_tiny_llava_next
 
     return build_tiny_llava_next(tmp_path_factory.mktemp("next32") / "tiny-llava-next-32", text_layers=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_video(tmp_path_factory) -> Path:
+    """A tiny random Video-LLaVA checkpoint (image + video towers at 224 px, a 4-layer Llama decoder)."""
+    from lmms_tokprune.testing.tiny_video import build_tiny_video_llava
+
+    return build_tiny_video_llava(tmp_path_factory.mktemp("video") / "tiny-video-llava", text_layers=4)
+
+
+@pytest.fixture(scope="session")
+def video_clips(tmp_path_factory) -> dict:
+    """Synthetic clips written with av: four good mp4s (12..24 frames), a webm, and the bad inputs of `write_bad_clips`."""
+    from lmms_tokprune.testing.tiny_video import moving_shapes, write_bad_clips, write_clip
+
+    out = tmp_path_factory.mktemp("clips")
+    clips = {k: str(v) for k, v in write_bad_clips(out / "bad").items()}
+    for i, colour in enumerate(("red", "green", "blue", "yellow")):
+        clips[f"good{i}"] = str(write_clip(out / f"good{i}.mp4", moving_shapes(12 + 4 * i, 64, 48, colour=colour, seed=i)))
+    return clips

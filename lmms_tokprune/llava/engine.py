@@ -20,7 +20,6 @@ from ..methods.units import select as select_units
 from .assemble import build_llm_inputs
 from .batch import BatchOutput, CompressResult, DocumentError, ImageTokens, LLMInputs, PreparedBatch, Sample, SampleStats
 from .families import Family, FamilyOptions, UnitBatch, open_family
-from .images import check_complete, to_rgb
 from .prompts import IMAGE_PLACEHOLDER
 from .text_guide import cdpruner_text
 from .vision import VisionStates, as_vision_inputs, run_clip
@@ -112,7 +111,7 @@ class CompressedLlava:
 
     # -- prompts -----------------------------------------------------------------------------
     def prompt_text(self, sample: Sample) -> str:
-        return self.family.prompt_text(sample.context, len(sample.images))
+        return self.family.sample_prompt(sample.context, sample.images)
 
     def prompt_ids(self, sample: Sample, prompt: str) -> List[int]:
         """The family's ids for the prompt style, with exactly one `<image>` id per image."""
@@ -149,8 +148,7 @@ class CompressedLlava:
         images = []
         for i, image in enumerate(sample.images):
             try:
-                check_complete(image)
-                images.append(to_rgb(image))
+                images.append(self.family.admit_visual(image, self.method))
             except (ValueError, OSError) as err:
                 raise DocumentError(f"image {i}: {err}") from None
         admitted = Sample(sample.context, images, list(sample.image_keys))
@@ -257,8 +255,27 @@ class CompressedLlava:
         owner = batch.unit_image()
         keys = self.family.unit_keys(image_keys, batch)
         calls = self.family.reference_calls(batch, self.method) if self.method.variant == "reference" else None
-        return self.compress_units(batch.pixel_values, keys, [texts[i] for i in owner] if texts else [], batch.valid,
-                                   self.family.unit_budgets(self.token_budget, batch), calls)
+        groups = self.family.unit_groups(batch, self.method.variant)
+        if groups is None:
+            return self.compress_units(batch.pixel_values, keys, [texts[i] for i in owner] if texts else [], batch.valid,
+                                       self.family.unit_budgets(self.token_budget, batch), calls)
+        return self.compress_groups(batch, groups, keys, [texts[i] for i in owner] if texts else [])
+
+    def compress_groups(self, batch: UnitBatch, groups: Sequence[Any], keys: Sequence[int], texts: Sequence[str]) -> CompressResult:
+        """The family's CLIP passes, one CLIP + method call each (Video-LLaVA: a video's frames through the video tower,
+        the images through the image tower); the outputs back in unit order."""
+        valid, budgets = batch.valid, self.family.unit_budgets(self.token_budget, batch)
+        outs: List[Any] = [None] * len(keys)
+        elapsed = 0.0
+        for group in groups:
+            pick = list(group.units)
+            with self.family.vision_pass(batch, group):
+                got = self.compress_units(batch.pixel_values[pick], [keys[u] for u in pick], [texts[u] for u in pick] if texts else [],
+                                          None if valid is None else valid[pick], None if budgets is None else [budgets[u] for u in pick])
+            for u, out in zip(pick, got.images):
+                outs[u] = out
+            elapsed += got.compress_ms
+        return CompressResult(outs, elapsed)
 
     def image_tokens(self, batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[ImageTokens]:
         """Projection (one call over every kept token of the batch) and the family's re-assembly, per image."""

@@ -132,10 +132,13 @@ def load_llava(
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would silently initialise them at random
         raise ValueError(f"pretrained={pretrained!r} lacks {len(missing)} weight tensors (e.g. {missing[0]}); the checkpoint is incomplete")
-    model.model.vision_tower.to(tower_dtype)
+    video = getattr(model.config, "model_type", "") == "video_llava"
+    for tower in (model.model.image_tower, model.model.video_tower) if video else (model.model.vision_tower,):
+        tower.to(tower_dtype)
     model.to(device).eval()
     try:
-        processor = AutoProcessor.from_pretrained(path, backend=image_backend)
+        # Video-LLaVA: the processor lmms-eval's video_llava loads (its video processor exists for torchvision only)
+        processor = AutoProcessor.from_pretrained(path) if video else AutoProcessor.from_pretrained(path, backend=image_backend)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{what}: cannot load the processor (tokenizer + image processor) from {path}: {first_line(err)}") from None
     processor.tokenizer.padding_side = "left"

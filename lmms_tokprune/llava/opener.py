@@ -39,11 +39,12 @@ def open_engine(options: EngineOptions, device: Optional[torch.device] = None, m
         tower_dtype = resolve_vision_dtype(options.vision_dtype, model_dtype, options.method.release_half_tower)
         model, processor = load_llava(options.pretrained, device, model_dtype, options.attn_implementation,
                                       resolve_image_backend(options.image_backend, options.prompt_style), tower_dtype, options.model_base)
+    family = open_family(model, processor, FamilyOptions(options.prompt_style, options.pad_to_square, options.budget_scope,
+                                                         options.budget_split, options.given))
+    family.check_loadable(options.method)  # what the family cannot serve fails before anything else loads
     if text_guide is None and options.method.spec.needs_text_encoder:
         from .text_guide import load_text_guide  # only text-guided methods need the CLIP text tower
 
         text_guide = load_text_guide(options.text_encoder, model, device, options.text_source)
-    family = open_family(model, processor, FamilyOptions(options.prompt_style, options.pad_to_square, options.budget_scope,
-                                                         options.budget_split, options.given))
     engine_class = ENGINES.get(options.method.stage, CompressedLlava)
     return engine_class(model, processor, options.method, text_guide=text_guide, measure_latency=options.measure_latency, family=family)

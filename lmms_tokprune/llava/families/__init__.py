@@ -10,9 +10,9 @@ import torch
 
 from ...catalog import family_of_model_type
 from ..batch import ImageTokens
-from .base import BUDGET_SCOPES, BUDGET_SPLITS, Family, FamilyOptions, ImageUnits, UnitBatch, split_budget
+from .base import BUDGET_SCOPES, BUDGET_SPLITS, Family, FamilyOptions, ImageUnits, UnitBatch, UnitGroup, split_budget
 
-__all__ = ["BUDGET_SCOPES", "BUDGET_SPLITS", "Family", "FamilyOptions", "ImageTokens", "ImageUnits", "UnitBatch", "family_class",
+__all__ = ["BUDGET_SCOPES", "BUDGET_SPLITS", "Family", "FamilyOptions", "ImageTokens", "ImageUnits", "UnitBatch", "UnitGroup", "family_class",
            "open_family", "split_budget"]
 
 

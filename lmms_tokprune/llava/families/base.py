@@ -14,15 +14,17 @@ Where a method acts (before the projector / in the LLM) stays the engine's axis;
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
 
 from ...methods import CompressedImage, UnitLayout
 from ..batch import ImageTokens
-from ..images import to_rgb
+from ..images import check_complete, to_rgb
 from ..prompts import build_prompt, llava_prompt_ids
+from ..video import VideoClip
 
 BUDGET_SCOPES = ("image", "unit")
 BUDGET_SPLITS = ("even",)
@@ -64,6 +66,15 @@ class UnitBatch:
     def unit_image(self) -> List[int]:
         """The image index of every unit."""
         return [i for i, im in enumerate(self.images) for _ in range(im.units)]
+
+
+@dataclass
+class UnitGroup:
+    """Units the engine runs through one CLIP tower in one method call (`Family.unit_groups`): their indices in the
+    batch and the tower's name (the family's own)."""
+
+    units: List[int]
+    tower: str
 
 
 @dataclass
@@ -147,6 +158,31 @@ class Family:
     def prompt_text(self, context: str, num_images: int) -> str:
         return build_prompt(self.options.prompt_style, self.processor, context, num_images, self.conversation)
 
+    def sample_prompt(self, context: str, visuals: Sequence[Any]) -> str:
+        """The prompt of one document from its visuals (a family with several kinds of visual places each its own way)."""
+        return self.prompt_text(context, len(visuals))
+
+    def answer_text(self, tokenizer: Any, ids: Sequence[int], until: Sequence[str]) -> str:
+        """The answer of generated ids: decoded, cut at the task's stop strings, stripped."""
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in until:
+            if stop:
+                text = text.split(stop)[0]
+        return text.strip()
+
+    # -- admission / load-time checks --------------------------------------------------------
+    def admit_visual(self, visual: Any, method: Any = None) -> Any:
+        """One visual of a document, checked and decoded (ValueError / OSError: one line on what is wrong)."""
+        if isinstance(visual, VideoClip):
+            raise ValueError(f"{self.name} checkpoints take images; this document gives a video ({visual.path}): "
+                             "a Video-LLaVA checkpoint (model_type 'video_llava') reads videos")
+        check_complete(visual)
+        return to_rgb(visual)
+
+    def check_loadable(self, method: Any) -> None:
+        """Load time, before anything else loads for the method (a text tower): a method the family cannot serve at
+        all is refused with one line (nothing to refuse here)."""
+
     def prompt_ids(self, prompt: str) -> List[int]:
         """llava_v1: the ids the original code makes (`tokenizer_image_token`); otherwise the processor's whole-text
         tokenization (what transformers / lmms-eval's llava_hf feed)."""
@@ -188,6 +224,16 @@ class Family:
     def max_visual_tokens(self, budget: Optional[int], image: ImageUnits) -> int:
         """Tokens one image can feed the LLM at most (admission against the context): its budget, else everything."""
         return (budget if budget is not None else image.visual_tokens_in) + image.layout_tokens_in
+
+    # -- CLIP passes -------------------------------------------------------------------------
+    def unit_groups(self, batch: UnitBatch, variant: str) -> Optional[List[UnitGroup]]:
+        """How the engine splits a batch's units into CLIP + method calls; None: one call, the family's one tower."""
+        return None
+
+    @contextmanager
+    def vision_pass(self, batch: UnitBatch, group: UnitGroup) -> Iterator[None]:
+        """Around the CLIP + method call of one group (`unit_groups`): selects its tower."""
+        yield
 
     # -- re-assembly -------------------------------------------------------------------------
     def assemble(self, batch: UnitBatch, compressed: Sequence[CompressedImage], projected: Sequence[torch.Tensor]) -> List[ImageTokens]:
