@@ -15,7 +15,7 @@ import torch
 
 from ..efficiency.flops import from_llava_config, llm_prefill_flops
 from ..efficiency.timing import StepClock, StepTimer, peak_memory_mb, reset_peak_memory
-from ..methods import BoundMethod, CompressedImage, VisionInputs
+from ..methods import BoundMethod, CompressedImage, UnitLayout, VisionInputs
 from ..methods.units import select as select_units
 from .assemble import build_llm_inputs
 from .batch import BatchOutput, CompressResult, DocumentError, ImageTokens, LLMInputs, PreparedBatch, Sample, SampleStats
@@ -242,6 +242,8 @@ class CompressedLlava:
         batch = self.family.units([im for s in samples for im in s.images])
         compressed, compress_ms = self.compress_batch(batch, samples, prompts)
         tokens = self.image_tokens(batch, compressed)
+        if self.family.packed_selection:
+            tokens = self.select_packed(tokens)
         llm = self.llm_inputs(samples, ids, tokens)
         return PreparedBatch(llm=llm, stats=self.sample_stats(samples, batch, tokens, llm), compressed=self.per_sample(samples, batch, compressed),
                              compress_ms=compress_ms)
@@ -250,6 +252,8 @@ class CompressedLlava:
         """The method on every unit of the batch (image keys and guidance texts repeated per unit)."""
         if not batch.images:
             return CompressResult([])
+        if self.family.packed_selection:  # the method runs on the assembled sequence (select_packed)
+            return CompressResult(self.all_valid_patches(batch.pixel_values, batch.valid))
         image_keys = [k for s in samples for k in (s.image_keys or [0] * len(s.images))]
         texts = self.guidance_texts(samples, prompts)
         owner = batch.unit_image()
@@ -276,6 +280,37 @@ class CompressedLlava:
                 outs[u] = out
             elapsed += got.compress_ms
         return CompressResult(outs, elapsed)
+
+    def all_valid_patches(self, pixel_values: torch.Tensor, valid: Optional[torch.Tensor]) -> List[CompressedImage]:
+        """Every valid patch of every unit, uncompressed (the family's own vision features, no capture)."""
+        patches = run_clip(self.vision_tower, self.pixels_on_device(pixel_values), feature_layer=self.feature_layer).hidden[:, 1:].float()
+        index = torch.arange(patches.shape[1], device=patches.device)
+        if valid is None:
+            return [CompressedImage(patches[b], index) for b in range(patches.shape[0])]
+        valid = valid.to(patches.device)
+        return [CompressedImage(patches[b][valid[b]], index[valid[b]]) for b in range(patches.shape[0])]
+
+    def select_packed(self, tokens: Sequence[ImageTokens]) -> List[ImageTokens]:
+        """A release that selects over the LLM's packed visual sequence (NeXT DivPrune's `reference`): the method on the
+        batch's first image's assembled tokens (one unit of L tokens, no CLS; `projected` = those LLM inputs, layout
+        tokens as candidates), and the same positions of every image, as the release applies sample 0's window to every
+        row: ValueError when an image's sequence has another length. Kept layout tokens stay layout tokens."""
+        if not tokens:
+            return list(tokens)
+        length = int(tokens[0].features.shape[0])
+        if any(int(t.features.shape[0]) != length for t in tokens):
+            sizes = sorted({int(t.features.shape[0]) for t in tokens})
+            raise ValueError(f"{self.method.name} (reference): the release selects over sample 0's packed window and applies it to every "
+                             f"image; these images pack to {sizes} tokens, so no window fits them all; run batch_size=1 (one image per "
+                             "document) or variant=fixed")
+        first = tokens[0].features[None]
+        index = self.method(VisionInputs(first, projected=first, layout=UnitLayout(1, length, cls=False)))[0].index
+        out = []
+        for t in tokens:
+            layout = t.layout[index.to(t.layout.device)] if t.layout is not None else None
+            newlines = int(layout.sum()) if layout is not None else 0
+            out.append(ImageTokens(t.features[index.to(t.features.device)], layout, int(index.numel()) - newlines, newlines, t.image_tokens_in))
+        return out
 
     def image_tokens(self, batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[ImageTokens]:
         """Projection (one call over every kept token of the batch) and the family's re-assembly, per image."""

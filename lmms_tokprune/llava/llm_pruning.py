@@ -14,7 +14,9 @@ order. Greedy and sampling are supported (transformers' logits processors); beam
 Layout tokens (`layout_mask`: LLaVA-NeXT's image_newline tokens, Video-LLaVA's frame CLS tokens) reach the LLM but
 are not patches: the loop keeps every layout slot through every cut whatever the cut decides (and through H2O's
 decode-time eviction), never counts one as visual, and shows them to cuts as `view.layout` (methods that read "the
-text after the image" skip them). A slot marked in both `image_mask` and `layout_mask` is layout.
+text after the image" skip them). A slot marked in both `image_mask` and `layout_mask` is layout. A plan with
+`layout_candidates` (the `reference` of a release that prunes LLaVA-NeXT's packed span, newlines included) sees the
+layout slots as image slots instead: they are pruned like any image token, and still never counted as visual.
 
 Sliding-window decoders (Mistral with `sliding_window` set): as transformers does over cache positions, a query
 slot sees only the key slots less than `sliding_window` behind it -- in every mask the loop builds (prefill, decode)
@@ -52,8 +54,10 @@ class Tokens:
     valid: torch.Tensor  # [B, W] bool
     positions: torch.Tensor  # [B, W] long
     orig: torch.Tensor  # [B, W] long, -1 for inserted tokens
-    image: torch.Tensor  # [B, W] bool: visual (patch) slots
+    image: torch.Tensor  # [B, W] bool: visual (patch) slots -- and candidate layout slots (`marked`)
     layout: torch.Tensor  # [B, W] bool: layout slots (never pruned, never visual)
+    marked: Optional[torch.Tensor] = None  # [B, W] bool: layout slots a plan prunes like image tokens (LLMPlan.layout_candidates):
+    #                                        in `image` for the cuts, never counted as visual
 
 
 class LoopView:
@@ -162,6 +166,7 @@ def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tens
     orig = _gather(tokens.orig, src, 1).masked_fill(fresh, -1)
     image = _gather(tokens.image, src, 1) | fresh
     layout = _gather(tokens.layout, src, 1) & ~fresh
+    marked = None if tokens.marked is None else _gather(tokens.marked, src, 1) & ~fresh & valid
     if decision.renumber:
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
     elif bool(fresh.any()):
@@ -169,7 +174,7 @@ def apply_cut(tokens: Tokens, decision: CutDecision) -> Tuple[Tokens, torch.Tens
     else:
         positions = _gather(tokens.positions, src, 1)
     positions = positions.masked_fill(~valid, 0)
-    return Tokens(h, valid, positions, orig.masked_fill(~valid, -1), image & valid, layout & valid), index
+    return Tokens(h, valid, positions, orig.masked_fill(~valid, -1), image & valid, layout & valid, marked), index
 
 
 @dataclass
@@ -217,7 +222,11 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
     valid = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)
     layout = _layout(layout_mask, valid)
-    tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), image_mask.bool() & valid & ~layout, layout)
+    if plan is not None and plan.layout_candidates:  # the release's packed span: layout slots are ordinary image tokens to it
+        tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), (image_mask.bool() | layout) & valid,
+                        torch.zeros_like(layout), layout)
+    else:
+        tokens = Tokens(inputs_embeds, valid, positions, positions.masked_fill(~valid, -1), image_mask.bool() & valid & ~layout, layout)
     prompt_lengths = valid.sum(dim=1)
     initial_images = tokens.image.sum(dim=1)
     cuts: Dict[int, Cut] = {c.layer: c for c in (plan.cuts if plan is not None else [])}
@@ -263,7 +272,8 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
             mask = decoder_mask(tokens.valid, tokens.valid.shape[1], impl, dtype, parts.sliding_window)
             pe = parts.rotary(tokens.h, tokens.positions)
             base = tokens.valid.sum(dim=1) if by_cache_length else prompt_lengths
-        counts, seen = tokens.valid.sum(dim=1).tolist(), (tokens.image & tokens.valid).sum(dim=1).tolist()
+        patches = tokens.image & tokens.valid if tokens.marked is None else tokens.image & tokens.valid & ~tokens.marked
+        counts, seen = tokens.valid.sum(dim=1).tolist(), patches.sum(dim=1).tolist()
         for b in range(batch):
             lengths[b].append(int(counts[b]))
             visual[b].append(int(seen[b]))
@@ -271,7 +281,7 @@ def run_prefill(parts: DecoderParts, inputs_embeds: torch.Tensor, attention_mask
         layer_base.append(base)
         prev_input = tokens.h
         tokens = Tokens(_layer_call(layer, tokens.h, mask, tokens.positions, cache, pe), tokens.valid, tokens.positions, tokens.orig, tokens.image,
-                        tokens.layout)
+                        tokens.layout, tokens.marked)
     last = parts.norm(tokens.h[:, -1])
     return Prefill(lengths, visual, kept, last, [int(n) for n in prompt_lengths.tolist()], cache, layer_valid, layer_base, decode, tokens,
                    1000.0 * cut_seconds)

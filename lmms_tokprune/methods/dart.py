@@ -23,6 +23,12 @@ the last image token; layout tokens are neither pool nor text and always stay.
 "DART 128" keeps 132 = 159.75 equivalent tokens. (The scripts' reduction ratio 0.778 is used only when
 max_num_trunction is None, never from their CLI: not exposed.)
 
+LLaVA-NeXT, `reference` (the release's '1.6' path, `text_length` set): one cut over the packed image span of L tokens
+(base, unpadded grid, a newline per row -- the newlines are ordinary candidates and pivots), TOKEN_TOPK =
+int(min(R, L - 4) // 8) picks per pivot with R = `retain_token_num_for_llava_next` (320), so kept = 4 pivots + 8 *
+TOKEN_TOPK (324); `max_num_trunction` is ignored there, as released, and `budget=` is refused (nothing maps to it).
+Counts: kept newlines are layout tokens, not visual ones.
+
 Variants: `reference` = the release: batch 1 only (it asserts it: ValueError for more), torch.topk, the set order;
 where the release crashes (fewer text tokens than text pivots, P * t above the pool) -> ValueError.
 `fixed` = per row, pivots visited in selection order (image pivots by descending L1 norm, then text), ties to the
@@ -47,6 +53,7 @@ from .llm_stages import (
     floor_error,
     in_llm_only,
     nearest_increasing,
+    on_next,
     planned_equivalent,
     refuse_reference_layout,
     refuse_reference_next,
@@ -55,6 +62,7 @@ from .registry import EQUIVALENT_BUDGET, MethodSpec, Param, positive_int, regist
 from .signals import top_indices
 
 EXTEND = "a smaller k or fewer pivot_image_token lower the floor"
+NEXT_RETAIN = 320  # the release's retain_token_num_for_llava_next
 
 
 def resolve_truncation(budget: int, k: int, n: int, layers: int, p_img: int, p_txt: int, clamp: bool = False) -> int:
@@ -103,10 +111,16 @@ def row_selection(keys: torch.Tensor, feats: torch.Tensor, slots_image: torch.Te
 
 
 def _check(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunction: int = 128, pivot_image_token: int = 4,
-           pivot_text_token: int = 4, budget: Optional[int] = None) -> None:
+           pivot_text_token: int = 4, retain_token_num_for_llava_next: int = NEXT_RETAIN, budget: Optional[int] = None) -> None:
     layers, n = context.num_layers, context.num_patches
     if not 1 <= k < layers:
         raise ValueError(f"dart: k={k} must be within 1..{layers - 1} (a cut before decoder layer k of the {layers})")
+    if variant == "reference" and on_next(context):  # the release's LLaVA-NeXT path (module doc)
+        if budget is not None:
+            raise ValueError("dart (reference) on LLaVA-NeXT: the release keeps 4 pivots + 8 * (min(retain_token_num_for_llava_next, "
+                             "L - 4) // 8) of the packed span (max_num_trunction is ignored there), so budget= has nothing to set; "
+                             "give retain_token_num_for_llava_next, or use variant=fixed for a budget")
+        return
     refuse_reference_next("dart", variant, context)
     if context.varied:  # images of N or more patches: only a budget below the smallest image's floor fails them all
         floor = planned_equivalent([k], [pivot_image_token], n, layers)
@@ -129,9 +143,39 @@ def _check_pool(variant: str, max_num_trunction: int, p_img: int, p_txt: int, n:
                          f"left after the pivots (the release's topk crashes); lower max_num_trunction or use variant=fixed")
 
 
+def next_picks_per_pivot(span: int, retain: int, p_img: int, p_txt: int) -> int:
+    """The release on LLaVA-NeXT: TOKEN_TOPK = int(min(retain, L - p_img) // (p_img + p_txt)) picks per pivot over a packed
+    image span of L tokens (newlines included)."""
+    return int(min(retain, span - p_img) // (p_img + p_txt))
+
+
+def _next_reference_plan(k: int, p_img: int, p_txt: int, retain: int) -> LLMPlan:
+    """reference on LLaVA-NeXT: one cut before layer k over the packed span (base, unpadded grid, newlines: all candidates),
+    TOKEN_TOPK = next_picks_per_pivot per pivot, the release's set order; batch 1 (it asserts it)."""
+    def decide(view: Any) -> CutDecision:
+        if view.hidden.shape[0] > 1:
+            raise ValueError("dart (reference): the released code asserts batch size 1; run batch_size=1 or variant=fixed")
+        keys, feats = view.keys("prev"), view.final_norm(view.hidden)
+        keep = view.valid & ~view.image
+        slots = torch.arange(view.hidden.shape[1], device=view.hidden.device)
+        span = slots[view.image[0] & view.valid[0]]
+        if span.numel():
+            after = slots[view.valid[0] & ~view.image[0] & (slots > span[-1])]
+            if after.numel() < p_txt:
+                raise ValueError(f"dart (reference): only {after.numel()} text tokens after the image for pivot_text_token={p_txt}; "
+                                 "use variant=fixed")
+            per_pivot = next_picks_per_pivot(int(span.numel()), retain, p_img, p_txt)
+            keep[0, row_selection(keys[0], feats[0], span, after, view.orig[0], p_img, p_txt, per_pivot, "reference")] = True
+        return CutDecision(keep)
+
+    return LLMPlan([Cut(k, decide)], "original", notes={"k": k, "retain_token_num_for_llava_next": retain}, layout_candidates=True)
+
+
 def _plan(context: LLMContext, variant: str = "fixed", k: int = 2, max_num_trunction: int = 128, pivot_image_token: int = 4,
-          pivot_text_token: int = 4, budget: Optional[int] = None) -> LLMPlan:
+          pivot_text_token: int = 4, retain_token_num_for_llava_next: int = NEXT_RETAIN, budget: Optional[int] = None) -> LLMPlan:
     layers, n = context.num_layers, context.num_patches
+    if variant == "reference" and on_next(context):
+        return _next_reference_plan(k, pivot_image_token, pivot_text_token, retain_token_num_for_llava_next)
     if budget is not None and not context.varied:
         max_num_trunction = resolve_truncation(budget, k, n, layers, pivot_image_token, pivot_text_token)
     pivots = pivot_image_token + pivot_text_token
@@ -189,6 +233,9 @@ register(
             "max_num_trunction": Param(128, int, "picks over all pivots per image (released default 128)", positive_int),
             "pivot_image_token": Param(4, int, "image pivots (released default 4)", positive_int),
             "pivot_text_token": Param(4, int, "text pivots after the image (released default 4)", positive_int),
+            "retain_token_num_for_llava_next": Param(NEXT_RETAIN, int, "reference on LLaVA-NeXT: R, picks = 8 * (min(R, L - 4) // 8) over "
+                                                     f"the packed span (released default {NEXT_RETAIN}; fixed and LLaVA-1.5 ignore it)",
+                                                     positive_int),
             "budget": EQUIVALENT_BUDGET,
         },
         budget_sets=("max_num_trunction",),

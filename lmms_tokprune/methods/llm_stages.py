@@ -103,6 +103,10 @@ class LLMPlan:
     decode_positions: str = "original"
     notes: dict = field(default_factory=dict)  # resolved released parameters, for reports
     setup: Optional[Callable[["CutView"], None]] = None  # called before layer 0 (the hidden states are the input embeddings)
+    # the release prunes LLaVA-NeXT's packed span with its newline tokens as ordinary image tokens (DART, PDrop `reference`):
+    # the loop shows layout slots to the cuts as image slots (view.image; view.layout all False), prunes them like any,
+    # and still counts only patches as visual
+    layout_candidates: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,9 @@ class LLMContext:
     image_tokens: per batch row, a tuple of per-image patch-token counts (layout tokens excluded); None = derived
         from the visual tokens as ceil(count / num_patches) images of num_patches (LLaVA-1.5; `check` contexts).
     layout: the LLM sequence carries layout tokens and images of other sizes than one unit (LLaVA-NeXT): a
-        `reference` variant refuses (no release computes on NeXT that way yet), and a load-time `check` validates
-        only what holds for every image (budgets below the floor of the smallest image)."""
+        `reference` variant computes what its release does on NeXT (DART, PDrop: over the packed span, newlines as
+        candidates) or refuses (no_next_release), and a load-time `check` validates only what holds for every image
+        (budgets below the floor of the smallest image)."""
 
     num_layers: int
     num_patches: int

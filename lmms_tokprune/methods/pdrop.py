@@ -19,6 +19,10 @@ N_row = sum_i N_i (layout tokens never count nor drop); `budget=n` (per image) r
 image of the row's mean size N_row / m (m images; = 576 for LLaVA-1.5 rows, so the same λ), clamped into the
 reachable range of that size; the achieved equivalent is reported.
 
+LLaVA-NeXT, `reference` (the release's `image_tokens` = the packed length per sample): each stage keeps int(L * r_s) of
+the packed span of L tokens (base, unpadded grid, a newline per row -- the newlines are ordinary candidates), positions
+renumbered; `budget=` is refused (the release's NeXT setting is the ratio list). Kept newlines count as layout tokens.
+
 Variants: `reference` = the release: per row, the softmax in fp32 cast to the model dtype with the heads averaged
 in it, torch.topk; a padded row (the release's mask preparation crashes on it), or a stage asking for more tokens than the previous one
 left (its topk crashes) -> ValueError. `fixed` = per row
@@ -45,6 +49,7 @@ from .llm_stages import (
     floor_error,
     in_llm_only,
     nearest_index,
+    on_next,
     planned_equivalent,
     refuse_reference_layout,
     refuse_reference_next,
@@ -102,6 +107,12 @@ def _check_lists(layer_list: Sequence[int], ratios: Sequence[float], layers: int
 def _check(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int] = (8, 16, 24),
            image_token_ratio_list: Sequence[float] = (0.5, 0.25, 0.125), budget: Optional[int] = None) -> None:
     layers, n = context.num_layers, context.num_patches
+    if variant == "reference" and on_next(context):  # the release's LLaVA-NeXT path: ratios of the packed span (module doc)
+        if budget is not None:
+            raise ValueError("pdrop (reference) on LLaVA-NeXT: the release keeps int(L * ratio) of the packed span per stage; give "
+                             "image_token_ratio_list, or use variant=fixed for a budget")
+        _check_lists(layer_list, tuple(image_token_ratio_list), layers, n, variant)
+        return
     refuse_reference_next("pdrop", variant, context)
     ratios = tuple(image_token_ratio_list)
     if budget is not None:
@@ -120,11 +131,12 @@ def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int]
           image_token_ratio_list: Sequence[float] = (0.5, 0.25, 0.125), budget: Optional[int] = None) -> LLMPlan:
     layers, n = context.num_layers, context.num_patches
     ratios = tuple(image_token_ratio_list)
+    packed = variant == "reference" and on_next(context)  # over the packed span, newlines as candidates (the loop's image slots)
     if budget is not None and not context.varied:
         ratios = resolve_ratios(budget, layer_list, n, layers)
     row_ratios: Optional[List[tuple]] = None
     per_row: Optional[List[dict]] = None
-    if context.image_tokens is not None:
+    if context.image_tokens is not None and not packed:
         row_ratios, per_row = [], []
         for images in context.image_tokens:
             total = sum(images)
@@ -155,6 +167,9 @@ def _plan(context: LLMContext, variant: str = "fixed", layer_list: Sequence[int]
         return Cut(layer_list[stage], decide)
 
     notes: dict = {"layer_list": list(layer_list)}
+    if packed:
+        notes["image_token_ratio_list"] = [round(r, 6) for r in ratios]
+        return LLMPlan([cut(s) for s in range(len(layer_list))], "cache", notes=notes, layout_candidates=True)
     if not (context.varied and budget is not None):
         notes.update(image_token_ratio_list=[round(r, 6) for r in ratios],
                      visual_tokens_equivalent=planned_equivalent(layer_list, stage_counts(n, ratios), n, layers))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lmms_tokprune.llava.batch import Sample
@@ -261,3 +262,261 @@ def test_per_crop_reference_counts_and_budget_scope(tiny_next):
     engine = _engine(tiny_next, method="visionzip", variant="reference", budget=64)
     _, stats = engine.generate([Sample("q", [_image(SIZES[3])], [0]), Sample("q", [_image(SIZES[5])], [1])], {"max_new_tokens": 1})
     assert [st.visual_tokens_kept for st in stats] == [3 * 64, 5 * 64]  # batch > 1 runs (per image, as released)
+
+
+# --------------------------------------------------------------- in-LLM releases over NeXT's packed span: DART, PyramidDrop
+# Readings of modeling_llama_self.py's '1.6' path (DART: image_token_length = the sequence minus text_length, TOKEN_TOPK =
+# int(min(retain_token_num_for_llava_next, L - 4) // 8)) and of modeling_llama_pdrop.py (image_tokens = the packed length
+# per sample), on a small random Llama; the visual span is what LLaVA-NeXT packs for a 3-, 4- or 5-unit image.
+LAYERS, WIDTH, SYS, QUESTION = 8, 64, 35, 12
+
+
+def packed_layout(size):
+    """(L, newline mask [L]) of the packed span of a (width, height) image: 576 base tokens, the unpadded H' x W' grid
+    read row by row with a newline after every row."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    from lmms_tokprune.llava.families.llava_next import unpadded_box
+    from lmms_tokprune.offline_processors import GRID_PINPOINTS
+
+    rows, cols = get_anyres_image_grid_shape((size[1], size[0]), [list(p) for p in GRID_PINPOINTS], 336)
+    top, bottom, left, right = unpadded_box(size[1], size[0], rows * SIDE, cols * SIDE)
+    h, w = bottom - top, right - left
+    newline = torch.zeros(SIDE * SIDE + h * (w + 1), dtype=torch.bool)
+    newline[SIDE * SIDE + w::w + 1] = True
+    return newline.numel(), newline
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=WIDTH, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=LAYERS,
+                         vocab_size=8, max_position_embeddings=4096)
+    model = LlamaModel(config)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    path = tmp_path_factory.mktemp("next-llama")
+    model.save_pretrained(path)
+    return tuple(LlamaModel.from_pretrained(path, attn_implementation=impl).eval() for impl in ("sdpa", "eager"))
+
+
+def packed_rows(sizes, seed=0):
+    """One unpadded row per image size (all of one length when the sizes agree): SYS prefix, the packed span (newline
+    rows share one vector, as image_newline does), QUESTION text tokens. -> inputs_embeds, attention_mask, image_mask,
+    layout_mask, newline masks per row."""
+    g = torch.Generator().manual_seed(seed)
+    spans = [packed_layout(s) for s in sizes]
+    t = max(SYS + span + QUESTION for span, _ in spans)
+    x, mask = torch.zeros(len(sizes), t, WIDTH), torch.zeros(len(sizes), t, dtype=torch.long)
+    image, layout = torch.zeros(len(sizes), t, dtype=torch.bool), torch.zeros(len(sizes), t, dtype=torch.bool)
+    newline = torch.randn(WIDTH, generator=g)
+    for b, (span, nl) in enumerate(spans):
+        n = SYS + span + QUESTION
+        pad = t - n
+        x[b, pad:] = torch.randn(n, WIDTH, generator=g)
+        x[b, pad + SYS:pad + SYS + span][nl] = newline
+        mask[b, pad:] = 1
+        image[b, pad + SYS:pad + SYS + span] = ~nl
+        layout[b, pad + SYS:pad + SYS + span] = nl
+    return x, mask, image, layout
+
+
+def _eager(model, i, h, pos, cache=None):
+    """Eager layer i with the causal mask the released loops pass; returns (output, its attention map)."""
+    maps = []
+    hook = model.layers[i].self_attn.register_forward_hook(lambda mod, args, out: maps.append(out[1]))
+    t = h.shape[1]
+    try:
+        out = model.layers[i](h, attention_mask=torch.full((t, t), torch.finfo(h.dtype).min).triu(1)[None, None], position_ids=pos,
+                              past_key_values=cache, use_cache=cache is not None, position_embeddings=model.rotary_emb(h, pos))
+    finally:
+        hook.remove()
+    return out, maps[0]
+
+
+@torch.no_grad()
+def dart_next_release(model, x, span, newline, k=2, retain=320, p_img=4, p_txt=4, newline_candidates=True, cap=True):
+    """DART's '1.6' prefill at batch 1: image span [SYS, SYS + L) with L = the sequence minus its text (newlines inside);
+    TOKEN_TOPK = int(min(retain, L - p_img) // (p_img + p_txt)); L1-norm pivots of layer k-1's keys, the set order of their
+    positions, least-cosine picks of model.norm(layer k-1's output); original positions. newline_candidates=False and
+    cap=False undo the quirks (newlines always kept and never picked; no retain cap)."""
+    from transformers import DynamicCache
+
+    t = x.shape[1]
+    cache, pos, h, kept = DynamicCache(config=model.config), torch.arange(t)[None], x, None
+    for i in range(LAYERS):
+        if i == k:
+            feats = model.norm(h)[0]
+            keys = cache.layers[k - 1].keys.permute(0, 2, 1, 3).reshape(1, t, -1)[0]
+            image = [SYS + j for j in range(span) if newline_candidates or not bool(newline[j])]
+            per = int((min(retain, span - p_img) if cap else span - p_img) // (p_img + p_txt))
+            l1 = keys.norm(p=1, dim=-1)
+            image_piv = [image[j] for j in l1[image].topk(p_img).indices.tolist()]
+            text_piv = (l1[SYS + span:].topk(p_txt).indices + SYS + span).tolist()
+            chosen, pool = set(image_piv + text_piv), set(image) - set(image_piv)
+            for pivot in list(set(image_piv + text_piv)):
+                cands = list(pool)
+                picks = [cands[j] for j in (-F.cosine_similarity(feats[pivot], feats[cands], dim=-1)).topk(per).indices.tolist()]
+                chosen.update(picks)
+                pool.difference_update(picks)
+            chosen.difference_update(text_piv)
+            always = [SYS + j for j in range(span) if not newline_candidates and bool(newline[j])]
+            keep = torch.tensor(sorted(set(range(SYS)) | chosen | set(always) | set(range(SYS + span, t))))
+            h, pos, kept = h[:, keep], keep[None], keep.tolist()
+        h = _eager(model, i, h, pos, cache)[0]
+    return kept, model.norm(h[:, -1])
+
+
+@torch.no_grad()
+def pdrop_next_release(model, x, span, newline, layer_list=(2, 4, 6), ratios=(0.5, 0.25, 0.125), newline_candidates=True):
+    """PDrop's prefill per row: image_tokens = the packed length L; before layer l_s its own q/k on the current tokens,
+    the last token's row, fp32 softmax, head mean, columns [SYS, SYS + int(L * r_s)); topk(int(L * r_{s+1})), sorted;
+    positions renumbered. newline_candidates=False: the newlines always stay and the counts are of the patches."""
+    rs = [1.0, *ratios]
+    t = x.shape[1]
+    keepers = [j for j in range(span) if not bool(newline[j])] if not newline_candidates else list(range(span))
+    n = len(keepers)
+    h, orig, kept = x, torch.arange(t), []
+    cand = torch.tensor([SYS + j for j in keepers])
+    for i in range(LAYERS):
+        pos = torch.arange(h.shape[1])[None]
+        if i in layer_list:
+            s = list(layer_list).index(i)
+            attn = _eager(model, i, h, pos)[1][0].mean(dim=0)[-1]
+            where = torch.tensor([int(torch.nonzero(orig == c)[0]) for c in cand.tolist()])
+            top = cand[attn[where].topk(int(n * rs[s + 1])).indices]
+            cand = top.sort().values
+            stay = [p for p in orig.tolist() if not SYS <= p < SYS + span or (not newline_candidates and bool(newline[p - SYS]))]
+            keep_orig = sorted(set(stay) | set(cand.tolist()))
+            index = torch.tensor([int(torch.nonzero(orig == p)[0]) for p in keep_orig])
+            h, orig = h[:, index], orig[index]
+            kept.append(orig.tolist())
+            pos = torch.arange(h.shape[1])[None]
+        h = _eager(model, i, h, pos)[0]
+    return kept, model.norm(h[:, -1])
+
+
+@pytest.mark.parametrize("units", sorted(SIZES))
+def test_dart_reference_on_next_is_the_released_packed_path(small_llama, units):
+    from lmms_tokprune.llava.llm_pruning import prune_prefill
+
+    sdpa, eager = small_llama
+    x, mask, image, layout = packed_rows([SIZES[units]], seed=units)
+    span, newline = packed_layout(SIZES[units])
+    retain = 320 if units != 3 else 96
+    res = prune_prefill("dart", sdpa, x, mask, image, "reference", layout_mask=layout, k=2, retain_token_num_for_llava_next=retain)
+    kept, last = dart_next_release(eager, x, span, newline, k=2, retain=retain)
+    assert res.kept_positions[0][0].tolist() == kept
+    torch.testing.assert_close(res.last_hidden, last, rtol=1e-4, atol=1e-4)
+    picks = len(kept) - SYS - QUESTION
+    assert picks == 4 + 8 * (min(retain, span - 4) // 8)  # 4 pivots + 8 * TOKEN_TOPK, newlines included
+    kept_newlines = sum(bool(newline[p - SYS]) for p in kept if SYS <= p < SYS + span)
+    assert res.visual_per_layer[0][-1] == picks - kept_newlines  # a kept newline is not a visual token
+    # the quirks undone change the kept set
+    assert dart_next_release(eager, x, span, newline, k=2, retain=retain, newline_candidates=False)[0] != kept
+    if units == 5:
+        assert dart_next_release(eager, x, span, newline, k=2, retain=retain, cap=False)[0] != kept
+
+
+@pytest.mark.parametrize("units", sorted(SIZES))
+def test_pdrop_reference_on_next_is_the_released_packed_path(small_llama, units):
+    from lmms_tokprune.llava.llm_pruning import prune_prefill
+
+    sdpa, eager = small_llama
+    x, mask, image, layout = packed_rows([SIZES[units]], seed=10 + units)
+    span, newline = packed_layout(SIZES[units])
+    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6),
+                        image_token_ratio_list=(0.5, 0.25, 0.125))
+    kept, last = pdrop_next_release(eager, x, span, newline)
+    assert [p.tolist() for p in res.kept_positions[0]] == kept
+    torch.testing.assert_close(res.last_hidden, last, rtol=1e-4, atol=1e-4)
+    assert [len(k) - SYS - QUESTION for k in kept] == [int(span * r) for r in (0.5, 0.25, 0.125)]  # int(L * ratio), L with newlines
+    assert pdrop_next_release(eager, x, span, newline, newline_candidates=False)[0] != kept
+
+
+def test_in_llm_next_reference_batch_rules(small_llama):
+    from lmms_tokprune.llava.llm_pruning import prune_prefill
+
+    sdpa, eager = small_llama
+    x, mask, image, layout = same = packed_rows([SIZES[3], SIZES[3]], seed=7)
+    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6))  # unpadded rows: each row its own ranking
+    span, newline = packed_layout(SIZES[3])
+    for b in range(2):
+        assert [p.tolist() for p in res.kept_positions[b]] == pdrop_next_release(eager, same[0][b:b + 1], span, newline)[0]
+    x, mask, image, layout = packed_rows([SIZES[3], SIZES[4]], seed=7)
+    with pytest.raises(ValueError, match="pdrop \\(reference\\): the released code's mask preparation crashes on padded rows"):
+        prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6))
+    with pytest.raises(ValueError, match="dart \\(reference\\): the released code asserts batch size 1"):
+        prune_prefill("dart", sdpa, *same[:3], "reference", layout_mask=same[3])
+    x, mask, image, layout = packed_rows([SIZES[3]])
+    with pytest.raises(ValueError, match="dart \\(reference\\) on LLaVA-NeXT: .*give retain_token_num_for_llava_next"):
+        prune_prefill("dart", sdpa, x, mask, image, "reference", layout_mask=layout, budget=200)
+
+
+# ----------------------------------------------------------------------- DivPrune over the packed sequence of sample 0
+def divprune_release(window, ratio):
+    """DivPrune(...) of vbdi/divprune's llava_arch.py on the image window [L, D]: int(round(ratio * L)) picks, the first by
+    the second-smallest cosine distance of each column, then the max of the min distance to the picks (picks not masked)."""
+    count = int(round(ratio * window.shape[0]))
+    unit = window / window.norm(dim=1, keepdim=True)
+    dist = 1.0 - unit @ unit.t()
+    picks = []
+    for i in range(count):
+        scores = torch.topk(dist, 2, dim=0, largest=False).values[1, :] if i == 0 else dist[torch.tensor(picks)].min(dim=0).values
+        picks.append(int(torch.argmax(scores)))
+    return torch.tensor(picks)
+
+
+def packed_row_after_divprune(row, span, picks):
+    """The release's keep_indexs: the prefix, the picks (sorted, repeats kept) inside the window, the rest."""
+    start, end = int(torch.nonzero(span)[0]), int(torch.nonzero(span)[-1]) + 1
+    keep = torch.cat([torch.arange(start), picks + start, torch.arange(end, row.shape[0])]).sort().values
+    return row[keep]
+
+
+def _rows(prepared):
+    llm = prepared.llm
+    span = llm.image_mask | (llm.layout_mask if llm.layout_mask is not None else torch.zeros_like(llm.image_mask))
+    return [(llm.inputs_embeds[b][llm.attention_mask[b].bool()], span[b][llm.attention_mask[b].bool()]) for b in range(span.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def packed_engines(tiny_next):
+    return _engine(tiny_next, method="none"), _engine(tiny_next, method="divprune", variant="reference", ratio=0.098)
+
+
+@pytest.mark.parametrize("units", sorted(SIZES))
+def test_divprune_reference_on_next_selects_over_the_packed_sequence(packed_engines, units):
+    none, ref = packed_engines
+    sample = Sample("What is in the picture?", [_image(SIZES[units], seed=units)], [0])
+    (row, span), = _rows(none.prepare([sample]))
+    prepared = ref.prepare([sample])
+    (ours, _), = _rows(prepared)
+    window = row[span]
+    picks = divprune_release(window, 0.098)
+    torch.testing.assert_close(ours, packed_row_after_divprune(row, span, picks))
+    newline = none.family.image_newline.detach()
+    is_newline = torch.tensor([torch.equal(w, newline) for w in window])
+    st = prepared.stats[0]
+    assert st.visual_tokens_kept + sum(bool(is_newline[p]) for p in picks.tolist()) == int(round(0.098 * window.shape[0]))
+    # newline tokens are candidates: leaving them out gives another selection
+    patches = torch.nonzero(~is_newline).flatten()
+    assert not torch.equal(patches[divprune_release(window[~is_newline], 0.098)].sort().values, picks.sort().values)
+
+
+def test_divprune_reference_on_next_uses_sample_0s_window(packed_engines):
+    none, ref = packed_engines
+    samples = [Sample("What is in the picture?", [_image(SIZES[5], seed=s)], [s]) for s in (1, 2)]
+    rows = _rows(none.prepare(samples))
+    ours = _rows(ref.prepare(samples))
+    picks = divprune_release(rows[0][0][rows[0][1]], 0.098)
+    for (row, span), (mine, _) in zip(rows, ours):
+        torch.testing.assert_close(mine, packed_row_after_divprune(row, span, picks))  # sample 0's positions in every row
+    own = divprune_release(rows[1][0][rows[1][1]], 0.098)
+    assert not torch.equal(own.sort().values, picks.sort().values)  # its own window would choose otherwise
+    with pytest.raises(ValueError, match="divprune \\(reference\\): the release selects over sample 0's packed window"):
+        ref.prepare([Sample("q", [_image(SIZES[5])], [0]), Sample("q", [_image(SIZES[3])], [1])])

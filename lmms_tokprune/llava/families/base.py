@@ -217,6 +217,10 @@ class Family:
         """The exact token count of every unit for a per-image `budget` (None: the method's own count per unit)."""
         return None
 
+    # a reference variant whose release selects over the LLM's packed visual sequence of the image (NeXT DivPrune): the
+    # units go through unchanged, the family assembles them, and the engine runs the method on the assembled tokens
+    packed_selection = False
+
     def reference_calls(self, batch: UnitBatch, method: Any) -> Optional[List[int]]:
         """For a reference variant: the units of each call its release makes, in order (None: one unit per call)."""
         return None

@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...catalog import STAGE_PRE_PROJECTOR
 from ...methods import CompressedImage
 from ...methods.inputs import ROLE_EXTRA, ROLE_KEPT
 from ...methods.llm_stages import no_next_release
@@ -150,6 +151,7 @@ class LlavaNext(Family):
             if method.name not in NEXT_RELEASES:
                 raise no_next_release(method.name)
             self.release = NEXT_RELEASES[method.name]
+            self.packed_selection = self.release == RELEASED_PACKED and method.stage == STAGE_PRE_PROJECTOR
             if self.per_crop_release and "budget_scope" in self.options.given and self.options.budget_scope != "unit":
                 raise ValueError(f"budget_scope={self.options.budget_scope} does not apply to {method.name} variant=reference on "
                                  "LLaVA-NeXT: its release's budget is per crop (every unit keeps budget tokens); leave budget_scope out")
@@ -164,11 +166,16 @@ class LlavaNext(Family):
     def check_budget(self, method: Any) -> None:
         """Load time: budget_scope=unit must fit one unit's N patches; a per-image budget is checked per document
         (what it can be split over depends on the image's size)."""
+        if self.packed_selection:  # budget = tokens of the packed span, which is longer than one unit
+            if "budget_scope" in self.options.given:
+                raise ValueError(f"budget_scope does not apply to {method.name} variant=reference on LLaVA-NeXT: its release selects "
+                                 "over the image's whole packed sequence; leave budget_scope out")
+            return
         if self.options.budget_scope == "unit" or self.per_crop_release:
             method.check_patches(self.num_patches)
 
     def unit_budgets(self, budget: Optional[int], batch: UnitBatch) -> Optional[List[int]]:
-        if budget is None or self.per_crop_release:  # a per-crop release: the method's own budget in every unit
+        if budget is None or self.per_crop_release or self.packed_selection:  # a per-crop release: the method's own budget in every unit
             return None
         shares: List[int] = []
         for image in batch.images:
@@ -190,6 +197,8 @@ class LlavaNext(Family):
         return split_budget(budget, counts)
 
     def max_visual_tokens(self, budget: Optional[int], image: ImageUnits) -> int:
+        if self.packed_selection:  # a budget of the packed span (newlines included), or the whole span
+            return budget if budget is not None else image.visual_tokens_in + image.layout_tokens_in
         if self.per_crop_release:  # budget per crop (or the method's own count: at most CLS + every patch)
             return image.units * (budget if budget is not None else self.num_patches + 1)
         if budget is None:
@@ -244,7 +253,7 @@ class LlavaNext(Family):
         the grid crops' patch tokens in global raster order of the whole (padded) stitched grid; VisionZip's layout then
         appends every grid crop's CLS token (crop order) and then every grid crop's contextual tokens (crop-major)."""
         grid: CropGrid = image.placement
-        (base, base_feats), crops = units[0], units[1:]
+        (_, base_feats), crops = units[0], units[1:]
         positions, feats, cls, contextual = [], [], [], []
         for crop, (comp, proj) in enumerate(crops):
             role = comp.role.to(proj.device)
