@@ -57,6 +57,10 @@ def test_llava_next_configs_exist_for_every_method():
     for method in ("topk_cls", "spatial", "random", "prumerge", "prumerge_plus", "recover", "longtail", "visionzip", "vispruner",
                    "fastervlm", "divprune", "cdpruner", "fastv", "pdrop", "dart", "sparsevlm"):
         assert {f"llava_next/{method}/budget{b}.yaml" for b in (640, 320, 160)} <= names, method
+    for method in ("visionzip", "vispruner", "fastervlm", "cdpruner", "divprune", "dart", "pdrop"):  # a NeXT release exists
+        assert f"llava_next/{method}/reference.yaml" in names
+    for method in ("fastv", "sparsevlm", "prumerge", "prumerge_plus", "recover", "longtail"):  # none: reference is refused
+        assert f"llava_next/{method}/reference.yaml" not in names
     for release in ("visionzip/per_crop128.yaml", "visionzip/per_crop64.yaml", "visionzip/per_crop32.yaml", "vispruner/per_crop32.yaml",
                     "fastervlm/per_crop29.yaml", "cdpruner/per_crop32.yaml"):
         assert f"llava_next/{release}" in names
