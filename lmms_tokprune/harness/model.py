@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..catalog import class_name, model_ids
 from ..llava.batch import Sample
 from ..llava.opener import open_engine
+from ..llava.video import VideoClip, is_video_path
 from . import response_cache
 from .args import EvalConfig, parse_model_args
 from .counts import SampleRecord, TokPruneTokenCounts, run_means
@@ -33,16 +34,20 @@ def image_key(task: str, split: str, doc_id: Any, index: int) -> int:
 
 
 def visuals_of(visuals: Any) -> List[Any]:
-    """lmms-eval doc_to_visual output -> list of images; videos/audio are a clear error."""
+    """lmms-eval doc_to_visual output -> list of visuals: images, and video paths as `VideoClip`s (read at admission, by
+    a family that takes videos); audio and other paths are a clear error."""
     if visuals is None:
         return []
     items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
-    out = []
+    out: List[Any] = []
     for item in items:
         if item is None:
             continue
-        if isinstance(item, (str, dict)):
-            raise ValueError("lmms_tokprune wrappers take images only; this task gives video/audio/path inputs")
+        if is_video_path(item):
+            out.append(VideoClip(item[0] if isinstance(item, (list, tuple)) else item))
+            continue
+        if isinstance(item, (str, dict, list, tuple)):
+            raise ValueError("lmms_tokprune wrappers take images and video files only; this task gives audio or other path inputs")
         out.append(item)
     return out
 
@@ -164,7 +169,7 @@ class LlavaTokPrune(lmms):
         tokenizer = self.engine.tokenizer
         out = []
         for ids, st in zip(token_ids, stats):
-            text = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), until).strip()
+            text = self.engine.family.answer_text(tokenizer, ids, until)  # decoded, cut at `until`, stripped
             counts = TokPruneTokenCounts(
                 input_tokens=int(st.llm_prefill_tokens),
                 output_tokens=st.output_tokens,

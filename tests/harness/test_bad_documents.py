@@ -96,7 +96,8 @@ def test_bad_documents_are_answered_empty_and_the_run_goes_on(tiny_llava, odd_ta
     assert sorted(samples) == list(range(6))
     errors = {d: s["token_counts"][0].get("error") for d, s in samples.items()}
     assert errors[1].startswith("odd_docs doc 1: image 0:") and "truncated.png cannot be decoded completely" in errors[1]
-    assert errors[2] == "odd_docs doc 2: lmms_tokprune wrappers take images only; this task gives video/audio/path inputs"
+    assert errors[2] == ("odd_docs doc 2: image 0: llava15 checkpoints take images; this document gives a video (clip.mp4): "
+                         "a Video-LLaVA checkpoint (model_type 'video_llava') reads videos")
     assert errors[3].startswith("odd_docs doc 3: the prompt needs up to") and "the LLM has 2048" in errors[3]
     for d in (1, 2, 3):
         assert samples[d]["filtered_resps"] == "" and "visual_tokens_kept" not in samples[d]["token_counts"][0]

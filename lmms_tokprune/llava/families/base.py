@@ -14,6 +14,7 @@ Where a method acts (before the projector / in the LLM) stays the engine's axis;
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence
@@ -174,7 +175,7 @@ class Family:
     def admit_visual(self, visual: Any, method: Any = None) -> Any:
         """One visual of a document, checked and decoded (ValueError / OSError: one line on what is wrong)."""
         if isinstance(visual, VideoClip):
-            raise ValueError(f"{self.name} checkpoints take images; this document gives a video ({visual.path}): "
+            raise ValueError(f"{self.name} checkpoints take images; this document gives a video ({os.path.basename(visual.path)}): "
                              "a Video-LLaVA checkpoint (model_type 'video_llava') reads videos")
         check_complete(visual)
         return to_rgb(visual)
