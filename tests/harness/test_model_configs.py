@@ -79,3 +79,13 @@ def test_in_llm_config_passes_its_load_time_check(path):
     if method.spec.plan is None:
         return
     check_llm(method, LLMContext(32, 576, 32, layout="llava_next" in path.parts))
+
+
+def test_video_llava_configs_exist_for_prumerge_and_the_peers():
+    """PruMerge's video setting (Table 3) and the peers at 256 / 512 visual tokens per video."""
+    names = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIGS}
+    assert {"video_llava/none/full.yaml", "video_llava/prumerge/reference.yaml", "video_llava/prumerge/fixed.yaml",
+            "video_llava/prumerge_plus/fixed.yaml"} <= names
+    assert "video_llava/prumerge_plus/reference.yaml" not in names  # refused on a video
+    for method in ("prumerge", "prumerge_plus", "visionzip", "vispruner", "fastervlm", "divprune", "fastv", "pdrop", "dart", "sparsevlm"):
+        assert {f"video_llava/{method}/budget{b}.yaml" for b in (256, 512)} <= names, method
