@@ -268,7 +268,7 @@ def test_per_crop_reference_counts_and_budget_scope(tiny_next):
 # Readings of modeling_llama_self.py's '1.6' path (DART: image_token_length = the sequence minus text_length, TOKEN_TOPK =
 # int(min(retain_token_num_for_llava_next, L - 4) // 8)) and of modeling_llama_pdrop.py (image_tokens = the packed length
 # per sample), on a small random Llama; the visual span is what LLaVA-NeXT packs for a 3-, 4- or 5-unit image.
-LAYERS, WIDTH, SYS, QUESTION = 8, 64, 35, 12
+LAYERS, WIDTH, SYS, QUESTION = 5, 64, 35, 12
 
 
 def packed_layout(size):
@@ -372,7 +372,7 @@ def dart_next_release(model, x, span, newline, k=2, retain=320, p_img=4, p_txt=4
 
 
 @torch.no_grad()
-def pdrop_next_release(model, x, span, newline, layer_list=(2, 4, 6), ratios=(0.5, 0.25, 0.125), newline_candidates=True):
+def pdrop_next_release(model, x, span, newline, layer_list=(1, 2, 4), ratios=(0.5, 0.25, 0.125), newline_candidates=True):
     """PDrop's prefill per row: image_tokens = the packed length L; before layer l_s its own q/k on the current tokens,
     the last token's row, fp32 softmax, head mean, columns [SYS, SYS + int(L * r_s)); topk(int(L * r_{s+1})), sorted;
     positions renumbered. newline_candidates=False: the newlines always stay and the counts are of the patches."""
@@ -429,7 +429,7 @@ def test_pdrop_reference_on_next_is_the_released_packed_path(small_llama, units)
     sdpa, eager = small_llama
     x, mask, image, layout = packed_rows([SIZES[units]], seed=10 + units)
     span, newline = packed_layout(SIZES[units])
-    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6),
+    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(1, 2, 4),
                         image_token_ratio_list=(0.5, 0.25, 0.125))
     kept, last = pdrop_next_release(eager, x, span, newline)
     assert [p.tolist() for p in res.kept_positions[0]] == kept
@@ -443,13 +443,13 @@ def test_in_llm_next_reference_batch_rules(small_llama):
 
     sdpa, eager = small_llama
     x, mask, image, layout = same = packed_rows([SIZES[3], SIZES[3]], seed=7)
-    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6))  # unpadded rows: each row its own ranking
+    res = prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(1, 2, 4))  # unpadded rows: each row its own ranking
     span, newline = packed_layout(SIZES[3])
     for b in range(2):
         assert [p.tolist() for p in res.kept_positions[b]] == pdrop_next_release(eager, same[0][b:b + 1], span, newline)[0]
     x, mask, image, layout = packed_rows([SIZES[3], SIZES[4]], seed=7)
     with pytest.raises(ValueError, match="pdrop \\(reference\\): the released code's mask preparation crashes on padded rows"):
-        prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(2, 4, 6))
+        prune_prefill("pdrop", sdpa, x, mask, image, "reference", layout_mask=layout, layer_list=(1, 2, 4))
     with pytest.raises(ValueError, match="dart \\(reference\\): the released code asserts batch size 1"):
         prune_prefill("dart", sdpa, *same[:3], "reference", layout_mask=same[3])
     x, mask, image, layout = packed_rows([SIZES[3]])
