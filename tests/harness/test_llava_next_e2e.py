@@ -67,3 +67,19 @@ def test_model_id_runs_on_llava_next(model_id, tiny_next32, tiny_clip, next_plan
         else:
             assert counts["visual_tokens_equivalent"] < counts["visual_tokens_in"]
     assert run["throughput"]["avg_units"] >= 3 and run["throughput"]["avg_layout_tokens"] > 0
+
+
+def test_reference_runs_on_llava_next_as_released(tiny_next32, next_plans, tmp_path):
+    """One short run of a NeXT release through lmms-eval: VisionZip's per-crop budget and layout (no newline), batch 2 ==
+    batch 1 (its release runs batched)."""
+    args = f"pretrained={tiny_next32},variant=reference,budget=32"
+    out = tmp_path / "out"
+    run = read_run(out, run_lmms_eval(out, "llava_visionzip", args, batch_size=2, limit=LIMIT))
+    samples = run["_samples"][TASK]
+    replay = replay_in_process("llava_visionzip", args, samples)
+    for s in samples:
+        counts = s["token_counts"][0]
+        assert (s["filtered_resps"], counts["visual_tokens_kept"], counts["llm_prefill_tokens"]) == replay[s["doc_id"]]
+        plans = next_plans[s["doc_id"]]
+        assert counts["visual_tokens_kept"] == 32 * sum(p.units for p in plans) and counts["layout_tokens"] == 0
+        assert counts["visual_tokens_in"] == sum(p.visual_tokens_in for p in plans)
