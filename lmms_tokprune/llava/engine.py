@@ -243,7 +243,7 @@ class CompressedLlava:
         compressed, compress_ms = self.compress_batch(batch, samples, prompts)
         tokens = self.image_tokens(batch, compressed)
         if self.family.packed_selection:
-            tokens = self.select_packed(tokens)
+            tokens, compressed = self.select_packed(batch, tokens, compressed)
         llm = self.llm_inputs(samples, ids, tokens)
         return PreparedBatch(llm=llm, stats=self.sample_stats(samples, batch, tokens, llm), compressed=self.per_sample(samples, batch, compressed),
                              compress_ms=compress_ms)
@@ -290,13 +290,14 @@ class CompressedLlava:
         valid = valid.to(patches.device)
         return [CompressedImage(patches[b][valid[b]], index[valid[b]]) for b in range(patches.shape[0])]
 
-    def select_packed(self, tokens: Sequence[ImageTokens]) -> List[ImageTokens]:
+    def select_packed(self, batch: UnitBatch, tokens: Sequence[ImageTokens], compressed: Sequence[CompressedImage]) -> tuple:
         """A release that selects over the LLM's packed visual sequence (NeXT DivPrune's `reference`): the method on the
         batch's first image's assembled tokens (one unit of L tokens, no CLS; `projected` = those LLM inputs, layout
         tokens as candidates), and the same positions of every image, as the release applies sample 0's window to every
-        row: ValueError when an image's sequence has another length. Kept layout tokens stay layout tokens."""
+        row: ValueError when an image's sequence has another length. Kept layout tokens stay layout tokens. Returns the
+        selected tokens per image and, per unit, the patches they hold (`family.packed_patches`; maps and reports)."""
         if not tokens:
-            return list(tokens)
+            return list(tokens), list(compressed)
         length = int(tokens[0].features.shape[0])
         if any(int(t.features.shape[0]) != length for t in tokens):
             sizes = sorted({int(t.features.shape[0]) for t in tokens})
@@ -305,12 +306,17 @@ class CompressedLlava:
                              "document) or variant=fixed")
         first = tokens[0].features[None]
         index = self.method(VisionInputs(first, projected=first, layout=UnitLayout(1, length, cls=False)))[0].index
-        out = []
-        for t in tokens:
+        out, units, unit = [], [], 0
+        for t, image in zip(tokens, batch.images):
             layout = t.layout[index.to(t.layout.device)] if t.layout is not None else None
             newlines = int(layout.sum()) if layout is not None else 0
             out.append(ImageTokens(t.features[index.to(t.features.device)], layout, int(index.numel()) - newlines, newlines, t.image_tokens_in))
-        return out
+            for u, patches in enumerate(self.family.packed_patches(image, index)):
+                every = compressed[unit + u]  # all valid patches, ascending
+                rows = torch.searchsorted(every.index.cpu(), patches).to(every.index.device)
+                units.append(CompressedImage(every.features[rows], every.index[rows]))
+            unit += image.units
+        return out, units
 
     def image_tokens(self, batch: UnitBatch, compressed: Sequence[CompressedImage]) -> List[ImageTokens]:
         """Projection (one call over every kept token of the batch) and the family's re-assembly, per image."""

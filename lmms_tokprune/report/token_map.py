@@ -205,7 +205,10 @@ def visualize(pretrained: str, image_path: str, question: str, methods: Sequence
         sample = engine.admit(Sample(question, [image], [0]))
         batch = engine.family.units(sample.images)  # the family's units: LLaVA-1.5 one, NeXT base + crops
         with torch.inference_mode():
-            units = engine.compress_batch(batch, [sample], [engine.prompt_text(sample)]).images
+            if engine.family.packed_selection:  # the release selects over the assembled sequence: what it keeps, per unit
+                units = engine.prepare([sample]).compressed[0]
+            else:
+                units = engine.compress_batch(batch, [sample], [engine.prompt_text(sample)]).images
         n = engine.family.num_patches
         roles = [patch_roles(u.index, u.role, n) for u in units]
         method, given = options.method.name, options.method.given_params

@@ -503,9 +503,26 @@ def test_divprune_reference_on_next_selects_over_the_packed_sequence(packed_engi
     is_newline = torch.tensor([torch.equal(w, newline) for w in window])
     st = prepared.stats[0]
     assert st.visual_tokens_kept + sum(bool(is_newline[p]) for p in picks.tolist()) == int(round(0.098 * window.shape[0]))
+    units = prepared.compressed[0]  # what each unit holds of the selection (token maps)
+    assert sum(u.num_tokens for u in units) == st.visual_tokens_kept
+    assert sorted(units[0].index.tolist()) == sorted(p for p in picks.tolist() if p < SIDE * SIDE)
+    grid = ref.family.plan_image(sample.images[0]).placement
+    for crop, unit in enumerate(units[1:]):
+        patch = unit.index
+        row, col = (crop // grid.cols) * SIDE + patch // SIDE, (crop % grid.cols) * SIDE + patch % SIDE
+        packed = SIDE * SIDE + (row - grid.top) * (grid.width + 1) + (col - grid.left)
+        assert sorted(packed.tolist()) == sorted(p for p in picks.tolist() if p >= SIDE * SIDE and not bool(is_newline[p])
+                                                 and _crop_of(p, grid) == crop)
     # newline tokens are candidates: leaving them out gives another selection
     patches = torch.nonzero(~is_newline).flatten()
     assert not torch.equal(patches[divprune_release(window[~is_newline], 0.098)].sort().values, picks.sort().values)
+
+
+def _crop_of(p, grid):
+    """The crop of packed position p (a grid patch, not a newline)."""
+    q = p - SIDE * SIDE
+    row, col = grid.top + q // (grid.width + 1), grid.left + q % (grid.width + 1)
+    return (row // SIDE) * grid.cols + col // SIDE
 
 
 def test_divprune_reference_on_next_uses_sample_0s_window(packed_engines):

@@ -267,3 +267,20 @@ class LlavaNext(Family):
         grid_feats = grid_feats[torch.argsort(position, stable=True).to(grid_feats.device)]
         features = torch.cat([base_feats, grid_feats, *cls, *contextual])
         return ImageTokens(features, None, int(features.shape[0]), 0, image_tokens_in=image.visual_tokens_in)
+
+    def packed_patches(self, image: ImageUnits, positions: torch.Tensor) -> List[torch.Tensor]:
+        """Positions in the packed sequence of every valid patch (`image_sequence` with nothing dropped: the base unit's
+        576, then the unpadded grid row by row, a newline after each row) -> per unit the patch indices they hold, in
+        the order given (repeats kept; newline positions hold no patch)."""
+        grid: CropGrid = image.placement
+        n, width = self.num_patches, grid.width + 1
+        positions = positions.to(torch.long).cpu()
+        out = [positions[positions < n]]
+        q = positions[positions >= n] - n
+        row, col = q // width, q % width
+        patch = col < grid.width
+        g_row, g_col = grid.top + row[patch], grid.left + col[patch]
+        crop = (g_row // grid.side) * grid.cols + g_col // grid.side
+        index = (g_row % grid.side) * grid.side + g_col % grid.side
+        out += [index[crop == c] for c in range(grid.rows * grid.cols)]
+        return out
