@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops = sub.add_parser("flops", help="analytic FLOPs of LLaVA-1.5 / LLaVA-NeXT prefill/decode for given token counts")
     flops.add_argument("--preset", default="llava-1.5-7b",
                        help="llava-1.5-7b (default), llava-1.5-13b, llava-next-7b (llava-v1.6-vicuna-7b), llava-next-mistral-7b, "
-                            "llava-next-13b, or a hub id of one of them")
+                            "llava-next-13b, video-llava-7b (Video-LLaVA-7B-hf: --units 8 per video), or a hub id of one of them")
     flops.add_argument("--pretrained", default=None, help="a checkpoint folder: read its config.json instead of a preset")
     flops.add_argument("--visual-tokens", type=_count, default=576, help="visual tokens entering the LLM (default 576)")
     flops.add_argument("--text-tokens", type=_count, default=60, help="text tokens of the prompt (default 60, as in the papers' Table 6)")
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measured prefill time vs analytic FLOPs per method on a full-width LLaVA-1.5 / LLaVA-NeXT (random weights)")
     bench.add_argument("--preset", default="llava-1.5-7b",
-                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b (llava-v1.6-vicuna-7b), llava-next-mistral-7b, llava-next-13b")
+                       help="llava-1.5-7b, llava-1.5-13b, llava-next-7b (llava-v1.6-vicuna-7b), llava-next-mistral-7b, llava-next-13b, "
+                            "video-llava-7b (Video-LLaVA-7B-hf: --images videos of 8 frames from the video smoke task)")
     bench.add_argument("--methods", default="none,topk_cls", help="comma-separated methods, the first 'none' is the baseline")
     bench.add_argument("--llm-layers", type=_at_least(1), default=None, help="decoder layers to build (default: all; 2 makes a CPU run feasible)")
     bench.add_argument("--llm-width", type=_at_least(128), default=None,

@@ -249,3 +249,37 @@ def llava_next_processor(tokenizer, backend: str = "pil"):
     return LlavaNextProcessor(image_processor=next_image_processor(backend), tokenizer=tokenizer, patch_size=PATCH_SIZE,
                               vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
                               chat_template=NEXT_CHAT_TEMPLATE)
+
+
+# --------------------------------------------------------------------------------------------- Video-LLaVA
+VIDEO_IMAGE_SIZE = 224  # LanguageBind's towers: 224 px, patch 14 -> 16 x 16 patches (+ CLS)
+
+# LanguageBind/Video-LLaVA-7B-hf's processor template in the llava-hf style: USER: <video>/<image> first, then the text, ASSISTANT:
+VIDEO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def video_tokenizer():
+    """The small local Llama tokenizer with Video-LLaVA's two placeholders (``<image>``, ``<video>``) as special tokens."""
+    tok = llama_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return tok
+
+
+def video_llava_processor(tokenizer):
+    """LanguageBind/Video-LLaVA-7B-hf's processor setup around `tokenizer` (its image and video preprocessing: shortest
+    edge 224, bicubic, centre crop 224, CLIP mean / std; one <video> -> 8 x 257 tokens, one <image> -> 256)."""
+    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor
+    from transformers.models.video_llava.video_processing_video_llava import VideoLlavaVideoProcessor
+
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": VIDEO_IMAGE_SIZE}, crop_size={"height": VIDEO_IMAGE_SIZE, "width": VIDEO_IMAGE_SIZE})
+    return VideoLlavaProcessor(image_processor=image_processor, video_processor=VideoLlavaVideoProcessor(), tokenizer=tokenizer,
+                               patch_size=PATCH_SIZE, vision_feature_select_strategy="default", image_token="<image>", video_token="<video>",
+                               num_additional_image_tokens=1, chat_template=VIDEO_CHAT_TEMPLATE)

@@ -28,7 +28,7 @@ from ..methods import get_method
 
 SYSTEM_PROMPT_TOKENS = 35  # the vicuna_v1 system prompt + "USER:" in the LLaVA tokenizer
 
-LLAVA, NEXT = "llava", "llava_next"
+LLAVA, NEXT, VIDEO = "llava", "llava_next", "video_llava"
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ BENCH_PRESETS: Dict[str, BenchPreset] = {
     "llava-next-mistral-7b": BenchPreset(NEXT, _MISTRAL_7B, decoder="mistral"),  # llava-hf/llava-v1.6-mistral-7b-hf
     "llava-next-13b": BenchPreset(NEXT, _VICUNA_13B),  # llava-hf/llava-v1.6-vicuna-13b-hf
     "tiny-next": BenchPreset(NEXT, _TINY_LLM, tiny=True),  # for tests
+    "video-llava-7b": BenchPreset(VIDEO, _VICUNA_7B),  # LanguageBind/Video-LLaVA-7B-hf: 8-frame videos (8 units of 256 + CLS)
+    "tiny-video": BenchPreset(VIDEO, _TINY_LLM, tiny=True),  # for tests
 }
 PRESET_SHAPES = {name: dict(p.llm) for name, p in BENCH_PRESETS.items()}  # the LLM shapes (kept for callers of the old table)
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
@@ -90,7 +92,7 @@ def bench_preset(name: str) -> BenchPreset:
 
 
 def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int = 32000, llm_width: Optional[int] = None,
-              vision_layers: Optional[int] = None):
+              vision_layers: Optional[int] = None, video_token_id: Optional[int] = None):
     """A transformers LlavaConfig (LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna) or LlavaNextConfig (NeXT: the same tower, the
     released anyres pinpoints, an image_newline; Vicuna or Mistral) with the preset's shapes. `llm_width` narrows the LLM
     (heads of 128 as in Vicuna / Mistral, the MLP and the key/value heads in the preset's proportions) so all layers fit a
@@ -117,12 +119,20 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
         if vision_layers < 2:
             raise ValueError(f"--vision-layers must be >= 2 (LLaVA reads CLIP's block -2), got {vision_layers}")
         clip["num_hidden_layers"] = vision_layers
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
+    side = 224 if spec.family == VIDEO else 336  # Video-LLaVA's LanguageBind towers run at 224 px
+    vision = CLIPVisionConfig(image_size=side, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5, **clip)
     if spec.decoder == "mistral":  # Mistral-7B-Instruct-v0.2: rope 1e6, no sliding window, 32k positions
         text: Any = MistralConfig(vocab_size=32064, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
                                   sliding_window=None, **shape)
     else:
         text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, **shape)
+    if spec.family == VIDEO:
+        from transformers import VideoLlavaConfig
+
+        return VideoLlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                                video_token_index=image_token_id + 1 if video_token_id is None else video_token_id, projector_hidden_act="gelu",
+                                vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=256,
+                                video_seq_length=8 * 257, tie_word_embeddings=False)
     if spec.family == NEXT:
         from ..offline_processors import GRID_PINPOINTS
 
@@ -134,11 +144,12 @@ def hf_config(preset: str, llm_layers: Optional[int] = None, image_token_id: int
 
 
 def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dtype: torch.dtype, image_token_id: int = 32000,
-                llm_width: Optional[int] = None, vision_layers: Optional[int] = None):
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+                llm_width: Optional[int] = None, vision_layers: Optional[int] = None, video_token_id: Optional[int] = None):
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, VideoLlavaForConditionalGeneration
 
-    cfg = hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers)
-    cls = LlavaNextForConditionalGeneration if bench_preset(preset).family == NEXT else LlavaForConditionalGeneration
+    cfg = hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers, video_token_id)
+    family = bench_preset(preset).family
+    cls = {NEXT: LlavaNextForConditionalGeneration, VIDEO: VideoLlavaForConditionalGeneration}.get(family, LlavaForConditionalGeneration)
     torch.manual_seed(0)
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.to(device).eval()
@@ -147,8 +158,10 @@ def build_model(preset: str, llm_layers: Optional[int], device: torch.device, dt
 def bench_processor(preset: str = "llava-1.5-7b"):
     """The preset's processor setup (LLaVA-1.5's CLIP processor, or NeXT's anyres one with the PIL backend, the
     pipeline of the default prompt_style llava_v1) with the small local Llama tokenizer (no download)."""
-    from ..offline_processors import llama_tokenizer, llava_next_processor, llava_processor
+    from ..offline_processors import llama_tokenizer, llava_next_processor, llava_processor, video_llava_processor, video_tokenizer
 
+    if bench_preset(preset).family == VIDEO:
+        return video_llava_processor(video_tokenizer())
     if bench_preset(preset).family == NEXT:
         return llava_next_processor(llama_tokenizer(), backend="pil")
     return llava_processor(llama_tokenizer())
@@ -163,6 +176,15 @@ def bench_images(n: int, size: Optional[Tuple[int, int]] = None) -> List[Any]:
     files = sorted((tasks_dir() / "tokprune_smoke" / "images").glob("*.png"))
     images = [Image.open(files[i % len(files)]).convert("RGB") for i in range(n)]
     return [im.resize(size, Image.BICUBIC) for im in images] if size else images
+
+
+def bench_videos(n: int) -> List[Any]:
+    """The video smoke task's clips (8 frames each once read), cycled to n."""
+    from ..llava.video import VideoClip
+    from ..paths import tasks_dir
+
+    files = sorted((tasks_dir() / "tokprune_video_smoke" / "clips").glob("*.mp4"))
+    return [VideoClip(str(files[i % len(files)])) for i in range(n)]
 
 
 def bench_question(tokenizer: Any, text_tokens: int, conversation: str = "vicuna_v1") -> str:
@@ -224,16 +246,18 @@ def run_bench(preset: str = "llava-1.5-7b", methods: Sequence[str] = ("none",), 
     configs = [engine_options({"method": m, "measure_latency": True, "dtype": dtype_name, **params}) for _, m, _, params in runs]
     processor = bench_processor(preset)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers)  # bad shapes fail before anything is built
+    video_token_id = processor.tokenizer.convert_tokens_to_ids("<video>") if spec.family == VIDEO else None
+    hf_config(preset, llm_layers, image_token_id, llm_width, vision_layers, video_token_id)  # bad shapes fail before anything is built
     model = build_model(preset, llm_layers, dev, {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name],
-                        image_token_id, llm_width, vision_layers)
+                        image_token_id, llm_width, vision_layers, video_token_id)
     size = image_size or (NEXT_IMAGE_SIZE if spec.family == NEXT else None)
     guide = None
     if any(get_method(o.method.name).needs_text_encoder for o in configs):
         guide = random_text_guide(dev, model.dtype, model.config.vision_config.hidden_size)
     engines = [open_engine(options, dev, model, processor, guide) for options in configs]  # every check before any timing
     question = bench_question(processor.tokenizer, text_tokens, engines[0].family.conversation)
-    samples = [engines[0].admit(Sample(question, [im], [i])) for i, im in enumerate(bench_images(images, size))]
+    visuals = bench_videos(images) if spec.family == VIDEO else bench_images(images, size)  # Video-LLaVA: `images` videos
+    samples = [engines[0].admit(Sample(question, [im], [i])) for i, im in enumerate(visuals)]
     rows: List[BenchRow] = []
     bar = tqdm(total=len(runs) * images * (repeats + 1), disable=not progress, desc="bench")
     for (label, _, budget, _), options, engine in zip(runs, configs, engines):

@@ -215,11 +215,15 @@ def _vicuna(hidden: int, inter: int, layers: int, heads: int) -> TextConfig:
 
 
 NEXT_MODEL_TYPE = "llava_next"
-MODEL_TYPES = ("llava", NEXT_MODEL_TYPE)
+VIDEO_MODEL_TYPE = "video_llava"
+MODEL_TYPES = ("llava", NEXT_MODEL_TYPE, VIDEO_MODEL_TYPE)
 
 
 # LLaVA feeds the LLM CLIP's penultimate block (vision_feature_layer -2): 23 of the 24 blocks run unless a method reads the last
 _CLIP_L_336 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14,
+                           feature_layer=-2)
+# Video-LLaVA's LanguageBind towers (image and video): CLIP ViT-L/14 at 224 px, CLS + 16 x 16 patches, feature layer -2
+_CLIP_L_224 = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=224, patch_size=14,
                            feature_layer=-2)
 
 PRESETS: Dict[str, LlavaFlopsConfig] = {
@@ -239,6 +243,10 @@ PRESETS: Dict[str, LlavaFlopsConfig] = {
     # llava-hf/llava-v1.6-vicuna-13b-hf: lmsys/vicuna-13b-v1.5 (5120 wide, MLP 13824, 40 layers, 40 heads, vocab 32064)
     "llava-next-13b": LlavaFlopsConfig("llava-next-13b", _vicuna(5120, 13824, 40, 40), _CLIP_L_336, ProjectorConfig((1024, 5120, 5120)),
                                        NEXT_MODEL_TYPE),
+    # LanguageBind/Video-LLaVA-7B-hf: Vicuna-7B v1.5 (vocab 32064 after <image>, <video> and <pad>) + the LanguageBind CLIP
+    # ViT-L/14-224 towers; a video is 8 frames, each one CLIP pass of the video tower (units), an image one pass of the image tower
+    "video-llava-7b": LlavaFlopsConfig("video-llava-7b", _vicuna(4096, 11008, 32, 32), _CLIP_L_224, ProjectorConfig((1024, 4096, 4096)),
+                                       VIDEO_MODEL_TYPE),
 }
 _ALIASES = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
@@ -257,6 +265,8 @@ _ALIASES = {
     "llava-hf/llava-v1.6-vicuna-13b-hf": "llava-next-13b",
     "liuhaotian/llava-v1.6-vicuna-13b": "llava-next-13b",
     "llava-v1.6-vicuna-13b": "llava-next-13b",
+    "LanguageBind/Video-LLaVA-7B-hf": "video-llava-7b",
+    "LanguageBind/Video-LLaVA-7B": "video-llava-7b",
 }
 
 
@@ -492,6 +502,10 @@ def clip_units(cfg: LlavaFlopsConfig, units: Optional[int] = None, images: Optio
         if units is not None and images is not None and units < images:
             raise ValueError(f"units={units} is fewer than images={images}: every LLaVA-NeXT image is at least its base unit")
         return 1 if units is None else units
+    if cfg.model_type == VIDEO_MODEL_TYPE:  # a video is 8 units (frames through the video tower), an image 1
+        if units is not None and images is not None and units < images:
+            raise ValueError(f"units={units} is fewer than images={images}: every Video-LLaVA image is one unit, a video 8")
+        return units if units is not None else (images if images is not None else 1)
     if units is not None and images is not None and units != images:
         raise ValueError(f"units={units} and images={images}: on {cfg.name} (LLaVA-1.5) a unit is an image; give one of them")
     return units if units is not None else (images if images is not None else 1)

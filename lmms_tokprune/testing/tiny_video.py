@@ -21,24 +21,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .tiny import PATCH_SIZE, TINY_HIDDEN, TINY_VERSION, _prepare_out, llama_text_config, llama_tokenizer
+from ..offline_processors import VIDEO_CHAT_TEMPLATE, VIDEO_IMAGE_SIZE, video_llava_processor, video_tokenizer  # re-exported
+from .tiny import PATCH_SIZE, TINY_HIDDEN, TINY_VERSION, _prepare_out, llama_text_config
 
 __all__ = ["VIDEO_IMAGE_SIZE", "VIDEO_CHAT_TEMPLATE", "build_tiny_video_llava", "moving_shapes", "video_llava_processor",
-           "write_bad_clips", "write_clip"]
+           "video_tokenizer", "write_bad_clips", "write_clip"]
 
-VIDEO_IMAGE_SIZE = 224  # LanguageBind's towers: 224 px, patch 14 -> 16 x 16 patches (+ CLS)
 NUM_FRAMES = 8
-
-# Video-LLaVA-7B-hf's processor template in the llava-hf style: USER: <video>/<image> first, then the text, ASSISTANT:
-VIDEO_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
-    "{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
 
 
 def _vision_config(layers: int) -> dict:
@@ -48,24 +37,6 @@ def _vision_config(layers: int) -> dict:
         "patch_size": PATCH_SIZE, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
         "initializer_range": 0.02, "initializer_factor": 1.0, "projection_dim": 32,
     }
-
-
-def video_tokenizer():
-    """The tiny Llama tokenizer with Video-LLaVA's two placeholders (``<image>``, ``<video>``) as special tokens."""
-    tok = llama_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    return tok
-
-
-def video_llava_processor(tokenizer):
-    """LanguageBind/Video-LLaVA-7B-hf's processor setup around `tokenizer` (its image and video preprocessing)."""
-    from transformers import VideoLlavaImageProcessor, VideoLlavaProcessor
-    from transformers.models.video_llava.video_processing_video_llava import VideoLlavaVideoProcessor
-
-    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": VIDEO_IMAGE_SIZE}, crop_size={"height": VIDEO_IMAGE_SIZE, "width": VIDEO_IMAGE_SIZE})
-    return VideoLlavaProcessor(image_processor=image_processor, video_processor=VideoLlavaVideoProcessor(), tokenizer=tokenizer,
-                               patch_size=PATCH_SIZE, vision_feature_select_strategy="default", image_token="<image>", video_token="<video>",
-                               num_additional_image_tokens=1, chat_template=VIDEO_CHAT_TEMPLATE)
 
 
 def _rescale(model, seed: int, quiet_ids: set) -> None:
