@@ -349,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     vis = sub.add_parser("visualize", help="a PNG per method showing which patches were kept, recovered and merged")
-    vis.add_argument("--pretrained", required=True, help="LLaVA-1.5 or LLaVA-NeXT checkpoint (hub id or folder); NeXT maps show the base image and the crop mosaic")
-    vis.add_argument("--image", required=True)
+    vis.add_argument("--pretrained", required=True, help="LLaVA-1.5, LLaVA-NeXT or Video-LLaVA checkpoint (hub id or folder); NeXT maps show "
+                     "the base image and the crop mosaic, Video-LLaVA maps of a video its frame strip")
+    vis.add_argument("--image", required=True, help="an image, or a video file (Video-LLaVA checkpoints)")
     vis.add_argument("--question", default="", help="the question (text guidance for recover)")
     vis.add_argument("--methods", default="topk_cls,prumerge,prumerge_plus,recover")
     vis.add_argument("--param", action="append", default=[], help="METHOD:KEY=VALUE method parameter (repeatable)")

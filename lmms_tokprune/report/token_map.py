@@ -159,6 +159,39 @@ def draw_next_token_map(base: np.ndarray, base_roles: np.ndarray, mosaic: np.nda
     return out_path
 
 
+def draw_frame_strip(frames: np.ndarray, frame_roles: Sequence[np.ndarray], indices: Optional[Sequence[int]], title: str, out_path: Path,
+                     extra_tokens: int = 0) -> Path:
+    """A Video-LLaVA token map: the video's frames side by side (the pixels the video tower saw), each frame's kept /
+    merged / dropped patches coloured, the clip's frame number and the frame's count under it; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    count = len(frame_roles)
+    fig, axes = plt.subplots(1, count, figsize=(1.9 * count, 2.9), dpi=100, squeeze=False)
+    total = 0
+    for f, (ax, roles) in enumerate(zip(axes[0], frame_roles)):
+        side = int(round(len(roles) ** 0.5))
+        ax.imshow(tint_cells(frames[f], np.asarray(roles).reshape(side, side)))
+        kept = int((np.asarray(roles) >= 0).sum())
+        total += kept
+        ax.set_title(f"frame {indices[f] if indices else f}\n{kept} of {len(roles)}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: {total} patches + {extra_tokens} merged-remainder token(s) over {count} frames (+ {count} frame CLS)", fontsize=9)
+    present = sorted({int(r) for roles in frame_roles for r in np.ravel(roles) if r >= 0})
+    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
+    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
 def open_image(path: str) -> Image.Image:
     """The image to map, fully decoded (a missing, unreadable or truncated file is one ValueError)."""
     from PIL import ImageFile, UnidentifiedImageError
@@ -192,10 +225,11 @@ def visualize(pretrained: str, image_path: str, question: str, methods: Sequence
     from ..llava.images import expand_to_square
     from ..llava.opener import default_device, open_engine
     from ..llava.options import engine_options
+    from ..llava.video import VideoClip, is_video_path
 
     common = {"pretrained": pretrained, "variant": variant, **({"text_encoder": text_encoder} if text_encoder else {})}
     configs = [engine_options({**common, "method": m, **(params or {}).get(m, {})}) for m in methods]  # all errors before loading
-    image = open_image(image_path)
+    image: Any = VideoClip(image_path) if is_video_path(image_path) else open_image(image_path)  # a video: its frame strip
     device = default_device(configs[0]) if configs else torch.device("cpu")
     model = processor = guide = None
     outputs = []
@@ -217,7 +251,14 @@ def visualize(pretrained: str, image_path: str, question: str, methods: Sequence
         record: Dict[str, Any] = {"method": method, "variant": options.method.variant, "params": given,
                                   "tokens": sum(u.num_tokens for u in units), "extra_tokens": extra}
         grid = batch.images[0].placement
-        if grid is None:  # one unit per image (LLaVA-1.5): the map as it always was
+        if isinstance(sample.images[0], VideoClip):  # Video-LLaVA: the frames side by side, as the video tower saw them
+            vp = processor.video_processor
+            pictures = unit_pictures(batch.pixel_values, vp.image_mean, vp.image_std)
+            outputs.append(draw_frame_strip(pictures, roles, grid.indices, label, Path(out_dir) / f"{method}.png", extra_tokens=extra))
+            record.update(family=engine.family.name, units=len(roles), roles=[r.tolist() for r in roles], frames=grid.indices,
+                          unit_tokens=[u.num_tokens for u in units])
+            grid = None
+        elif grid is None:  # one unit per image (LLaVA-1.5): the map as it always was
             shown = expand_to_square(image, tuple(int(x * 255) for x in processor.image_processor.image_mean))
             outputs.append(draw_token_map(shown, roles[0], label, Path(out_dir) / f"{method}.png", extra_tokens=extra))
             record["roles"] = roles[0].tolist()

@@ -173,3 +173,15 @@ def test_image_families_refuse_a_video_document(tiny_llava, video_clips):
     engine = _engine(tiny_llava)
     with pytest.raises(DocumentError, match="Video-LLaVA checkpoint"):
         engine.admit(Sample(QUESTION, [_video(video_clips)], [0]))
+
+
+def test_visualize_draws_a_frame_strip_for_a_video(tiny_video, video_clips, tmp_path):
+    import json
+
+    from lmms_tokprune.report.token_map import visualize
+
+    paths = visualize(str(tiny_video), video_clips["good0"], QUESTION, ["prumerge"], str(tmp_path), params={"prumerge": {"budget": 256}})
+    assert paths[0].is_file() and paths[0].suffix == ".png"
+    record = json.loads((tmp_path / "prumerge.json").read_text())
+    assert record["family"] == "video_llava" and record["units"] == 8 and record["unit_tokens"] == [32] * 8
+    assert len(record["roles"]) == 8 and all(len(r) == 256 for r in record["roles"]) and len(record["frames"]) == 8
