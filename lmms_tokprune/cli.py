@@ -20,6 +20,15 @@ def _demo(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.video:
+        from .demo.video import NOISE_NOTE, run_video_demo
+
+        print(NOISE_NOTE, file=sys.stderr if args.json else sys.stdout, flush=True)
+        budgets = [int(b) for b in str(args.budget if args.budget != "128,32" else "256").split(",") if b.strip()]
+        rows = run_video_demo(args.pretrained, methods, budgets, args.batch_size, args.limit or None, progress=None if args.json else progress,
+                              verbose=args.verbose)
+        print(json.dumps(rows_as_json(rows)) if args.json else format_table(rows))
+        return 0
     rows = run_demo(args.pretrained, methods, budgets, args.batch_size, args.limit or None, text_encoder=args.text_encoder,
                     progress=None if args.json else progress, verbose=args.verbose)
     if args.json:
@@ -274,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=_at_least(0), default=12, help="the first N questions of each shapes_vqa family (default 12; 0 = all 50)")
     demo.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo.add_argument("--verbose", action="store_true", help="show lmms-eval's and transformers' progress bars and logs")
+    demo.add_argument("--video", action="store_true",
+                      help="the Video-LLaVA pipeline on the offline video smoke task (8 clips + 2 images) with a tiny random "
+                           "Video-LLaVA unless --pretrained names one: its answers are noise, the pipeline and the counts are shown "
+                           "(--budget per video, default 256; --limit documents)")
     demo.set_defaults(func=_demo)
 
     paths = sub.add_parser("paths", help="where the shipped task YAMLs (for --include_path) and model_configs are")

@@ -112,3 +112,11 @@ def test_every_model_id_runs_on_video_documents(tiny_video, tiny_clip):
         samples = results["samples"][TASK]
         assert len(samples) == 1, model_id
         _check_counts(samples, kept_below=model_id != "llava_tokprune")
+
+
+def test_demo_video_states_that_the_answers_are_noise(capsys):
+    from lmms_tokprune.cli import main
+
+    assert main(["demo", "--video", "--methods", "none,prumerge", "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "answers are noise" in out and "| none | - | 2048.0 |" in out and "| prumerge | 256 | 256.0 |" in out
