@@ -120,3 +120,22 @@ def test_demo_video_states_that_the_answers_are_noise(capsys):
     assert main(["demo", "--video", "--methods", "none,prumerge", "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "answers are noise" in out and "| none | - | 2048.0 |" in out and "| prumerge | 256 | 256.0 |" in out
+
+
+def test_none_answers_as_lmms_evals_own_video_llava(tiny_video, monkeypatch):
+    """method=none,prompt_style=lmms_eval == `--model video_llava` (with lmms-eval PR #1487's fix of its read_video call:
+    0.7.3 passes the frame count positionally to a keyword-only parameter and fails on every request)."""
+    import lmms_eval.models.simple.video_llava as upstream
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models.model_utils.load_video import read_video
+    from lmms_eval.tasks import TaskManager
+
+    monkeypatch.setattr(upstream, "read_video", lambda path, n: read_video(path, num_frm=n))
+    answers = {}
+    for model, args in (("video_llava", f"pretrained={tiny_video},device=cpu,device_map=auto"),
+                        ("llava_tokprune", f"pretrained={tiny_video},method=none,prompt_style=lmms_eval")):
+        results = simple_evaluate(model=model, model_args=args, tasks=[TASK], batch_size=1, limit=3, gen_kwargs="max_new_tokens=10",
+                                  task_manager=TaskManager("WARNING", include_path=str(REPO / "tasks"), model_name=model), verbosity="WARNING")
+        answers[model] = {s["doc_id"]: s["filtered_resps"] for s in results["samples"][TASK]}
+    assert len(answers["video_llava"]) == 3 and answers["llava_tokprune"] == answers["video_llava"]
+    assert any(str(a).strip("[]' ") for a in answers["video_llava"].values())  # real answers, not empty ones
