@@ -67,9 +67,7 @@ def cls_logits(q: torch.Tensor, k: torch.Tensor, num_heads: int, dtype: torch.dt
     b, t, d = k.shape
     width = d // num_heads
     query = q[:, 0].to(dtype).view(b, num_heads, width)
-    out = torch.empty(b, t, num_heads, dtype=dtype, device=k.device)
-    for i in range(b):
-        torch.sum(k[i].view(t, num_heads, width).to(dtype, copy=True).mul_(query[i]), dim=-1, out=out[i])
+    out = torch.stack([k[i].view(t, num_heads, width).to(dtype, copy=True).mul_(query[i]).sum(dim=-1) for i in range(b)])
     logits = out.transpose(1, 2) * width**-0.5
     if keys is not None and not bool(torch.isfinite(logits.sum())):
         raise ValueError(f"VisionInputs.{keys} contains NaN or inf")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from lmms_tokprune.bench.compress_bench import clip_like_inputs
-from lmms_tokprune.bench.versus_release import (attention_maps, format_versus_rows, released_fastervlm, released_metric,
-                                                released_visionzip, run_versus_release)
+from lmms_tokprune.bench.versus_release import (
+    attention_maps,
+    format_versus_rows,
+    released_fastervlm,
+    released_metric,
+    released_visionzip,
+    run_versus_release,
+)
 from lmms_tokprune.methods import compress
 
 
