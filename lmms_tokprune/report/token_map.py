@@ -87,13 +87,31 @@ def mosaic_picture(grid: Any, crops: np.ndarray) -> np.ndarray:
     return crops.reshape(grid.rows, grid.cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(grid.rows * h, grid.cols * w, 3)
 
 
+def legend_handles(present: Sequence[int]) -> list:
+    """The legend every token map shares: one patch per role present, then "dropped"."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
+    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    return handles
+
+
+def save_figure(fig: Any, out_path: Path) -> Path:
+    """Write the PNG (folders made as needed) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
 def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: Path, extra_tokens: int = 0) -> Path:
     """The role overlay with a title and legend, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     overlay = role_overlay(image, roles)
     fig, ax = plt.subplots(figsize=(4.2, 4.6), dpi=100)
@@ -103,14 +121,10 @@ def draw_token_map(image: Image.Image, roles: np.ndarray, title: str, out_path: 
     kept = int((roles >= 0).sum())
     ax.set_title(f"{title}\n{kept} patches + {extra_tokens} merged-remainder token(s)", fontsize=9)
     present = sorted({int(r) for r in roles if r >= 0})
-    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
-    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    handles = legend_handles(present)
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7, frameon=False)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def draw_next_token_map(base: np.ndarray, base_roles: np.ndarray, mosaic: np.ndarray, grid_roles: np.ndarray, grid: Any, title: str,
@@ -147,16 +161,12 @@ def draw_next_token_map(base: np.ndarray, base_roles: np.ndarray, mosaic: np.nda
         ax.set_yticks([])
     fig.suptitle(f"{title}: {base_kept + grid_kept} patches + {extra_tokens} merged-remainder token(s)", fontsize=9)
     present = sorted({int(r) for r in np.concatenate([np.ravel(base_roles), np.ravel(grid_roles)]) if r >= 0})
-    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
-    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    handles = legend_handles(present)
     if (grid_roles == ROLE_PADDING).any():
         handles.append(Patch(color=tuple(PADDING_GREY), label="padding (removed by unpadding)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def draw_frame_strip(frames: np.ndarray, frame_roles: Sequence[np.ndarray], indices: Optional[Sequence[int]], title: str, out_path: Path,
@@ -167,7 +177,6 @@ def draw_frame_strip(frames: np.ndarray, frame_roles: Sequence[np.ndarray], indi
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     count = len(frame_roles)
     fig, axes = plt.subplots(1, count, figsize=(1.9 * count, 2.9), dpi=100, squeeze=False)
@@ -182,14 +191,10 @@ def draw_frame_strip(frames: np.ndarray, frame_roles: Sequence[np.ndarray], indi
         ax.set_yticks([])
     fig.suptitle(f"{title}: {total} patches + {extra_tokens} merged-remainder token(s) over {count} frames (+ {count} frame CLS)", fontsize=9)
     present = sorted({int(r) for roles in frame_roles for r in np.ravel(roles) if r >= 0})
-    handles = [Patch(color=ROLE_COLOURS[r], label=ROLE_LABELS[r]) for r in present if r in ROLE_COLOURS]
-    handles.append(Patch(color=(0.2, 0.2, 0.2), label="dropped"))
+    handles = legend_handles(present)
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def open_image(path: str) -> Image.Image:
